@@ -1,0 +1,158 @@
+"""The umbrella command line: ``latentedge <subcommand> ...`` (also ``python -m latentedge``).
+
+Each role package owns its subcommand in its own ``cli.py`` module, which provides
+``configure_parser(parser)`` and ``run(args) -> int``. This module imports only the one
+module the user asked for, so ``latentedge simulate`` never imports torch.
+
+Exit codes: see ``EXIT_CODES`` (also printed by ``latentedge --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Protocol
+
+from common.constants import LOG_LEVEL_ENV
+from common.errors import (
+    InfeasibleAllocationError,
+    LatentEdgeError,
+    UplinkError,
+)
+from latentedge import __version__
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_UNAVAILABLE = 4
+EXIT_INFEASIBLE = 5
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "unexpected internal error (a bug: please report it with the log)",
+    EXIT_USAGE: "bad command-line usage (unknown flag, missing argument)",
+    EXIT_INPUT: "bad input: config, data file, flag value, noise spec or model",
+    EXIT_UNAVAILABLE: "the server could not be reached or refused the request",
+    EXIT_INFEASIBLE: "the allocation problem has no feasible plan",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "latentedge.demo",
+        "run server + edge nodes on loopback: the whole split-learning pipeline",
+    ),
+    "server": ("server.cli", "run the gRPC server (stores latents, trains and serves classifiers)"),
+    "edge": ("edge.cli", "run one edge node: train its autoencoder, upload latents, evaluate"),
+    "status": ("server.status_cli", "print a running server's state as JSON"),
+    "allocate": (
+        "server.allocation.cli",
+        "solve the joint energy/latency upload and bandwidth plan",
+    ),
+    "simulate": ("device_sim.cli", "run an ONNX model with analog non-idealities, Monte Carlo"),
+}
+
+logger = logging.getLogger(__name__)
+
+
+class _SubcommandModule(Protocol):
+    def configure_parser(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def _epilog() -> str:
+    lines = ["exit codes:"] + [f"  {code:>3}  {text}" for code, text in EXIT_CODES.items()]
+    return "\n".join(lines)
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get(LOG_LEVEL_ENV, "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help=f"logging level (default: ${LOG_LEVEL_ENV} or INFO)",
+    )
+
+
+def _build_parser(selected: str | None) -> tuple[argparse.ArgumentParser, _SubcommandModule | None]:
+    parser = argparse.ArgumentParser(
+        prog="latentedge",
+        description="Deploy and compress neural networks at the edge.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"latentedge {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    module: _SubcommandModule | None = None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if name == selected:
+            module = importlib.import_module(module_name)
+            assert module is not None
+            module.configure_parser(sub)
+            _add_common_options(sub)
+    return parser, module
+
+
+def _selected_command(argv: Sequence[str]) -> str | None:
+    for token in argv:
+        if token in SUBCOMMANDS:
+            return token
+        if not token.startswith("-"):
+            return None
+    return None
+
+
+def configure_logging(level: str) -> None:
+    """Send log records to stderr; the only place handlers are installed."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    sys.stderr.write(f"latentedge {command}: error: {message}\n")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run one subcommand and return its exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    selected = _selected_command(args_list)
+    parser, module = _build_parser(selected)
+    args = parser.parse_args(args_list)
+    if module is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    configure_logging(args.log_level)
+    command = str(args.command)
+    try:
+        return module.run(args)
+    except KeyboardInterrupt:
+        return _fail(command, "interrupted", EXIT_INTERRUPTED)
+    except InfeasibleAllocationError as exc:
+        return _fail(command, f"infeasible: {exc}", EXIT_INFEASIBLE)
+    except UplinkError as exc:
+        return _fail(command, str(exc), EXIT_UNAVAILABLE)
+    except LatentEdgeError as exc:
+        return _fail(command, str(exc), EXIT_INPUT)
+    except Exception as exc:
+        logger.exception("unexpected error")
+        return _fail(command, f"internal error: {type(exc).__name__}: {exc}", EXIT_FAILURE)
