@@ -50,7 +50,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "server": ("server.cli", "run the gRPC server (stores latents, trains and serves classifiers)"),
     "edge": ("edge.cli", "run one edge node: train its autoencoder, upload latents, evaluate"),
-    "status": ("server.status_cli", "print a running server's state as JSON"),
+    "status": ("edge.status_cli", "print a running server's state as JSON"),
     "allocate": (
         "server.allocation.cli",
         "solve the joint energy/latency upload and bandwidth plan",
