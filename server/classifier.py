@@ -1,0 +1,481 @@
+"""Classifiers the server trains on the latents that edge nodes upload.
+
+Each node trains its own autoencoder, so latent spaces differ between nodes. Two modes:
+
+- :attr:`ClassifierMode.PER_NODE`: one MLP per node, trained on that node's latents only;
+- :attr:`ClassifierMode.SHARED`: one MLP for all nodes; its input is the node's standardized
+  latent (zero-padded to the widest latent) concatenated with a one-hot of the node identity.
+
+Features are standardized per node (mean and std of that node's training latents). For
+prediction and ONNX export, the standardization (and, in shared mode, the node one-hot) is
+folded into the first linear layer, so :meth:`LatentClassifier.node_network` is a plain MLP on
+raw latents. Serialization (:meth:`LatentClassifier.to_bytes`) is an ``.npz`` archive of
+weights plus a JSON header; it never uses pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.errors import CodecError, DataError
+from common.models import ClassifierConfig, MLPClassifier
+from common.types import AnyArray, FloatArray, LabelArray
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "latentedge.latent_classifier"
+"""``format`` field of the serialized header."""
+
+FORMAT_VERSION = 1
+"""Version of the serialized layout; :meth:`LatentClassifier.from_bytes` rejects others."""
+
+MIN_STD = 1e-6
+"""Features whose training std is below this are only centred, not scaled."""
+
+
+class ClassifierMode(enum.Enum):
+    """How the server classifies latents from independent encoders."""
+
+    PER_NODE = "per_node"
+    """One classifier per node."""
+    SHARED = "shared"
+    """One classifier for all nodes, told the node identity (one-hot input)."""
+
+
+DEFAULT_MODE = ClassifierMode.PER_NODE
+"""Mode with the better end-to-end accuracy in ``experiments/split_digits.py``."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the classifier knows about one node."""
+
+    node_id: str
+    """The node's identity."""
+    latent_dim: int
+    """Latent elements per sample the node's encoder produces."""
+    samples: int
+    """Training samples of this node."""
+    train_accuracy: float
+    """Accuracy on this node's training latents after training."""
+    mean: FloatArray
+    """Per-feature mean of the node's training latents, float32 ``(latent_dim,)``."""
+    std: FloatArray
+    """Per-feature std of the node's training latents (1 where below MIN_STD), float32."""
+
+
+class LatentClassifier:
+    """A trained per-node or shared classifier over nodes' latents."""
+
+    def __init__(
+        self,
+        mode: ClassifierMode,
+        num_classes: int,
+        config: ClassifierConfig,
+        nodes: list[NodeInfo],
+        networks: list[MLPClassifier],
+    ) -> None:
+        expected = len(nodes) if mode is ClassifierMode.PER_NODE else 1
+        if len(networks) != expected:
+            raise DataError(
+                f"{mode.value} classifier needs {expected} networks, got {len(networks)}"
+            )
+        self.mode = mode
+        self.num_classes = num_classes
+        self.config = config
+        self._nodes = {info.node_id: k for k, info in enumerate(nodes)}
+        self._infos = nodes
+        self._networks = networks
+        for net in networks:
+            net.eval()
+        self._folded: dict[str, nn.Sequential] = {}
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        """Nodes this classifier can serve, in training order."""
+        return tuple(info.node_id for info in self._infos)
+
+    def latent_dim_of(self, node_id: str) -> int:
+        """Latent size the classifier expects from ``node_id``.
+
+        Raises:
+            DataError: unknown node.
+        """
+        return self._info(node_id).latent_dim
+
+    def predict(self, node_id: str, latents: AnyArray) -> tuple[LabelArray, FloatArray]:
+        """Classify latents from one node.
+
+        Args:
+            node_id: Which node's encoder produced the latents.
+            latents: Floating array ``(N, latent_dim)``.
+
+        Returns:
+            ``(labels, probabilities)``: int64 ``(N,)`` and float32 ``(N, num_classes)``.
+
+        Raises:
+            DataError: unknown node, wrong shape or dtype, or NaN/Inf values.
+        """
+        info = self._info(node_id)
+        x = _check_latents(latents, f"latents of node {node_id!r}", info.latent_dim)
+        with torch.no_grad():
+            logits = self.node_network(node_id)(torch.from_numpy(x))
+            probs = torch.softmax(logits, dim=1).numpy().astype(np.float32)
+        return probs.argmax(axis=1).astype(np.int64), probs
+
+    def node_network(self, node_id: str) -> nn.Sequential:
+        """Plain MLP (Linear/ReLU, eval mode) mapping ``node_id``'s raw latents to logits.
+
+        The node's standardization and (shared mode) its one-hot are folded into the first
+        layer, so the network exports to ONNX as Gemm/Relu only.
+
+        Raises:
+            DataError: unknown node.
+        """
+        if node_id not in self._folded:
+            self._folded[node_id] = self._fold(node_id)
+        return self._folded[node_id]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description: mode, classes, nodes with samples and train accuracy."""
+        total = sum(info.samples for info in self._infos)
+        correct = sum(info.train_accuracy * info.samples for info in self._infos)
+        return {
+            "mode": self.mode.value,
+            "num_classes": self.num_classes,
+            "hidden_units": list(self.config.hidden_units),
+            "train_samples": total,
+            "train_accuracy": correct / total if total else 0.0,
+            "nodes": [
+                {
+                    "node_id": info.node_id,
+                    "latent_dim": info.latent_dim,
+                    "samples": info.samples,
+                    "train_accuracy": info.train_accuracy,
+                }
+                for info in self._infos
+            ],
+        }
+
+    def to_bytes(self) -> bytes:
+        """Serialize to ``.npz`` bytes (weights + JSON header), without pickle."""
+        header = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "mode": self.mode.value,
+            "num_classes": self.num_classes,
+            "config": dataclasses.asdict(self.config),
+            "nodes": [
+                {
+                    "node_id": info.node_id,
+                    "latent_dim": info.latent_dim,
+                    "samples": info.samples,
+                    "train_accuracy": info.train_accuracy,
+                }
+                for info in self._infos
+            ],
+            "in_features": [net.in_features for net in self._networks],
+        }
+        arrays: dict[str, AnyArray] = {
+            "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        }
+        for k, info in enumerate(self._infos):
+            arrays[f"node{k}.mean"] = info.mean
+            arrays[f"node{k}.std"] = info.std
+        for j, net in enumerate(self._networks):
+            for key, value in net.state_dict().items():
+                arrays[f"net{j}.{key}"] = value.numpy()
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub wants one dtype
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LatentClassifier:
+        """Rebuild a classifier written by :meth:`to_bytes`.
+
+        Raises:
+            CodecError: the bytes are not such an archive, or the header or weights disagree.
+        """
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            header = json.loads(arrays.pop("header").tobytes().decode())
+        except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise CodecError(
+                f"classifier bytes are not a latentedge classifier archive: {exc}"
+            ) from exc
+        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+            raise CodecError(
+                f"classifier header must have format {FORMAT_NAME!r} version {FORMAT_VERSION}, "
+                f"got {header.get('format')!r} version {header.get('version')!r}"
+            )
+        try:
+            mode = ClassifierMode(header["mode"])
+            raw_config = header["config"]
+            config = ClassifierConfig(
+                **{**raw_config, "hidden_units": tuple(raw_config["hidden_units"])}
+            )
+            num_classes = int(header["num_classes"])
+            nodes = [
+                NodeInfo(
+                    node_id=str(entry["node_id"]),
+                    latent_dim=int(entry["latent_dim"]),
+                    samples=int(entry["samples"]),
+                    train_accuracy=float(entry["train_accuracy"]),
+                    mean=arrays[f"node{k}.mean"],
+                    std=arrays[f"node{k}.std"],
+                )
+                for k, entry in enumerate(header["nodes"])
+            ]
+            networks = []
+            for j, in_features in enumerate(header["in_features"]):
+                net = MLPClassifier(in_features, num_classes, config.hidden_units, config.dropout)
+                prefix = f"net{j}."
+                state = {
+                    key[len(prefix) :]: torch.from_numpy(value)
+                    for key, value in arrays.items()
+                    if key.startswith(prefix)
+                }
+                net.load_state_dict(state)
+                networks.append(net)
+            return cls(mode, num_classes, config, nodes, networks)
+        except (KeyError, TypeError, ValueError, RuntimeError, DataError) as exc:
+            raise CodecError(f"classifier archive is inconsistent: {exc}") from exc
+
+    def _info(self, node_id: str) -> NodeInfo:
+        k = self._nodes.get(node_id)
+        if k is None:
+            raise DataError(f"unknown node {node_id!r}; the classifier knows {list(self._nodes)}")
+        return self._infos[k]
+
+    def _fold(self, node_id: str) -> nn.Sequential:
+        k = self._nodes[node_id]
+        info = self._infos[k]
+        net = self._networks[k if self.mode is ClassifierMode.PER_NODE else 0]
+        linears = [m for m in net.layers if isinstance(m, nn.Linear)]
+        first = linears[0]
+        with torch.no_grad():
+            weight = first.weight[:, : info.latent_dim].double()
+            bias = first.bias.double().clone()
+            if self.mode is ClassifierMode.SHARED:
+                bias += first.weight[:, _padded_dim(self._infos) + k].double()
+            scale = torch.from_numpy(1.0 / info.std.astype(np.float64))
+            shift = torch.from_numpy(info.mean.astype(np.float64))
+            folded = nn.Linear(info.latent_dim, first.out_features)
+            folded.weight.copy_((weight * scale).float())
+            folded.bias.copy_((bias - (weight * scale) @ shift).float())
+        layers: list[nn.Module] = [folded]
+        for layer in list(net.layers)[1:]:
+            if isinstance(layer, nn.Linear | nn.ReLU):
+                layers.append(layer)
+        return nn.Sequential(*layers).eval()
+
+
+def train_classifier(
+    data: Mapping[str, tuple[AnyArray, AnyArray]],
+    num_classes: int,
+    mode: ClassifierMode = DEFAULT_MODE,
+    config: ClassifierConfig | None = None,
+    *,
+    seed: int = 0,
+) -> LatentClassifier:
+    """Train a classifier on the latents and labels of several nodes.
+
+    Args:
+        data: ``node_id -> (latents (N, latent_dim) float, labels (N,) int)``.
+        num_classes: Number of classes; labels must be in ``0..num_classes-1``.
+        mode: Per-node classifiers or one shared classifier.
+        config: Network size and schedule (defaults to ``ClassifierConfig()``).
+        seed: Seed of initialisation, dropout and shuffling.
+
+    Raises:
+        DataError: no nodes, a node without samples, mismatched lengths, non-finite latents or
+            labels out of range.
+    """
+    config = config or ClassifierConfig()
+    if not data:
+        raise DataError("cannot train a classifier: no nodes have uploaded latents")
+    if num_classes < 1:
+        raise DataError(f"num_classes must be >= 1, got {num_classes}")
+    node_ids = list(data)
+    xs: list[FloatArray] = []
+    ys: list[LabelArray] = []
+    stats: list[tuple[FloatArray, FloatArray]] = []
+    for node_id in node_ids:
+        latents, labels = data[node_id]
+        x = _check_latents(latents, f"latents of node {node_id!r}", None)
+        y = _check_labels(labels, f"labels of node {node_id!r}", len(x), num_classes)
+        if len(x) == 0:
+            raise DataError(f"node {node_id!r} has no training samples")
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+        std = x.std(axis=0, dtype=np.float64)
+        std = np.where(std < MIN_STD, 1.0, std).astype(np.float32)
+        stats.append((mean, std))
+        xs.append((x - mean) / std)
+        ys.append(y)
+    started = time.perf_counter()
+    networks: list[MLPClassifier] = []
+    if mode is ClassifierMode.PER_NODE:
+        for k, node_id in enumerate(node_ids):
+            networks.append(_fit(xs[k], ys[k], num_classes, config, seed + k))
+            logger.info("trained classifier for node %r on %d latents", node_id, len(xs[k]))
+    else:
+        padded = max(x.shape[1] for x in xs)
+        features = np.concatenate(
+            [_shared_features(x, k, padded, len(node_ids)) for k, x in enumerate(xs)]
+        )
+        networks.append(_fit(features, np.concatenate(ys), num_classes, config, seed))
+        logger.info("trained shared classifier for %d nodes", len(node_ids))
+    provisional = [
+        NodeInfo(node_id, x.shape[1], len(x), 0.0, mean, std)
+        for node_id, x, (mean, std) in zip(node_ids, xs, stats, strict=True)
+    ]
+    model = LatentClassifier(mode, num_classes, config, provisional, networks)
+    nodes = []
+    for node_id, y, info in zip(node_ids, ys, provisional, strict=True):
+        predicted, _ = model.predict(node_id, data[node_id][0])
+        nodes.append(dataclasses.replace(info, train_accuracy=float(np.mean(predicted == y))))
+    model = LatentClassifier(mode, num_classes, config, nodes, networks)
+    logger.info(
+        "%s classifier: %d nodes, train accuracy %.4f, %.1f s",
+        mode.value,
+        len(nodes),
+        model.summary()["train_accuracy"],
+        time.perf_counter() - started,
+    )
+    return model
+
+
+def train_baseline(
+    x_train: AnyArray,
+    y_train: AnyArray,
+    x_test: AnyArray,
+    y_test: AnyArray,
+    *,
+    num_classes: int | None = None,
+    config: ClassifierConfig | None = None,
+    seed: int = 0,
+) -> float:
+    """Test accuracy of the same MLP family trained centrally on raw (flattened) pixels.
+
+    Args:
+        x_train: Training images ``(N, ...)``, flattened per sample.
+        y_train: Training labels ``(N,)``.
+        x_test: Test images, same per-sample shape.
+        y_test: Test labels.
+        num_classes: Defaults to ``1 + max label``.
+        config: Network size and schedule (defaults to ``ClassifierConfig()``).
+        seed: Seed of initialisation, dropout and shuffling.
+
+    Raises:
+        DataError: empty or mismatched inputs.
+    """
+    config = config or ClassifierConfig()
+    x_tr = _check_latents(np.reshape(x_train, (len(x_train), -1)), "baseline x_train", None)
+    features = x_tr.shape[1]
+    x_te = _check_latents(np.reshape(x_test, (len(x_test), -1)), "baseline x_test", features)
+    if len(x_tr) == 0 or len(x_te) == 0:
+        raise DataError(
+            f"baseline needs training and test samples, got {len(x_tr)} and {len(x_te)}"
+        )
+    y_all = np.concatenate([np.asarray(y_train).ravel(), np.asarray(y_test).ravel()])
+    classes = num_classes if num_classes is not None else int(y_all.max()) + 1
+    y_tr = _check_labels(y_train, "baseline y_train", len(x_tr), classes)
+    y_te = _check_labels(y_test, "baseline y_test", len(x_te), classes)
+    mean = x_tr.mean(axis=0)
+    std = x_tr.std(axis=0)
+    std = np.where(std < MIN_STD, 1.0, std).astype(np.float32)
+    started = time.perf_counter()
+    net = _fit((x_tr - mean) / std, y_tr, classes, config, seed)
+    with torch.no_grad():
+        logits = net(torch.from_numpy((x_te - mean) / std))
+    accuracy = float(np.mean(logits.argmax(dim=1).numpy() == y_te))
+    logger.info(
+        "raw-pixel baseline: %d features, %d train / %d test, accuracy %.4f, %.1f s",
+        features,
+        len(x_tr),
+        len(x_te),
+        accuracy,
+        time.perf_counter() - started,
+    )
+    return accuracy
+
+
+def _fit(
+    x: FloatArray, y: LabelArray, num_classes: int, config: ClassifierConfig, seed: int
+) -> MLPClassifier:
+    """Train an MLP with AdamW and cross-entropy; deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    targets = torch.from_numpy(y)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = MLPClassifier(x.shape[1], num_classes, config.hidden_units, config.dropout)
+        optimiser = torch.optim.AdamW(
+            net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        loss_fn = nn.CrossEntropyLoss()
+        net.train()
+        for epoch in range(1, config.epochs + 1):
+            order = torch.from_numpy(rng.permutation(len(data)))
+            total = 0.0
+            for start in range(0, len(data), config.batch_size):
+                idx = order[start : start + config.batch_size]
+                optimiser.zero_grad()
+                loss = loss_fn(net(data[idx]), targets[idx])
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * len(idx)
+            logger.debug(
+                "classifier epoch %d/%d: loss %.4f", epoch, config.epochs, total / len(data)
+            )
+    net.eval()
+    return net
+
+
+def _shared_features(x: FloatArray, node: int, padded: int, num_nodes: int) -> FloatArray:
+    """Standardized latents zero-padded to ``padded`` columns, then the node one-hot."""
+    out = np.zeros((len(x), padded + num_nodes), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    out[:, padded + node] = 1.0
+    return out
+
+
+def _padded_dim(nodes: list[NodeInfo]) -> int:
+    return max(info.latent_dim for info in nodes)
+
+
+def _check_latents(latents: AnyArray, where: str, dim: int | None) -> FloatArray:
+    x = np.asarray(latents)
+    if x.dtype.kind != "f" or x.ndim != 2:
+        raise DataError(
+            f"{where} must be a floating (N, latent_dim) array, got {x.dtype} {x.shape}"
+        )
+    if dim is not None and x.shape[1] != dim:
+        raise DataError(f"{where} must have latent_dim {dim}, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{where} contain NaN or Inf")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _check_labels(labels: AnyArray, where: str, n: int, num_classes: int) -> LabelArray:
+    y = np.asarray(labels)
+    if y.dtype.kind not in "ui" or y.ndim != 1:
+        raise DataError(f"{where} must be an integer (N,) array, got {y.dtype} {y.shape}")
+    if len(y) != n:
+        raise DataError(f"{where}: {len(y)} labels for {n} latents")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{where} must be in 0..{num_classes - 1}, got {y.min()}..{y.max()}")
+    return y.astype(np.int64)
