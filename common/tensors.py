@@ -79,7 +79,7 @@ def to_wire(array: np.ndarray, encoding: str | None = None) -> WireTensor:
 
 
 def from_wire(tensor: WireTensor, field: str = "tensor") -> np.ndarray:
-    """Decode a :class:`WireTensor`; int8 with a scale comes back as float32.
+    """Decode a :class:`WireTensor` into a new writable array; scaled int8 comes back as float32.
 
     Args:
         tensor: What arrived.
@@ -99,8 +99,12 @@ def from_wire(tensor: WireTensor, field: str = "tensor") -> np.ndarray:
             f"{field}.data has {len(tensor.data)} bytes, expected {expected} for "
             f"{tensor.dtype} {list(tensor.shape)}"
         )
-    arr = np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
-    arr = arr.astype(dtype.newbyteorder("="), copy=False)
+    # a writable array that owns its memory (frombuffer views are read-only)
+    arr = (
+        np.frombuffer(tensor.data, dtype=dtype)
+        .reshape(tensor.shape)
+        .astype(dtype.newbyteorder("="))
+    )
     if tensor.dtype == "int8" and tensor.scale != 0.0:
         if not math.isfinite(tensor.scale) or tensor.scale < 0:
             raise CodecError(f"{field}.scale must be finite and > 0, got {tensor.scale}")

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
     """Open the store, start the gRPC server and block until a stop signal."""
-    from server.classifier import ClassifierConfig, ClassifierMode
+    from common.models import ClassifierConfig
+    from server.classifier import ClassifierMode
     from server.core import IngestLimits, SplitLearningServer
     from server.grpc_app import create_server
     from server.servicer import UplinkServicer

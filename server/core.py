@@ -24,6 +24,7 @@ from common.errors import (
     LatentEdgeError,
     TooLargeError,
 )
+from common.models import ClassifierConfig
 from common.records import (
     ClassifierStatus,
     LatentChunk,
@@ -33,12 +34,7 @@ from common.records import (
     UploadAck,
 )
 from common.tensors import WireTensor, from_wire
-from server.classifier import (
-    ClassifierConfig,
-    ClassifierMode,
-    LatentClassifier,
-    train_classifier,
-)
+from server.classifier import ClassifierMode, LatentClassifier, train_classifier
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -255,7 +251,7 @@ class SplitLearningServer:
                 f"latents has {latents.shape[0]} rows; at most {MAX_CLASSIFY_ROWS} per call"
             )
         version, classifier = self._trainer.current()
-        if classifier is None or node_id not in classifier.summary()["nodes"]:
+        if classifier is None or node_id not in classifier.node_ids:
             raise ConflictError(
                 f"no trained classifier covers node {node_id!r} yet; upload its latents and "
                 "wait until status shows it in classifier.nodes"
