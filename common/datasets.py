@@ -334,7 +334,8 @@ def _num_classes(*labels: LabelArray) -> int:
 def _images(raw: AnyArray, where: str) -> FloatArray:
     """Validate and convert raw images to float32 ``(N, C, H, W)`` in [0, 1].
 
-    Accepts ``(N, H, W)``, ``(N, C, H, W)``, ``(N, H, W, C)`` with C in {1, 3, 4}, and flat
+    Accepts ``(N, H, W)``, ``(N, C, H, W)``, ``(N, H, W, C)`` with C in {1, 3} (NCHW
+    when both could be), and flat
     ``(N, S*S)`` square images; integer pixels in 0..255 are divided by 255; float pixels must
     be finite and in [0, 1] (or [0, 255], then divided by 255).
     """
@@ -350,13 +351,13 @@ def _images(raw: AnyArray, where: str) -> FloatArray:
     elif raw.ndim == 3:
         raw = raw[:, None, :, :]
     elif raw.ndim == 4:
-        channels_first = raw.shape[1] in (1, 3, 4)
-        channels_last = raw.shape[3] in (1, 3, 4)
+        channels_first = raw.shape[1] in (1, 3)
+        channels_last = raw.shape[3] in (1, 3)
         if channels_last and not channels_first:
             raw = raw.transpose(0, 3, 1, 2)
         elif not channels_first:
             raise DataError(
-                f"{where}: 4-D images must be NCHW or NHWC with 1, 3 or 4 channels, "
+                f"{where}: 4-D images must be NCHW or NHWC with 1 or 3 channels, "
                 f"got shape {raw.shape}"
             )
     else:
