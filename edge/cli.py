@@ -268,6 +268,8 @@ def run_edge(config: EdgeConfig, profile: EnergyProfile | None = None) -> dict[s
                 classifier_version=pred.classifier_version,
             )
     sample = data.x_test if len(data.x_test) else data.x_train
+    recon = reconstruct(model, sample[:256])
+    report["reconstruction_mse"] = float(np.mean((recon - sample[:256]) ** 2))
     if config.export:
         report.update(_export(config, model, sample, data))
     report["seconds"] = time.perf_counter() - started
@@ -276,7 +278,7 @@ def run_edge(config: EdgeConfig, profile: EnergyProfile | None = None) -> dict[s
         np.savez_compressed(
             Path(config.report).with_suffix(".recon.npz"),
             original=sample[:16],
-            reconstruction=reconstruct(model, sample[:16]),
+            reconstruction=recon[:16],
         )
     return report
 

@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
     """Open the store, start the gRPC server and block until a stop signal."""
+    import torch
+
     from common.models import ClassifierConfig
     from server.classifier import ClassifierMode
     from server.core import IngestLimits, SplitLearningServer
@@ -93,6 +95,9 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
     from server.servicer import UplinkServicer
     from server.store import open_store
 
+    # The classifier MLPs are tiny: one intra-op thread is several times faster than two
+    # when other processes (edge nodes on the same host) compete for the cores.
+    torch.set_num_threads(1)
     store = open_store(config.db)
     core = SplitLearningServer(
         store,
