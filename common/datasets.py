@@ -189,7 +189,8 @@ def shard(ds: Dataset, index: int, count: int, *, skew: float = 0.0, seed: int =
     other shards. ``skew = 0`` is an IID stratified split; larger values give non-IID class
     mixes. Whatever the skew, every sample lands in exactly one shard. The assignment depends
     only on ``(labels, count, skew, seed)``, so separate processes calling this with different
-    ``index`` values get disjoint shards.
+    ``index`` values and the SAME ``seed`` get disjoint shards (different seeds give overlapping
+    shards: derive per-node training seeds separately).
 
     Args:
         ds: The dataset to partition.

@@ -43,13 +43,6 @@ class AutoencoderConfig:
                 f"autoencoder.channels must be a non-empty list of positive integers, "
                 f"got {list(self.channels)}"
             )
-        smallest = min(self.height, self.width)
-        if smallest < 2 ** len(self.channels):
-            raise ConfigError(
-                f"autoencoder.channels has {len(self.channels)} stride-2 stages, which needs "
-                f"images of at least {2 ** len(self.channels)} pixels per side, got "
-                f"{self.height}x{self.width}"
-            )
 
     @property
     def input_elements(self) -> int:

@@ -383,9 +383,13 @@ def train_baseline(
         DataError: empty or mismatched inputs.
     """
     config = config or ClassifierConfig()
-    x_tr = _check_latents(np.reshape(x_train, (len(x_train), -1)), "baseline x_train", None)
+    x_tr = _check_latents(
+        np.reshape(x_train, (len(x_train), -1)), "baseline x_train", None, "features"
+    )
     features = x_tr.shape[1]
-    x_te = _check_latents(np.reshape(x_test, (len(x_test), -1)), "baseline x_test", features)
+    x_te = _check_latents(
+        np.reshape(x_test, (len(x_test), -1)), "baseline x_test", features, "features"
+    )
     if len(x_tr) == 0 or len(x_te) == 0:
         raise DataError(
             f"baseline needs training and test samples, got {len(x_tr)} and {len(x_te)}"
@@ -457,14 +461,16 @@ def _padded_dim(nodes: list[NodeInfo]) -> int:
     return max(info.latent_dim for info in nodes)
 
 
-def _check_latents(latents: AnyArray, where: str, dim: int | None) -> FloatArray:
+def _check_latents(
+    latents: AnyArray, where: str, dim: int | None, dim_name: str = "latent_dim"
+) -> FloatArray:
     x = np.asarray(latents)
     if x.dtype.kind != "f" or x.ndim != 2:
         raise DataError(
-            f"{where} must be a floating (N, latent_dim) array, got {x.dtype} {x.shape}"
+            f"{where} must be a floating (N, {dim_name}) array, got {x.dtype} {x.shape}"
         )
     if dim is not None and x.shape[1] != dim:
-        raise DataError(f"{where} must have latent_dim {dim}, got shape {x.shape}")
+        raise DataError(f"{where} must have {dim_name} {dim}, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise DataError(f"{where} contain NaN or Inf")
     return np.ascontiguousarray(x, dtype=np.float32)

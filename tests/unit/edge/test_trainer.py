@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.datasets import load_dataset, shard
+from common.errors import ConfigError, DataError
+from common.models import AutoencoderConfig, ConvAutoencoder
+from edge.trainer import TrainConfig, encode, reconstruct, train_autoencoder
+
+CONFIG = AutoencoderConfig(1, 8, 8, latent_dim=16)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return shard(load_dataset("digits"), 0, 3, skew=0.5).x_train
+
+
+def test_training_reduces_reconstruction_error(images: np.ndarray) -> None:
+    losses: list[tuple[int, float]] = []
+    model = train_autoencoder(
+        images,
+        CONFIG,
+        TrainConfig(epochs=8, seed=3),
+        on_epoch=lambda e, mse: losses.append((e, mse)),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        untrained = ConvAutoencoder(CONFIG).eval()
+    before = float(np.mean((reconstruct(untrained, images) - images) ** 2))
+    after = float(np.mean((reconstruct(model, images) - images) ** 2))
+    assert after < 0.5 * before
+    assert [e for e, _ in losses] == list(range(1, 9))
+    assert losses[-1][1] < losses[0][1]
+    assert not model.training
+
+
+def test_training_is_deterministic_in_seed(images: np.ndarray) -> None:
+    a = encode(train_autoencoder(images, CONFIG, TrainConfig(epochs=2, seed=1)), images)
+    b = encode(train_autoencoder(images, CONFIG, TrainConfig(epochs=2, seed=1)), images)
+    c = encode(train_autoencoder(images, CONFIG, TrainConfig(epochs=2, seed=2)), images)
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_encode_shapes_and_batches(images: np.ndarray) -> None:
+    model = ConvAutoencoder(CONFIG).eval()
+    full = encode(model, images, batch_size=1000)
+    assert full.shape == (len(images), 16) and full.dtype == np.float32
+    assert np.allclose(encode(model, images, batch_size=7), full, atol=1e-6)
+    assert encode(model, images[:0]).shape == (0, 16)
+    assert reconstruct(model, images[:3]).shape == (3, 1, 8, 8)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(DataError, match=r"float32 \(N, 1, 8, 8\).*got float64 with shape"):
+        wrong_dtype = np.zeros((4, 1, 8, 8))
+        train_autoencoder(wrong_dtype, CONFIG, TrainConfig(epochs=1))  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"0 images"):
+        train_autoencoder(np.zeros((0, 1, 8, 8), np.float32), CONFIG, TrainConfig(epochs=1))
+    with pytest.raises(DataError, match=r"got float32 with shape \(2, 1, 28, 28\)"):
+        encode(ConvAutoencoder(CONFIG), np.zeros((2, 1, 28, 28), np.float32))
+    with pytest.raises(ConfigError, match=r"train.epochs must be >= 1, got 0"):
+        TrainConfig(epochs=0)

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.datasets import load_dataset
+from common.errors import CodecError, DataError
+from common.models import ClassifierConfig
+from server.classifier import (
+    DEFAULT_MODE,
+    ClassifierMode,
+    LatentClassifier,
+    train_baseline,
+    train_classifier,
+)
+
+FAST = ClassifierConfig(hidden_units=(32,), epochs=15)
+CLASSES = 4
+
+
+def _blobs(
+    rng: np.random.Generator, dim: int, n: int, scale: float, offset: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian clusters, one per class, in a node-specific scaled and shifted space."""
+    centres = np.random.default_rng(dim).normal(size=(CLASSES, dim)) * 3
+    y = rng.integers(0, CLASSES, size=n)
+    x = (centres[y] + rng.normal(size=(n, dim))) * scale + offset
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def nodes() -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Two nodes with different latent sizes and wildly different feature scales."""
+    rng = np.random.default_rng(0)
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"train": {}, "test": {}}
+    for node, dim, scale, offset in (("a", 6, 100.0, -50.0), ("b", 3, 0.01, 7.0)):
+        out["train"][node] = _blobs(rng, dim, 300, scale, offset)
+        out["test"][node] = _blobs(rng, dim, 200, scale, offset)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(ClassifierMode))
+def trained(
+    request: pytest.FixtureRequest, nodes: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+) -> LatentClassifier:
+    mode: ClassifierMode = request.param
+    return train_classifier(nodes["train"], CLASSES, mode, FAST, seed=0)
+
+
+def test_classifies_each_nodes_latents(
+    trained: LatentClassifier, nodes: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+) -> None:
+    for node, (x, y) in nodes["test"].items():
+        labels, probs = trained.predict(node, x)
+        assert labels.dtype == np.int64 and probs.dtype == np.float32
+        assert probs.shape == (len(x), CLASSES)
+        assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+        assert np.array_equal(labels, probs.argmax(axis=1))
+        assert np.mean(labels == y) > 0.9
+    assert trained.latent_dim_of("a") == 6 and trained.latent_dim_of("b") == 3
+    assert trained.node_ids == ("a", "b")
+
+
+def test_summary(trained: LatentClassifier) -> None:
+    summary = trained.summary()
+    assert summary["mode"] == trained.mode.value
+    assert [n["node_id"] for n in summary["nodes"]] == ["a", "b"]
+    assert [n["samples"] for n in summary["nodes"]] == [300, 300]
+    assert summary["train_samples"] == 600
+    assert 0.9 < summary["train_accuracy"] <= 1.0
+
+
+def test_bytes_round_trip_gives_identical_predictions(
+    trained: LatentClassifier, nodes: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+) -> None:
+    data = trained.to_bytes()
+    assert data[:2] == b"PK"  # a zip (npz) archive, read back with allow_pickle=False
+    restored = LatentClassifier.from_bytes(data)
+    assert restored.mode is trained.mode and restored.summary() == trained.summary()
+    for node, (x, _) in nodes["test"].items():
+        labels, probs = trained.predict(node, x)
+        labels2, probs2 = restored.predict(node, x)
+        assert np.array_equal(labels, labels2) and np.array_equal(probs, probs2)
+
+
+def test_predict_errors(trained: LatentClassifier) -> None:
+    with pytest.raises(DataError, match=r"unknown node 'zz'; the classifier knows \['a', 'b'\]"):
+        trained.predict("zz", np.zeros((1, 6), np.float32))
+    with pytest.raises(DataError, match=r"node 'a' must have latent_dim 6, got shape \(2, 3\)"):
+        trained.predict("a", np.zeros((2, 3), np.float32))
+    with pytest.raises(DataError, match=r"NaN or Inf"):
+        trained.predict("b", np.full((1, 3), np.nan, np.float32))
+    with pytest.raises(DataError, match=r"floating \(N, latent_dim\) array, got int64"):
+        trained.predict("b", np.zeros((1, 3), np.int64))
+    with pytest.raises(DataError, match=r"unknown node"):
+        trained.latent_dim_of("zz")
+    assert trained.predict("a", np.zeros((0, 6), np.float16))[0].shape == (0,)
+
+
+def test_training_is_deterministic(
+    nodes: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+) -> None:
+    quick = ClassifierConfig(hidden_units=(8,), epochs=2)
+    a = train_classifier(nodes["train"], CLASSES, ClassifierMode.SHARED, quick, seed=5)
+    b = train_classifier(nodes["train"], CLASSES, ClassifierMode.SHARED, quick, seed=5)
+    c = train_classifier(nodes["train"], CLASSES, ClassifierMode.SHARED, quick, seed=6)
+    x = nodes["test"]["a"][0]
+    assert np.array_equal(a.predict("a", x)[1], b.predict("a", x)[1])
+    assert not np.array_equal(a.predict("a", x)[1], c.predict("a", x)[1])
+
+
+def test_training_input_errors() -> None:
+    x = np.zeros((4, 2), np.float32)
+    with pytest.raises(DataError, match=r"no nodes"):
+        train_classifier({}, 3)
+    with pytest.raises(DataError, match=r"labels of node 'n' must be in 0..2, got 0..3"):
+        train_classifier({"n": (x, np.array([0, 1, 2, 3]))}, 3)
+    with pytest.raises(DataError, match=r"labels of node 'n': 3 labels for 4 latents"):
+        train_classifier({"n": (x, np.array([0, 1, 2]))}, 3)
+    with pytest.raises(DataError, match=r"node 'n' has no training samples"):
+        train_classifier({"n": (x[:0], np.zeros(0, np.int64))}, 3)
+
+
+def test_from_bytes_rejects_garbage() -> None:
+    with pytest.raises(CodecError, match=r"not a latentedge classifier archive"):
+        LatentClassifier.from_bytes(b"not an archive")
+
+
+def test_default_mode_is_a_mode() -> None:
+    assert isinstance(DEFAULT_MODE, ClassifierMode)
+
+
+def test_raw_pixel_baseline_on_digits() -> None:
+    ds = load_dataset("digits")
+    accuracy = train_baseline(ds.x_train, ds.y_train, ds.x_test, ds.y_test, config=FAST)
+    assert accuracy > 0.9
+    with pytest.raises(
+        DataError, match=r"baseline x_test must have features 64, got shape \(450, 32\)"
+    ):
+        train_baseline(ds.x_train, ds.y_train, ds.x_test[:, :, :4], ds.y_test)
