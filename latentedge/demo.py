@@ -170,7 +170,7 @@ def _start_edges(config: DemoConfig, address: str) -> list[tuple[str, subprocess
             "--latent-dtype",
             config.latent_dtype,
             "--seed",
-            str(config.seed + i),
+            str(config.seed),  # the same for every node: shards must partition the data
             "--evaluate",
             "--export",
             str(config.out / "onnx"),
