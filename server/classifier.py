@@ -55,7 +55,9 @@ class ClassifierMode(enum.Enum):
 
 
 DEFAULT_MODE = ClassifierMode.PER_NODE
-"""Mode with the better end-to-end accuracy in ``experiments/split_digits.py``."""
+"""Mode with the better end-to-end accuracy in ``experiments/split_digits.py`` (digits, 3
+non-IID nodes, latent 16, seeds 0-2: per-node 0.958 median vs shared 0.947; latent 8: 0.933 vs
+0.927)."""
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,18 @@ def test_training_is_deterministic_in_seed(images: np.ndarray) -> None:
     assert not np.allclose(a, c)
 
 
+def test_max_steps_caps_training(images: np.ndarray) -> None:
+    epochs: list[int] = []
+    steps_per_epoch = -(-len(images) // 32)
+    train_autoencoder(
+        images,
+        CONFIG,
+        TrainConfig(epochs=50, batch_size=32, max_steps=steps_per_epoch + 2),
+        on_epoch=lambda e, _: epochs.append(e),
+    )
+    assert epochs == [1, 2]
+
+
 def test_encode_shapes_and_batches(images: np.ndarray) -> None:
     model = ConvAutoencoder(CONFIG).eval()
     full = encode(model, images, batch_size=1000)
