@@ -73,7 +73,8 @@ def _session_options(threads: int) -> ort.SessionOptions:
 
 
 def _shape_text(shape: Sequence[object]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
+    inner = ", ".join(str(d) for d in shape)
+    return f"({inner},)" if len(shape) == 1 else f"({inner})"
 
 
 @dataclass(frozen=True, eq=False)

@@ -90,7 +90,7 @@ def test_noise_on_each_analog_tensor_changes_the_output(model: Path, count: int)
 
 
 def test_quantized_int8_model_is_refused_with_what_is_simulated() -> None:
-    with pytest.raises(NoiseInjectionError, match="QLinearConv.*float Conv/Gemm/MatMul"):
+    with pytest.raises(NoiseInjectionError, match=r"QLinearConv.*float Conv/Gemm/MatMul"):
         Simulator(SHUFFLENET_INT8)
 
 

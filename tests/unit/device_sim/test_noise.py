@@ -215,9 +215,7 @@ def test_composed_models_apply_in_order() -> None:
     w = _weights((10, 10))
     spec = parse_noise_spec("multiplicative:std=0.1+quant:bits=3")
     rng = np.random.default_rng(0)
-    expected = QuantNoise(3).apply(
-        MultiplicativeNoise(0.1).apply(w, np.random.default_rng(0)), rng
-    )
+    expected = QuantNoise(3).apply(MultiplicativeNoise(0.1).apply(w, np.random.default_rng(0)), rng)
     np.testing.assert_array_equal(spec.perturb(w, np.random.default_rng(0), 0), expected)
 
 
