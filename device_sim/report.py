@@ -31,7 +31,7 @@ def summarize(per_draw: Sequence[float]) -> tuple[float, float, tuple[float, flo
     """Mean, sample std (ddof=1) and the 95% t-interval of the mean of ``per_draw``."""
     values = np.asarray(per_draw, dtype=np.float64)
     mean = float(values.mean())
-    if values.size < 2:
+    if values.size < 2 or np.all(values == values[0]):
         return mean, 0.0, (mean, mean)
     std = float(values.std(ddof=1))
     half = t_quantile_975(values.size - 1) * std / math.sqrt(values.size)
