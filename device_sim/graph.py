@@ -50,7 +50,7 @@ QUANTIZED_OPS = frozenset(
 _FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 )
-_TINY = 1e-30
+_TINY = 1e-20
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,8 @@ class NoiseInput:
     """Graph input name."""
     layer_output: str
     """Name of the layer output in the clean graph whose per-sample shape the noise has."""
+    scale: float
+    """Std of the values to feed (output noise std in ADC steps)."""
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -676,13 +678,14 @@ def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula o
         pre.append(helper.make_node("ReduceMax", [p + "abs"], [p + "smax"], axes=axes, keepdims=1))
     pre.append(helper.make_node("Max", [p + "smax", const("tiny", _TINY)], [p + "s"]))
     if dac is not None:
+        # x_q = round(x · L/s) · s/L: the per-sample factors are tiny tensors, 3 full-size ops
         levels = float(2 ** (dac.bits - 1) - 1)
         pre += [
-            helper.make_node("Div", [x, p + "s"], [p + "xn"]),
-            helper.make_node("Mul", [p + "xn", const("dac_levels", levels)], [p + "xl"]),
+            helper.make_node("Div", [const("dac_levels", levels), p + "s"], [p + "to_int"]),
+            helper.make_node("Div", [p + "s", const("dac_levels", levels)], [p + "to_x"]),
+            helper.make_node("Mul", [x, p + "to_int"], [p + "xl"]),
             helper.make_node("Round", [p + "xl"], [p + "xr"]),
-            helper.make_node("Div", [p + "xr", const("dac_levels", levels)], [p + "xq"]),
-            helper.make_node("Mul", [p + "xq", p + "s"], [p + "x"]),
+            helper.make_node("Mul", [p + "xr", p + "to_x"], [p + "x"]),
         ]
         node.input[0] = p + "x"
     position = list(graph.node).index(node)
@@ -699,11 +702,15 @@ def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula o
     if adc is not None:
         w_max = float(np.max(np.abs(weight))) or 1.0
         step = 2.0 * adc.bound / (2**adc.bits - 2)
-        post.append(helper.make_node("Mul", [p + "s", const("w_max", w_max)], [p + "den"]))
-        post.append(helper.make_node("Div", [y, p + "den"], [p + "yn"]))
+        # in ADC steps: y / (s·max|W|·step), + noise/step, clip to ±bound/step, round, scale back
+        post += [
+            helper.make_node("Mul", [p + "s", const("w_max_step", w_max * step)], [p + "unit"]),
+            helper.make_node("Reciprocal", [p + "unit"], [p + "per_unit"]),
+            helper.make_node("Mul", [y, p + "per_unit"], [p + "yn"]),
+        ]
         yn = p + "yn"
         if adc.noise > 0:
-            noise = NoiseInput(name=p + "adc_noise", layer_output=out)
+            noise = NoiseInput(name=p + "adc_noise", layer_output=out, scale=adc.noise / step)
             graph.input.append(
                 helper.make_tensor_value_info(
                     noise.name, helper.np_dtype_to_tensor_dtype(dtype), None
@@ -711,14 +718,11 @@ def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula o
             )
             post.append(helper.make_node("Add", [yn, noise.name], [p + "ynz"]))
             yn = p + "ynz"
+        limit = adc.bound / step
         post += [
-            helper.make_node(
-                "Clip", [yn, const("lo", -adc.bound), const("hi", adc.bound)], [p + "yc"]
-            ),
-            helper.make_node("Div", [p + "yc", const("step", step)], [p + "ys"]),
-            helper.make_node("Round", [p + "ys"], [p + "yr"]),
-            helper.make_node("Mul", [p + "yr", const("step", step)], [p + "yq"]),
-            helper.make_node("Mul", [p + "yq", p + "den"], [p + "yd"]),
+            helper.make_node("Clip", [yn, const("lo", -limit), const("hi", limit)], [p + "yc"]),
+            helper.make_node("Round", [p + "yc"], [p + "yr"]),
+            helper.make_node("Mul", [p + "yr", p + "unit"], [p + "yd"]),
         ]
         y = p + "yd"
     if bias is not None:

@@ -270,14 +270,14 @@ class Simulator:
             for j in range(len(noise_inputs))
         }
         shapes = [self._noise_shape(n, x) for n in noise_inputs]
-        noise_std = spec.adc.noise if spec.adc is not None else 0.0
         dtype = self.prepared.input_dtype
         results: list[list[np.ndarray]] = [[] for _ in draws]
         for batch in self._batches(x):
             feed: dict[str, np.ndarray] = {self.prepared.input_name: batch}
             for (k, j), rng in streams.items():
                 sample = rng.standard_normal((batch.shape[0], *shapes[j]), dtype=np.float32)
-                feed[name(k, noise_inputs[j].name)] = (sample * noise_std).astype(dtype)
+                sample *= noise_inputs[j].scale
+                feed[name(k, noise_inputs[j].name)] = sample.astype(dtype, copy=False)
             for k, value in enumerate(session.run(outputs, feed)):
                 results[k].append(value)
         return [np.concatenate(r) for r in results]
