@@ -7,13 +7,12 @@ matplotlib) into raw 0..255 float32 NCHW, the input of the MLPerf Tiny ResNet8.
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-DATA = Path(os.environ.get("LATENTEDGE_SHARED_DATA", "/work/shared/data"))
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST12 = DATA / "onnx_mnist12" / "mnist-12.onnx"
 RESNET8 = DATA / "onnx_resnet8_cifar10" / "resnet8_cifar10.onnx"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = Path("/work/shared/data")
+DATA = ROOT.parent / "shared" / "data"
 MNIST12 = DATA / "onnx_mnist12" / "mnist-12.onnx"
 SHUFFLENET_INT8 = DATA / "onnx_shufflenet_v2_12_int8" / "shufflenet-v2-12-int8.onnx"
 

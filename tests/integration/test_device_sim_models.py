@@ -16,8 +16,6 @@ from device_sim import Simulator, parse_noise_spec
 from device_sim.runner import RunnerConfig
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
 MNIST12 = DATA / "onnx_mnist12" / "mnist-12.onnx"
 RESNET8 = DATA / "onnx_resnet8_cifar10" / "resnet8_cifar10.onnx"
 SHUFFLENET_INT8 = DATA / "onnx_shufflenet_v2_12_int8" / "shufflenet-v2-12-int8.onnx"
