@@ -304,6 +304,9 @@ def _accuracies(
         raise NoiseInjectionError(f"draws must be >= 1, got {draws}")
     if spec.is_clean:
         return [clean] * draws
+    if not spec.is_random:  # deterministic (quantisation only): every draw is the same
+        _, outputs = next(sim.predictions(x, spec, [0], seed, tensors))
+        return [accuracy(outputs, y)] * draws
     result: list[float] = []
     started = last = time.perf_counter()
     for draw, outputs in sim.predictions(x, spec, range(draws), seed, tensors):
@@ -373,6 +376,7 @@ def simulate(  # noqa: PLR0917  # the demo calls simulate(model, x, y, spec, dra
     )
     sim.check_data(x, y)
     clean = accuracy(sim.clean_outputs(x), y)
+    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
     per_draw = _accuracies(sim, x, y, spec, draws=draws, seed=seed, clean=clean)
     return _report(
         sim,
@@ -441,6 +445,7 @@ def simulate_sweep(  # noqa: PLR0917  # the demo calls simulate_sweep(model, x, 
     )
     sim.check_data(x, y)
     clean = accuracy(sim.clean_outputs(x), y)
+    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
     reports = []
     for level in levels:
         started = time.perf_counter()
@@ -499,6 +504,7 @@ def simulate_per_layer(  # noqa: PLR0917  # the demo calls simulate_per_layer(mo
     )
     sim.check_data(x, y)
     clean = accuracy(sim.clean_outputs(x), y)
+    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
     layers = []
     for i, tensor in enumerate(sim.prepared.analog):
         started = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 from onnx import helper
 
 from common.errors import NoiseInjectionError
-from device_sim import RunnerConfig, Simulator, parse_noise_spec, simulate
+from device_sim import RunnerConfig, Simulator, parse_noise_spec, simulate, simulate_per_layer
 from device_sim.noise import NoiseSpec
 from tests.unit.device_sim.conftest import make_model, rand
 
@@ -157,3 +157,45 @@ def test_simulate_report_fields(tmp_path: Path) -> None:
     assert again.per_draw == report.per_draw
     clean = simulate(path, x, y, NoiseSpec(text="none"), 3, 1)
     assert clean.per_draw == (1.0, 1.0, 1.0) and clean.accuracy_std == 0.0
+
+
+def test_quantisation_only_is_deterministic_and_matches_numpy(tmp_path: Path) -> None:
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"])], {"w": W, "b": B}, ["N", 16]
+    )
+    path = tmp_path / "linear.onnx"
+    onnx.save(model, str(path))
+    x = rand(500, 16, seed=8)
+    y = (x @ W + B).argmax(axis=1)
+    step = np.abs(W).max() / 1  # 2 bits: levels −1, 0, +1 times max|W|
+    wq = np.round(W / step) * step
+    expected = float(np.mean((x @ wq + B).argmax(axis=1) == y))
+    report = simulate(path, x, y, "quant:bits=2", 4, 0)
+    assert report.per_draw == (expected,) * 4
+
+
+def test_per_layer_noise_touches_only_one_tensor(tmp_path: Path) -> None:
+    w2 = rand(5, 5, seed=9)
+    model = make_model(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"]),
+            helper.make_node("MatMul", ["h", "w2"], ["y"]),
+        ],
+        {"w": W, "b": B, "w2": w2},
+        ["N", 16],
+    )
+    sim = Simulator(model)
+    spec = parse_noise_spec("awgn:snr_db=0")
+    only_second = sim.draw_weights(spec, 0, 0, tensors=[1])
+    np.testing.assert_array_equal(only_second["w"], W)
+    both = sim.draw_weights(spec, 0, 0)
+    np.testing.assert_array_equal(only_second["w2"], both["w2"])  # same stream per tensor
+    assert not np.array_equal(only_second["w2"], w2)
+    path = tmp_path / "two.onnx"
+    onnx.save(model, str(path))
+    x = rand(200, 16, seed=10)
+    y = ((x @ W + B) @ w2).argmax(axis=1)
+    report = simulate_per_layer(path, x, y, "awgn:snr_db=0", 3, 0)
+    assert [layer.name for layer in report.layers] == ["w", "w2"]
+    assert all(0 < layer.accuracy_drop <= 1 for layer in report.layers)
+    assert report.layers[0].report.analog_tensors == ("w",)
