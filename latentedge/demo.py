@@ -50,6 +50,10 @@ class DemoConfig:
     """Server classifier: ``per_node`` or ``shared``."""
     seed: int = 0
     """Seed of sharding and training."""
+    analog_sweep: str = "awgn:snr_db=0,5,10,15,20,30"
+    """Noise sweep for the encoders on a simulated analog device ("" = skip that step)."""
+    analog_draws: int = 20
+    """Monte-Carlo draws per sweep level."""
     out: Path = Path("latentedge-demo")
     """Output directory."""
 
@@ -60,6 +64,8 @@ class DemoConfig:
             raise ConfigError(f"--latent-dim must be >= 1, got {self.latent_dim}")
         if not 0.0 <= self.skew < 1.0:
             raise ConfigError(f"--skew must be in [0, 1), got {self.skew}")
+        if self.analog_draws < 1:
+            raise ConfigError(f"--analog-draws must be >= 1, got {self.analog_draws}")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +83,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--classifier-mode", default=d.classifier_mode, choices=["per_node", "shared"]
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed (0)")
+    parser.add_argument(
+        "--analog-sweep",
+        default=d.analog_sweep,
+        help=f"noise sweep for the encoders on the analog device ('' = skip; {d.analog_sweep})",
+    )
+    parser.add_argument(
+        "--analog-draws", type=int, default=d.analog_draws, help="Monte-Carlo draws per level"
+    )
     parser.add_argument("--out", type=Path, default=d.out, help="output directory")
 
 
@@ -91,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         latent_dtype=args.latent_dtype,
         classifier_mode=args.classifier_mode,
         seed=args.seed,
+        analog_sweep=args.analog_sweep,
+        analog_draws=args.analog_draws,
         out=args.out,
     )
     summary = run_demo(config)
@@ -303,10 +319,74 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         },
         "seconds": 0.0,
     }
+    if config.analog_sweep:
+        summary["analog"] = _analog(config, summary)
     _plot(config, summary)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _analog(config: DemoConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Each node's encoder on a simulated analog device, feeding the server's classifier.
+
+    The server's classifier for each node is exported to ONNX and composed with the node's
+    exported encoder; only the encoder's weights (``^encoder/``) are analog, the classifier
+    stays digital on the server. Accuracy is pooled over the nodes' test splits.
+    """
+    import numpy as np
+
+    from common.export import compose_pipeline, export_classifier
+    from device_sim import simulate_sweep
+    from server.classifier import LatentClassifier
+    from server.store import SqliteStore
+
+    onnx_dir = config.out / "onnx"
+    store = SqliteStore(config.out / "server.db")
+    try:
+        latest = store.latest_classifier()
+        if latest is None:
+            raise LatentEdgeError("the server stored no classifier; see server.log")
+        classifier = LatentClassifier.from_bytes(latest[2])
+        samples = {n: store.node_data(n)[0][:64] for n in summary["per_node"]}
+    finally:
+        store.close()
+    means: list[np.ndarray] = []
+    clean = 0.0
+    values: tuple[float, ...] = ()
+    weights = []
+    for node_id, latents in samples.items():
+        cls_path = onnx_dir / f"classifier_{node_id}.onnx"
+        export_classifier(classifier.node_network(node_id), cls_path, latents)
+        pipeline = compose_pipeline(
+            onnx_dir / f"encoder_{node_id}.onnx", cls_path, onnx_dir / f"pipeline_{node_id}.onnx"
+        )
+        test = np.load(onnx_dir / f"test_{node_id}.npz")
+        logger.info("%s: analog encoder sweep %s", node_id, config.analog_sweep)
+        sweep = simulate_sweep(
+            pipeline,
+            test["x"],
+            test["y"],
+            config.analog_sweep,
+            config.analog_draws,
+            config.seed,
+            analog_include="^encoder/",
+        )
+        values = sweep.values
+        weights.append(len(test["y"]))
+        means.append(np.array([level.accuracy_mean for level in sweep.levels]))
+        clean += sweep.levels[0].clean_accuracy * len(test["y"])
+    total = sum(weights)
+    pooled = sum(w * m for w, m in zip(weights, means, strict=True)) / total
+    clean /= total
+    return {
+        "sweep": config.analog_sweep,
+        "draws": config.analog_draws,
+        "levels": list(values),
+        "clean_accuracy": clean,
+        "accuracy_mean": [float(v) for v in pooled],
+        "normalized_accuracy": [float(v / clean) for v in pooled],
+    }
 
 
 def _plot(config: DemoConfig, summary: dict[str, Any]) -> None:
@@ -333,7 +413,17 @@ def _plot(config: DemoConfig, summary: dict[str, Any]) -> None:
                     img = np.transpose(recon[key][k], (1, 2, 0)).squeeze()
                     ax.imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[row, 0].set_ylabel(node_id, fontsize=9)
-    ax = bottom.subplots()
+    if "analog" in summary:
+        ax, ax_analog = bottom.subplots(1, 2, width_ratios=[3, 2])
+        analog = summary["analog"]
+        ax_analog.plot(analog["levels"], analog["accuracy_mean"], "o-", label="analog encoder")
+        ax_analog.axhline(analog["clean_accuracy"], color="gray", ls="--", label="digital")
+        ax_analog.set_xlabel(analog["sweep"].split("=")[0])
+        ax_analog.set_ylabel("test accuracy (mean of draws)")
+        ax_analog.set_title("encoders on a simulated analog device", fontsize=10)
+        ax_analog.legend(fontsize=8)
+    else:
+        ax = bottom.subplots()
     labels = [*nodes, "all nodes", "baseline\n(raw pixels)"]
     values = [summary["per_node"][n]["accuracy"] for n in nodes]
     values += [summary["accuracy"], summary["baseline_accuracy"]]
@@ -368,6 +458,17 @@ def _human_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  {node_id:<16} accuracy {node['accuracy']:.4f} on {node['test_samples']} test "
             f"samples, {node['train_samples']} uploaded"
+        )
+    if "analog" in summary:
+        analog = summary["analog"]
+        parameter = analog["sweep"].split("=")[0]
+        pairs = ", ".join(
+            f"{level:g}: {acc:.3f}"
+            for level, acc in zip(analog["levels"], analog["accuracy_mean"], strict=True)
+        )
+        lines.append(
+            f"analog encoders    accuracy at {parameter} {pairs} "
+            f"({analog['draws']} draws each; digital {analog['clean_accuracy']:.3f})"
         )
     lines.append(f"time               {summary['seconds']:.1f} s")
     return "\n".join(lines) + "\n"
