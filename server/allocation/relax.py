@@ -1,0 +1,204 @@
+"""Lagrangian relaxation of the whole problem with the round latency capped at ``T̄``.
+
+Pricing bandwidth at ``λ ≥ 0``, coverage at ``ν ≥ 0`` and (optionally) each device's latency at
+``μ_k ≥ 0`` with ``Σ μ_k ≤ w_T``, and keeping ``τ_k ≤ T̄``, the budgets and ``T ≥ T̲`` as hard
+constraints, the problem restricted to ``T ∈ [T̲, T̄]`` separates by device:
+
+    D(λ, ν, μ) = (w_T − Σμ) T̲ − λ B + ν N_min + Σ_k min(A_k, C_k(λ) − ν n_k)
+
+with ``A_k = w_E E^ft_k + μ_k T^ft_k`` (local fine-tuning, when it fits the budget and ``T̄``) and
+``C_k(λ) = min_{b ≥ L_k(T̄)} w_E (E^c_k + p_k t_k(b)) + μ_k (T^c_k + t_k(b)) + λ b`` (upload).
+By weak duality ``D`` is a lower bound on ``w_T T + Σ_k w_E e_k`` over every feasible plan with
+``T̲ ≤ T ≤ T̄``; docs/allocation.md has the derivation. For given ``λ`` the best ``ν`` is a
+weighted quantile of the per-sample upload premiums ``(C_k − A_k)/n_k``, and ``D`` is concave in
+``λ`` with supergradient ``Σ_{uploaders} b_k − B``, which :meth:`Relaxation.maximise` brackets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.allocation.fleet import (
+    BoolArray,
+    Fleet,
+    cap_inverse_bandwidth,
+    marginal_time_price,
+    preferred_inverse_bandwidth,
+)
+from server.allocation.radio import FloatArray
+
+_MAX_PRICE_STEPS = 60
+"""Iteration cap of the bracketing search over ln λ."""
+
+_PRICE_XTOL = 1e-6
+"""Width of the ln λ bracket at which the dual counts as maximised."""
+
+_MAX_EXPANSIONS = 16
+"""Bracket expansions before giving up on a dual that grows without bound (T̄ infeasible)."""
+
+
+@dataclass(frozen=True, eq=False)
+class DualPoint:
+    """The relaxation evaluated at one price pair."""
+
+    value: float
+    """D(λ, ν, μ): a lower bound on the objective over ``T ∈ [T̲, T̄]`` (``inf``: none feasible)."""
+    price: float
+    """λ, objective units per Hz."""
+    coverage_price: float
+    """ν, objective units per sample."""
+    uploads: BoolArray
+    """(K,) devices that upload in the relaxed solution (reaching N_min when possible)."""
+    excess_hz: float
+    """Σ_{uploaders} b_k − B: a supergradient of D in λ."""
+
+
+class Relaxation:
+    """The relaxation at one latency cap ``T̄`` and latency prices ``μ``."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        cap_s: float,
+        floor_s: float,
+        latency_price: FloatArray | None = None,
+    ) -> None:
+        """Precompute what does not depend on the prices.
+
+        Args:
+            fleet: Device arrays.
+            cap_s: T̄, s (``inf`` for no cap).
+            floor_s: T̲, s: a lower end of the latencies considered.
+            latency_price: μ (K,), objective units per second, ``Σ μ ≤ w_T``; zeros if None.
+        """
+        self._fleet = fleet
+        mu = np.zeros(fleet.size) if latency_price is None else latency_price
+        self._mu = mu
+        w_e = fleet.weight_energy
+        self._constant = (fleet.weight_latency - float(mu.sum())) * floor_s
+        up_cap = fleet.upload_cap_s(cap_s)
+        self._up_ok = fleet.can_upload & (up_cap > fleet.t_min_s)
+        self._y_cap = cap_inverse_bandwidth(fleet, up_cap, self._up_ok)
+        self._by_latency = fleet.encode_s + fleet.budget_upload_s > cap_s
+        skip_ok = fleet.can_skip & (fleet.finetune_s <= cap_s)
+        self._skip_cost = np.where(skip_ok, w_e * fleet.finetune_j + mu * fleet.finetune_s, np.inf)
+        self._omega = w_e * fleet.power_w + mu
+        self._up_fixed = w_e * fleet.encode_j + mu * fleet.encode_s
+        self._infeasible = bool(np.any(~skip_ok & ~self._up_ok))
+        self._warm: tuple[FloatArray, FloatArray, FloatArray] | None = None
+
+    @property
+    def infeasible(self) -> bool:
+        """Some device can neither fine-tune nor upload within ``T̄`` and its budget."""
+        return self._infeasible
+
+    def _warm_at(self, price: float) -> FloatArray:
+        """``ŷ`` at ``price``, Newton warm-started from the previous price."""
+        self._warm = preferred_inverse_bandwidth(
+            self._fleet, np.float64(price), self._omega, self._warm
+        )
+        return self._warm[1]
+
+    def upload_inverse_bandwidth(self, price: float) -> FloatArray:
+        """Return y = a/b each device would upload at, at bandwidth price ``price``."""
+        y_hat = self._warm_at(price)
+        return np.where(self._up_ok, np.minimum(self._y_cap, y_hat), np.inf)
+
+    def latency_prices(self, point: DualPoint) -> FloatArray:
+        """Multipliers of the latency caps ``τ_k ≤ T̄`` at ``point``, scaled to ``Σ ≤ w_T``.
+
+        An uploader held at its latency cap would pay ``λ a/(t_min ψ(y_cap)) − ω_k`` per second
+        the cap tightens; their sum is ``−dD/dT̄``. Used as ``μ`` for neighbouring intervals.
+        """
+        fleet = self._fleet
+        y_hat = self._warm_at(point.price)
+        held = point.uploads & self._by_latency & (y_hat >= self._y_cap) & self._up_ok
+        y = np.where(held, self._y_cap, 1.0)
+        mu = np.where(held, point.price * marginal_time_price(fleet, y) - self._omega, 0.0)
+        mu = self._mu + np.maximum(mu, 0.0)
+        total = float(mu.sum())
+        if total > fleet.weight_latency:
+            mu = mu * (fleet.weight_latency / total)
+        return mu
+
+    def evaluate(self, price: float) -> DualPoint:
+        """Evaluate D at ``λ = price`` with the best ``ν`` for it."""
+        fleet = self._fleet
+        if self._infeasible:
+            return DualPoint(np.inf, price, 0.0, np.zeros(fleet.size, dtype=bool), 0.0)
+        y = self.upload_inverse_bandwidth(price)
+        y_safe = np.where(self._up_ok, y, 1.0)
+        t = fleet.upload_time_s(y_safe)
+        b = np.where(self._up_ok, fleet.a_hz / y_safe, 0.0)
+        up_cost = np.where(self._up_ok, self._up_fixed + self._omega * t + price * b, np.inf)
+        skip = self._skip_cost
+        n = fleet.samples
+        forced = ~np.isfinite(skip)
+        with np.errstate(invalid="ignore"):
+            premium = np.where(forced | ~self._up_ok, np.inf, (up_cost - skip) / n)
+        premium = np.where(forced, -np.inf, premium)
+        need = fleet.min_samples
+        base = premium <= 0.0
+        covered = float(n[base].sum())
+        nu = 0.0
+        uploads = base
+        if covered < need:
+            cand = np.flatnonzero((premium > 0.0) & np.isfinite(premium))
+            order = cand[np.argsort(premium[cand], kind="stable")]
+            cum = covered + np.cumsum(n[order])
+            j = int(np.searchsorted(cum, need))
+            if j >= order.size:
+                return DualPoint(np.inf, price, np.inf, uploads, 0.0)
+            nu = float(premium[order[j]])
+            uploads = base.copy()
+            uploads[order[: j + 1]] = True
+        per_device = np.minimum(skip, up_cost - nu * n)
+        value = self._constant - price * fleet.bandwidth_hz + nu * need + float(per_device.sum())
+        excess = float(b[uploads].sum()) - fleet.bandwidth_hz
+        return DualPoint(value, price, nu, uploads, excess)
+
+    def maximise(self, start_price: float) -> DualPoint:
+        """Maximise D over ``λ`` from ``start_price``; return the best point evaluated.
+
+        Regula falsi (Illinois) on the supergradient in ``ln λ``; D is concave, so the bracket
+        closes on the maximiser. Any evaluated point is a valid bound; the best one is returned.
+        """
+        x = float(np.log(start_price))
+        first = self.evaluate(start_price)
+        best = first
+        if not np.isfinite(first.value):
+            return first
+        lo_x, lo_f = (x, first.excess_hz) if first.excess_hz > 0 else (-np.inf, 0.0)
+        hi_x, hi_f = (x, first.excess_hz) if first.excess_hz <= 0 else (np.inf, 0.0)
+        step = 0.25
+        expansions = 0
+        last = 0
+        for _ in range(_MAX_PRICE_STEPS):
+            if np.isfinite(lo_x) and np.isfinite(hi_x):
+                if hi_x - lo_x <= _PRICE_XTOL:
+                    break
+                t = lo_x - lo_f * (hi_x - lo_x) / (hi_f - lo_f) if hi_f != lo_f else 0.5 * (lo_x + hi_x)
+                if not lo_x < t < hi_x:
+                    t = 0.5 * (lo_x + hi_x)
+            elif expansions >= _MAX_EXPANSIONS:
+                break
+            else:
+                t = lo_x + step if np.isfinite(lo_x) else hi_x - step
+                step = min(2.0 * step, 8.0)
+                expansions += 1
+            point = self.evaluate(float(np.exp(t)))
+            if point.value > best.value:
+                best = point
+            if point.excess_hz > 0:
+                if last == 1 and np.isfinite(hi_x):
+                    hi_f *= 0.5
+                lo_x, lo_f, last = t, point.excess_hz, 1
+            else:
+                if last == -1 and np.isfinite(lo_x):
+                    lo_f *= 0.5
+                hi_x, hi_f, last = t, point.excess_hz, -1
+            if point.excess_hz == 0.0:
+                break
+        return best

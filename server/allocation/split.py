@@ -1,0 +1,228 @@
+"""The bandwidth-allocation subproblem: fixed upload set(s), exact, batched over sets.
+
+For an upload set U and a round latency T the subproblem
+
+    minimise  w_E Σ_{k∈U} p_k t_k(b_k)   s.t.  Σ b_k ≤ B,  b_k ≥ L_k(T)
+
+is convex (``t_k`` is convex and decreasing in ``b_k``); ``L_k(T)`` is the least bandwidth that
+lets device k finish by ``T`` within its energy budget. Its KKT conditions give
+``b_k = max(L_k, b̂_k(λ))`` with one price ``λ`` per set, found by safeguarded Newton on
+``ln Σ b_k(λ) = ln B``. The latency multipliers ``μ_k = λ a_k / (t_min ψ(a_k/L_k)) − w_E p_k`` of
+the devices held at their cap give the derivative of the optimal value in ``T``:
+``d/dT [w_T T + V_U(T)] = w_T − Σ μ_k``, increasing in ``T`` because the problem is jointly
+convex in ``(b, T)``; :func:`optimise_round` finds its zero by Illinois regula falsi.
+
+Arrays are ``(S, K)``: S upload sets (rows, boolean masks) over the same K devices.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.allocation.fleet import (
+    BoolArray,
+    Fleet,
+    cap_inverse_bandwidth,
+    marginal_time_price,
+    preferred_inverse_bandwidth,
+)
+from server.allocation.radio import FloatArray
+
+logger = logging.getLogger(__name__)
+
+_MAX_PRICE_STEPS = 100
+"""Iteration cap of the Newton search for the bandwidth price (typically 4 to 8)."""
+
+_MAX_ROUND_STEPS = 200
+"""Iteration cap of the regula-falsi search for the round latency (typically 10 to 30)."""
+
+_ROUND_RTOL = 1e-10
+"""Relative width at which the round-latency bracket counts as converged."""
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Optimal bandwidth split of S upload sets at given round latencies."""
+
+    feasible: BoolArray
+    """(S,) the caps fit into the bandwidth."""
+    price: FloatArray
+    """(S,) λ, objective units per Hz."""
+    inverse_bandwidth: FloatArray
+    """(S, K) y = a/b of uploaders; ∞ for devices that do not upload."""
+    upload_s: FloatArray
+    """(S, K) upload time of uploaders, s; 0 for the others."""
+    latency_price: FloatArray
+    """(S, K) μ_k ≥ 0, objective units per second of round latency."""
+    slope: FloatArray
+    """(S,) d/dT of w_T T + V_U(T); −∞ where infeasible."""
+
+
+def split_bandwidth(fleet: Fleet, masks: BoolArray, round_s: FloatArray) -> Split:
+    """Solve the bandwidth subproblem of each upload set at its round latency.
+
+    Args:
+        fleet: Device arrays.
+        masks: (S, K) upload sets.
+        round_s: (S,) round latency of each set, s (``inf`` leaves only the energy caps).
+
+    Returns:
+        The split; rows whose caps exceed the bandwidth are marked infeasible.
+    """
+    s_rows, k = masks.shape
+    cap_s = fleet.upload_cap_s(round_s[:, None])
+    reachable = cap_s > fleet.t_min_s
+    ok_rows = ~np.any(masks & ~reachable, axis=1)
+    y_cap = np.full((s_rows, k), np.inf)
+    y_cap[ok_rows] = np.where(
+        masks[ok_rows],
+        cap_inverse_bandwidth(fleet, cap_s[ok_rows], reachable[ok_rows] & masks[ok_rows]),
+        np.inf,
+    )
+    floor_hz = np.where(masks, fleet.a_hz / y_cap, 0.0).sum(axis=1)
+    feasible = ok_rows & (floor_hz < fleet.bandwidth_hz)
+    price = np.full(s_rows, np.nan)
+    y_all = np.full((s_rows, k), np.inf)
+    mu = np.zeros((s_rows, k))
+    slope = np.full(s_rows, -np.inf)
+    price[feasible] = 0.0
+    slope[feasible] = fleet.weight_latency
+    rows = np.flatnonzero(feasible & masks.any(axis=1))
+    if rows.size:
+        m = masks[rows]
+        lam, y = _solve_price(fleet, m, y_cap[rows])
+        price[rows] = lam
+        y_all[rows] = y
+        held = m & (y >= y_cap[rows]) & np.isfinite(y_cap[rows])
+        by_latency = held & (round_s[rows, None] - fleet.encode_s < fleet.budget_upload_s)
+        y_safe = np.where(by_latency, y, 1.0)
+        mu_rows = np.where(
+            by_latency,
+            lam[:, None] * marginal_time_price(fleet, y_safe) - fleet.weight_energy * fleet.power_w,
+            0.0,
+        )
+        mu[rows] = np.maximum(mu_rows, 0.0)
+        slope[rows] = fleet.weight_latency - mu[rows].sum(axis=1)
+    upload_s = np.where(np.isfinite(y_all), fleet.upload_time_s(np.where(masks, y_all, 1.0)), 0.0)
+    return Split(
+        feasible=feasible,
+        price=price,
+        inverse_bandwidth=y_all,
+        upload_s=np.where(masks & feasible[:, None], upload_s, 0.0),
+        latency_price=mu,
+        slope=slope,
+    )
+
+
+def _solve_price(fleet: Fleet, masks: BoolArray, y_cap: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Find λ per row with Σ_k max(L_k, b̂_k(λ)) = B; return λ and the y = a/b of uploaders."""
+    bandwidth = fleet.bandwidth_hz
+    omega = fleet.weight_energy * fleet.power_w
+    # ψ(y) ≈ y²/2 overestimates b̂ (ψ ≥ y²/2 fails only where ψ is smaller), a left start.
+    root = np.where(masks, np.sqrt(fleet.a_hz * omega * fleet.t_min_s / 2.0), 0.0).sum(axis=1)
+    x = 2.0 * np.log(root / bandwidth)
+    lo = np.full_like(x, -np.inf)
+    hi = np.full_like(x, np.inf)
+    warm: tuple[FloatArray, FloatArray, FloatArray] | None = None
+    y = y_cap
+    for _ in range(_MAX_PRICE_STEPS):
+        warm = preferred_inverse_bandwidth(fleet, np.exp(x)[:, None], omega, warm)
+        _, y_hat, psi_slope = warm
+        y = np.where(masks, np.minimum(y_cap, y_hat), np.inf)
+        total = np.where(masks, fleet.a_hz / y, 0.0).sum(axis=1)
+        g = np.log(total / bandwidth)
+        if np.all(np.abs(g) <= 1e-14):
+            break
+        free = masks & (y_hat < y_cap)
+        dg = -np.where(free, fleet.a_hz / (y_hat * psi_slope), 0.0).sum(axis=1) / total
+        lo = np.where(g > 0, x, lo)
+        hi = np.where(g < 0, x, hi)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            newton = x - g / dg
+        inside = np.isfinite(newton) & (newton > lo) & (newton < hi)
+        bracketed = np.isfinite(lo) & np.isfinite(hi)
+        fallback = np.where(bracketed, 0.5 * (lo + hi), np.where(g > 0, x + 4.0, x - 4.0))
+        x = np.where(g == 0, x, np.where(inside, newton, fallback))
+        if np.all(bracketed & (hi - lo <= 1e-14 * np.maximum(1.0, np.abs(x)))):
+            break
+    # Strict feasibility: shrink the free bandwidths if rounding left Σ b a hair above B.
+    b = np.where(masks, fleet.a_hz / y, 0.0)
+    held = masks & (y >= y_cap)
+    held_hz = np.where(held, b, 0.0).sum(axis=1)
+    free_hz = b.sum(axis=1) - held_hz
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shrink = np.where(free_hz > 0, (bandwidth - held_hz) / free_hz, 1.0)
+    shrink = np.minimum(shrink, 1.0)
+    y = np.where(held | ~masks, y, y / shrink[:, None])
+    return np.exp(x), y
+
+
+@dataclass(frozen=True, eq=False)
+class RoundPlan:
+    """Optimal round latency and split of S upload sets."""
+
+    round_s: FloatArray
+    """(S,) optimal round latency T*, s (``inf`` where infeasible)."""
+    split: Split
+    """The bandwidth split at ``round_s``."""
+
+
+def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
+    """Minimise ``w_T T + V_U(T)`` over ``T`` for each upload set (exactly; convex in T).
+
+    Non-uploaders pin ``T ≥ max T^ft``; uploaders need ``T > T^c + t_min``. The upper end of the
+    bracket is the latency the split reaches without latency caps, where the slope is ``w_T``.
+    """
+    s_rows = masks.shape[0]
+    floor_s = np.where(masks, 0.0, fleet.finetune_s).max(axis=1, initial=0.0)
+    inf_split = split_bandwidth(fleet, masks, np.full(s_rows, np.inf))
+    if fleet.weight_latency == 0.0:
+        return RoundPlan(round_s=np.full(s_rows, np.inf), split=inf_split)
+    reach_s = np.where(masks, fleet.encode_s + fleet.t_min_s, 0.0).max(axis=1, initial=0.0)
+    free_s = np.where(masks, fleet.encode_s + inf_split.upload_s, 0.0).max(axis=1, initial=0.0)
+    lo = np.maximum(floor_s, reach_s)
+    hi = np.maximum(floor_s, free_s)
+    f_hi = np.full(s_rows, fleet.weight_latency)
+    f_lo = np.full(s_rows, -np.inf)
+    active = inf_split.feasible & (hi > lo)
+    # At lo = max T^ft (above the uploaders' reach) the slope may already be >= 0: a kink.
+    at_floor = active & (floor_s > reach_s)
+    if at_floor.any():
+        rows = np.flatnonzero(at_floor)
+        probe = split_bandwidth(fleet, masks[rows], lo[rows])
+        f_lo[rows] = probe.slope
+        done = probe.feasible & (probe.slope >= 0)
+        hi[rows[done]] = lo[rows[done]]
+        active[rows[done]] = False
+    last_side = np.zeros(s_rows, dtype=np.int8)
+    steps = 0
+    while active.any() and steps < _MAX_ROUND_STEPS:
+        steps += 1
+        rows = np.flatnonzero(active)
+        a, b, fa, fb = lo[rows], hi[rows], f_lo[rows], f_hi[rows]
+        with np.errstate(invalid="ignore"):
+            secant = b - fb * (b - a) / (fb - fa)
+        use_secant = np.isfinite(fa) & np.isfinite(secant) & (secant > a) & (secant < b)
+        x = np.where(use_secant, secant, 0.5 * (a + b))
+        probe = split_bandwidth(fleet, masks[rows], x)
+        fx = np.where(probe.feasible, probe.slope, -np.inf)
+        right = fx >= 0
+        hi[rows] = np.where(right, x, b)
+        f_hi[rows] = np.where(right, fx, fb)
+        lo[rows] = np.where(right, a, x)
+        f_lo[rows] = np.where(right, fa, fx)
+        side = np.where(right, 1, -1).astype(np.int8)
+        # Illinois: halve the stale end's value when the same end moved twice in a row.
+        f_lo[rows] = np.where(right & (last_side[rows] == 1), 0.5 * f_lo[rows], f_lo[rows])
+        f_hi[rows] = np.where(~right & (last_side[rows] == -1), 0.5 * f_hi[rows], f_hi[rows])
+        last_side[rows] = side
+        width_ok = hi[rows] - lo[rows] <= _ROUND_RTOL * hi[rows]
+        flat = f_hi[rows] <= 1e-12 * fleet.weight_latency
+        active[rows] = ~(width_ok | flat)
+    logger.debug("round latency search: %d steps for %d sets", steps, s_rows)
+    round_s = np.where(inf_split.feasible, hi, np.inf)
+    final = split_bandwidth(fleet, masks, np.where(inf_split.feasible, hi, np.inf))
+    return RoundPlan(round_s=round_s, split=final)
