@@ -27,16 +27,22 @@ from server.allocation.fleet import (
     marginal_time_price,
     preferred_inverse_bandwidth,
 )
-from server.allocation.radio import FloatArray
+from server.allocation.radio import FloatArray, psi
 
 _MAX_PRICE_STEPS = 60
 """Iteration cap of the bracketing search over ln λ."""
 
-_PRICE_XTOL = 1e-6
+_PRICE_XTOL = 1e-5
 """Width of the ln λ bracket at which the dual counts as maximised."""
 
-_MAX_EXPANSIONS = 16
-"""Bracket expansions before giving up on a dual that grows without bound (T̄ infeasible)."""
+_MAX_STEP = 4.0
+"""Largest move in ln λ per step (a dual that keeps growing means T̄ is infeasible)."""
+
+_EXCESS_RTOL = 1e-6
+"""Supergradient, relative to B, at which the dual counts as maximised."""
+
+_MAX_RUNAWAY = 3
+"""Big steps up in ln λ taken while the caps alone exceed B before stopping."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +59,8 @@ class DualPoint:
     """(K,) devices that upload in the relaxed solution (reaching N_min when possible)."""
     excess_hz: float
     """Σ_{uploaders} b_k − B: a supergradient of D in λ."""
+    excess_slope: float
+    """d excess / d ln λ with the upload set held fixed (≤ 0), Hz."""
 
 
 class Relaxation:
@@ -123,11 +131,21 @@ class Relaxation:
             mu = mu * (fleet.weight_latency / total)
         return mu
 
+    def release_price(self, uploads: BoolArray) -> float:
+        """Largest λ at which some uploader in ``uploads`` is not held at its cap."""
+        fleet = self._fleet
+        y = np.where(uploads & np.isfinite(self._y_cap), self._y_cap, np.nan)
+        if np.all(np.isnan(y)):
+            return float(np.exp(-700.0))
+        y_safe = np.where(np.isnan(y), 1.0, y)
+        lam = self._omega * fleet.t_min_s * psi(y_safe) / fleet.a_hz
+        return float(np.nanmax(np.where(np.isnan(y), np.nan, lam)))
+
     def evaluate(self, price: float) -> DualPoint:
         """Evaluate D at ``λ = price`` with the best ``ν`` for it."""
         fleet = self._fleet
         if self._infeasible:
-            return DualPoint(np.inf, price, 0.0, np.zeros(fleet.size, dtype=bool), 0.0)
+            return DualPoint(np.inf, price, 0.0, np.zeros(fleet.size, dtype=bool), 0.0, 0.0)
         y = self.upload_inverse_bandwidth(price)
         y_safe = np.where(self._up_ok, y, 1.0)
         t = fleet.upload_time_s(y_safe)
@@ -150,55 +168,56 @@ class Relaxation:
             cum = covered + np.cumsum(n[order])
             j = int(np.searchsorted(cum, need))
             if j >= order.size:
-                return DualPoint(np.inf, price, np.inf, uploads, 0.0)
+                return DualPoint(np.inf, price, np.inf, uploads, 0.0, 0.0)
             nu = float(premium[order[j]])
             uploads = base.copy()
             uploads[order[: j + 1]] = True
         per_device = np.minimum(skip, up_cost - nu * n)
         value = self._constant - price * fleet.bandwidth_hz + nu * need + float(per_device.sum())
         excess = float(b[uploads].sum()) - fleet.bandwidth_hz
-        return DualPoint(value, price, nu, uploads, excess)
+        assert self._warm is not None
+        _, y_hat, psi_slope = self._warm
+        free = uploads & (y_hat < self._y_cap)
+        slope = -float((b[free] / psi_slope[free]).sum())
+        return DualPoint(value, price, nu, uploads, excess, slope)
 
     def maximise(self, start_price: float) -> DualPoint:
         """Maximise D over ``λ`` from ``start_price``; return the best point evaluated.
 
-        Regula falsi (Illinois) on the supergradient in ``ln λ``; D is concave, so the bracket
-        closes on the maximiser. Any evaluated point is a valid bound; the best one is returned.
+        Safeguarded Newton on the supergradient in ``ln λ`` (its derivative holds the upload
+        set fixed), inside a bracket that only shrinks; D is concave, so the bracket closes on
+        the maximiser. Any evaluated point is a valid bound; the best one is returned.
         """
         x = float(np.log(start_price))
-        first = self.evaluate(start_price)
-        best = first
-        if not np.isfinite(first.value):
-            return first
-        lo_x, lo_f = (x, first.excess_hz) if first.excess_hz > 0 else (-np.inf, 0.0)
-        hi_x, hi_f = (x, first.excess_hz) if first.excess_hz <= 0 else (np.inf, 0.0)
-        step = 0.25
-        expansions = 0
-        last = 0
+        point = self.evaluate(start_price)
+        best = point
+        lo, hi = -np.inf, np.inf
+        runaway = 0
+        tolerance_hz = _EXCESS_RTOL * self._fleet.bandwidth_hz
         for _ in range(_MAX_PRICE_STEPS):
-            if np.isfinite(lo_x) and np.isfinite(hi_x):
-                if hi_x - lo_x <= _PRICE_XTOL:
-                    break
-                t = lo_x - lo_f * (hi_x - lo_x) / (hi_f - lo_f) if hi_f != lo_f else 0.5 * (lo_x + hi_x)
-                if not lo_x < t < hi_x:
-                    t = 0.5 * (lo_x + hi_x)
-            elif expansions >= _MAX_EXPANSIONS:
+            if not np.isfinite(point.value) or abs(point.excess_hz) <= tolerance_hz:
                 break
+            if point.excess_hz > 0:
+                lo = x
             else:
-                t = lo_x + step if np.isfinite(lo_x) else hi_x - step
-                step = min(2.0 * step, 8.0)
-                expansions += 1
-            point = self.evaluate(float(np.exp(t)))
+                hi = x
+            if hi - lo <= _PRICE_XTOL:
+                break
+            newton = x - point.excess_hz / point.excess_slope if point.excess_slope < 0 else np.nan
+            if lo < newton < hi:
+                x = float(np.clip(newton, x - _MAX_STEP, x + _MAX_STEP))
+            elif np.isfinite(lo) and np.isfinite(hi):
+                x = 0.5 * (lo + hi)
+            elif point.excess_hz < 0:
+                # Every uploader sits at its cap: jump to the price where the first one frees.
+                x = min(x - _MAX_STEP, float(np.log(self.release_price(point.uploads))))
+            else:
+                # Caps alone exceed B: D grows linearly in λ; big steps, then stop (D is huge).
+                runaway += 1
+                if runaway > _MAX_RUNAWAY:
+                    break
+                x = x + 4.0 * _MAX_STEP
+            point = self.evaluate(float(np.exp(x)))
             if point.value > best.value:
                 best = point
-            if point.excess_hz > 0:
-                if last == 1 and np.isfinite(hi_x):
-                    hi_f *= 0.5
-                lo_x, lo_f, last = t, point.excess_hz, 1
-            else:
-                if last == -1 and np.isfinite(lo_x):
-                    lo_f *= 0.5
-                hi_x, hi_f, last = t, point.excess_hz, -1
-            if point.excess_hz == 0.0:
-                break
         return best

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 EXACT_MAX_DEVICES = 12
 """Up to this many devices every upload set is enumerated and the plan is exactly optimal."""
 
-TARGET_GAP = 1e-4
+TARGET_GAP = 4e-4
 """Relative gap at which the latency branch-and-bound stops."""
 
 MAX_LATENCY_POINTS = 60
@@ -255,12 +255,12 @@ class _LatencySearch:
         self.intervals: list[_Interval] = []
         self.evaluations = 0
 
-    def consider(self, uploads: BoolArray, cap_s: float) -> None:
+    def consider(self, uploads: BoolArray, cap_s: float, price: float | None = None) -> None:
         """Split the bandwidth for ``uploads`` at latency ``cap_s``; keep it if it is the best."""
         fleet = self._fleet
         if uploads.astype(np.float64) @ fleet.samples < fleet.min_samples:
             return
-        sp = split_bandwidth(fleet, uploads[None], np.array([cap_s]))
+        sp = split_bandwidth(fleet, uploads[None], np.array([cap_s]), price)
         if not sp.feasible[0]:
             return
         value = float(_objectives(fleet, uploads[None], sp.upload_s)[0])
@@ -273,8 +273,9 @@ class _LatencySearch:
         dual = relaxation.maximise(start_price)
         self.evaluations += 1
         self._points[cap_s] = (relaxation, dual)
-        if np.isfinite(dual.value):
-            self.consider(dual.uploads, cap_s)
+        estimate = dual.value + self._fleet.weight_latency * cap_s
+        if self.incumbent is None or estimate < self.incumbent.objective:
+            self.consider(dual.uploads, cap_s, dual.price)
         return dual
 
     def _price_near(self, cap_s: float) -> float:
@@ -298,6 +299,12 @@ class _LatencySearch:
         self.evaluations += 1
         return priced.maximise(self._price_near(interval.right_s)).value
 
+    def _cut(self, interval: _Interval) -> float:
+        """Split point: the middle, or past the right end of the unbounded last interval."""
+        if np.isfinite(interval.right_s):
+            return 0.5 * (interval.left_s + interval.right_s)
+        return 2.0 * interval.left_s - self.floor_s
+
     def run(self, free: DualPoint, target_gap: float) -> float:
         """Refine until the gap closes or the budget of points is spent; return the bound."""
         fleet = self._fleet
@@ -314,6 +321,14 @@ class _LatencySearch:
         while self.evaluations < MAX_LATENCY_POINTS:
             worst = min(self.intervals, key=lambda iv: iv.bound)
             best = self.incumbent.objective
+            logger.debug(
+                "latency [%.6g, %.6g] bound %.9g (refined %s), best %.9g",
+                worst.left_s,
+                worst.right_s,
+                worst.bound,
+                worst.refined,
+                best,
+            )
             if best - worst.bound <= target_gap * best:
                 break
             if not worst.refined:
@@ -321,11 +336,8 @@ class _LatencySearch:
                 worst.bound = max(worst.bound, self.priced_bound(worst))
                 continue
             self.intervals.remove(worst)
-            if np.isfinite(worst.right_s):
-                mid = 0.5 * (worst.left_s + worst.right_s)
-            else:
-                mid = 2.0 * worst.left_s - self.floor_s
-            for lo, hi in ((worst.left_s, mid), (mid, worst.right_s)):
+            edges = [worst.left_s, self._cut(worst), worst.right_s]
+            for lo, hi in zip(edges, edges[1:], strict=False):
                 self.intervals.append(_Interval(lo, hi, self.plain_bound(lo, hi)))
         logger.debug("latency search: %d relaxations, %d intervals", self.evaluations, len(self.intervals))
         return min(iv.bound for iv in self.intervals)
@@ -341,7 +353,7 @@ def _branch_and_bound(
             f"coverage and bandwidth: min_samples={problem.cell.min_samples} cannot be reached "
             f"within bandwidth_hz={fleet.bandwidth_hz:.6g} and the energy budgets"
         )
-    search.consider(free.uploads, np.inf)
+    search.consider(free.uploads, np.inf, free.price)
     if search.incumbent is None:
         raise InfeasibleAllocationError(
             f"coverage and bandwidth: no upload set found that reaches min_samples="

@@ -61,13 +61,17 @@ class Split:
     """(S,) d/dT of w_T T + V_U(T); −∞ where infeasible."""
 
 
-def split_bandwidth(fleet: Fleet, masks: BoolArray, round_s: FloatArray) -> Split:
+def split_bandwidth(
+    fleet: Fleet, masks: BoolArray, round_s: FloatArray, price_guess: float | None = None
+) -> Split:
     """Solve the bandwidth subproblem of each upload set at its round latency.
 
     Args:
         fleet: Device arrays.
         masks: (S, K) upload sets.
         round_s: (S,) round latency of each set, s (``inf`` leaves only the energy caps).
+        price_guess: A bandwidth price λ close to the answer (e.g. from a relaxation), to start
+            the Newton search from.
 
     Returns:
         The split; rows whose caps exceed the bandwidth are marked infeasible.
@@ -93,7 +97,7 @@ def split_bandwidth(fleet: Fleet, masks: BoolArray, round_s: FloatArray) -> Spli
     rows = np.flatnonzero(feasible & masks.any(axis=1))
     if rows.size:
         m = masks[rows]
-        lam, y = _solve_price(fleet, m, y_cap[rows])
+        lam, y = _solve_price(fleet, m, y_cap[rows], price_guess)
         price[rows] = lam
         y_all[rows] = y
         held = m & (y >= y_cap[rows]) & np.isfinite(y_cap[rows])
@@ -117,13 +121,18 @@ def split_bandwidth(fleet: Fleet, masks: BoolArray, round_s: FloatArray) -> Spli
     )
 
 
-def _solve_price(fleet: Fleet, masks: BoolArray, y_cap: FloatArray) -> tuple[FloatArray, FloatArray]:
+def _solve_price(
+    fleet: Fleet, masks: BoolArray, y_cap: FloatArray, price_guess: float | None
+) -> tuple[FloatArray, FloatArray]:
     """Find λ per row with Σ_k max(L_k, b̂_k(λ)) = B; return λ and the y = a/b of uploaders."""
     bandwidth = fleet.bandwidth_hz
     omega = fleet.weight_energy * fleet.power_w
-    # ψ(y) ≈ y²/2 overestimates b̂ (ψ ≥ y²/2 fails only where ψ is smaller), a left start.
-    root = np.where(masks, np.sqrt(fleet.a_hz * omega * fleet.t_min_s / 2.0), 0.0).sum(axis=1)
-    x = 2.0 * np.log(root / bandwidth)
+    if price_guess is None:
+        # From ψ(y) ≈ y²/2 (low SNR): Σ b̂ ≈ Σ sqrt(a ω t_min / 2λ) = B.
+        root = np.where(masks, np.sqrt(fleet.a_hz * omega * fleet.t_min_s / 2.0), 0.0)
+        x = 2.0 * np.log(root.sum(axis=1) / bandwidth)
+    else:
+        x = np.full(masks.shape[0], np.log(price_guess))
     lo = np.full_like(x, -np.inf)
     hi = np.full_like(x, np.inf)
     warm: tuple[FloatArray, FloatArray, FloatArray] | None = None
