@@ -169,7 +169,7 @@ class AllocationProblem:
             if bad.any():
                 row = int(np.argmax(bad))
                 raise AllocationError(
-                    f"device {self.ids[row]!r} (row {row + 1}): {name} must be {rule.expected}, "
+                    f"device {self.ids[row]!r} (data row {row + 1}): {name} must be {rule.expected}, "
                     f"got {col[row]!r}"
                 )
             col.setflags(write=False)
