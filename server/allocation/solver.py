@@ -21,10 +21,10 @@ import numpy as np
 from common.errors import InfeasibleAllocationError
 from server.allocation.fleet import BoolArray, Fleet, cap_inverse_bandwidth, preferred_inverse_bandwidth
 from server.allocation.problem import AllocationProblem
-from server.allocation.radio import FloatArray
+from server.allocation.radio import FloatArray, psi
 from server.allocation.relax import DualPoint, Relaxation
 from server.allocation.result import AllocationPlan
-from server.allocation.split import Split, optimise_round, split_bandwidth
+from server.allocation.split import RoundPlan, Split, optimise_round, split_bandwidth
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,18 @@ class _Choice:
     objective: float
 
 
-def solve(problem: AllocationProblem, *, target_gap: float = TARGET_GAP) -> AllocationPlan:
+def solve(
+    problem: AllocationProblem,
+    *,
+    target_gap: float = TARGET_GAP,
+    exact_up_to: int = EXACT_MAX_DEVICES,
+) -> AllocationPlan:
     """Find a feasible plan and a lower bound on the optimum.
 
     Args:
         problem: Devices and cell.
         target_gap: Relative gap at which the search over the round latency stops (K > 12).
+        exact_up_to: Enumerate upload sets up to this many devices (at most 16: 2^K sets).
 
     Returns:
         The plan; exact (gap at float precision) when K ≤ ``EXACT_MAX_DEVICES``.
@@ -70,7 +76,7 @@ def solve(problem: AllocationProblem, *, target_gap: float = TARGET_GAP) -> Allo
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         fleet = Fleet.from_problem(problem)
         _check_feasible(problem, fleet)
-        if fleet.size <= EXACT_MAX_DEVICES:
+        if fleet.size <= min(exact_up_to, 16):
             choice, bound = _enumerate(problem, fleet)
             method = "enumeration"
         else:
@@ -152,33 +158,67 @@ def _objectives(fleet: Fleet, masks: BoolArray, upload_s: FloatArray) -> FloatAr
     return fleet.weight_energy * energy.sum(axis=-1) + fleet.weight_latency * latency.max(axis=-1)
 
 
-def _choose(fleet: Fleet, masks: BoolArray) -> tuple[_Choice | None, FloatArray, Split]:
-    """Optimise the round latency of each set; return the best set, all values and splits."""
-    split = optimise_round(fleet, masks).split
+def _choose(fleet: Fleet, masks: BoolArray) -> tuple[_Choice | None, FloatArray, RoundPlan]:
+    """Optimise the round latency of each set; return the best set, all values and rounds."""
+    rounds = optimise_round(fleet, masks)
+    split = rounds.split
     values = np.where(split.feasible, _objectives(fleet, masks, split.upload_s), np.inf)
     best = int(np.argmin(values))
     if not np.isfinite(values[best]):
-        return None, values, split
+        return None, values, rounds
     choice = _Choice(
         uploads=masks[best],
         upload_s=split.upload_s[best],
         inverse_bandwidth=split.inverse_bandwidth[best],
         objective=float(values[best]),
     )
-    return choice, values, split
+    return choice, values, rounds
 
 
-def _set_bounds(fleet: Fleet, masks: BoolArray, price: FloatArray, mu: FloatArray) -> FloatArray:
-    """Lagrangian lower bound of each fixed upload set at prices λ (S,) and μ (S, K).
+def _consistent_prices(
+    fleet: Fleet, price: FloatArray, mu: FloatArray, y: FloatArray
+) -> tuple[FloatArray, FloatArray]:
+    """Lower λ where the latency prices of a split exceed ``w_T`` (T* at the bandwidth limit).
+
+    When every uploader sits at its cap, λ is not pinned by the split; the dual wants the λ at
+    which the held devices' prices ``μ_k = λ a/(t_min ψ(y_k)) − w_E p_k`` sum to ``w_T``.
+    Bisection per set (the sum is increasing and piecewise linear in λ).
+    """
+    w_t = fleet.weight_latency
+    held = mu > 0
+    c = np.where(held, fleet.a_hz / (fleet.t_min_s * psi(np.where(held, y, 1.0))), 0.0)
+    omega = fleet.weight_energy * fleet.power_w
+
+    def total(lam: FloatArray) -> FloatArray:
+        return np.where(held, np.maximum(lam[:, None] * c - omega, 0.0), 0.0).sum(axis=1)
+
+    over = total(price) > w_t
+    lo, hi = np.zeros_like(price), price.copy()
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        high = total(mid) > w_t
+        hi = np.where(high, mid, hi)
+        lo = np.where(high, lo, mid)
+    lam = np.where(over, lo, price)
+    mu_new = np.where(held, np.maximum(lam[:, None] * c - omega, 0.0), 0.0)
+    return lam, np.where(over[:, None], mu_new, mu)
+
+
+def _set_bounds(
+    fleet: Fleet, masks: BoolArray, split: Split, floor_s: FloatArray
+) -> FloatArray:
+    """Lagrangian lower bound of each fixed upload set at the prices of its optimal split.
 
     With Σ b ≤ B priced at λ and each uploader's τ_k ≤ T at μ_k (Σ μ ≤ w_T), keeping the budgets
-    and T ≥ max T^ft of the non-uploaders, the Lagrangian separates per device (see module doc).
+    and ``T ≥ floor_s`` (S,) (a latency every feasible plan of the set exceeds) as hard
+    constraints, the Lagrangian separates per device (docs/allocation.md).
     """
     w_e, w_t = fleet.weight_energy, fleet.weight_latency
+    price = np.where(np.isfinite(split.price) & (split.price > 0), split.price, 0.0)
+    lam, mu = _consistent_prices(fleet, price, split.latency_price, split.inverse_bandwidth)
     total = mu.sum(axis=1)
     scale = np.where(total > w_t, w_t / np.where(total > 0, total, 1.0), 1.0)
     mu = mu * scale[:, None]
-    lam = np.where(np.isfinite(price) & (price > 0), price, 0.0)
     omega = w_e * fleet.power_w + mu
     y_e = cap_inverse_bandwidth(fleet, fleet.budget_upload_s, fleet.can_upload)
     positive = lam > 0
@@ -192,7 +232,6 @@ def _set_bounds(fleet: Fleet, masks: BoolArray, price: FloatArray, mu: FloatArra
     up_cost = w_e * (fleet.encode_j + fleet.power_w * t) + mu * (fleet.encode_s + t)
     up_cost = up_cost + lam[:, None] * np.where(np.isfinite(y), fleet.a_hz / y, 0.0)
     per_device = np.where(masks, up_cost, w_e * fleet.finetune_j)
-    floor_s = np.where(masks, 0.0, fleet.finetune_s).max(axis=1, initial=0.0)
     bound: FloatArray = (
         per_device.sum(axis=1) - lam * fleet.bandwidth_hz + (w_t - mu.sum(axis=1)) * floor_s
     )
@@ -210,7 +249,7 @@ def _enumerate(problem: AllocationProblem, fleet: Fleet) -> tuple[_Choice, float
     )
     masks = masks[admissible]
     logger.debug("enumerating %d admissible upload sets of %d devices", masks.shape[0], k)
-    choice, values, split = _choose(fleet, masks)
+    choice, values, rounds = _choose(fleet, masks)
     if choice is None:
         raise InfeasibleAllocationError(
             f"coverage and bandwidth: no upload set reaching min_samples="
@@ -219,7 +258,7 @@ def _enumerate(problem: AllocationProblem, fleet: Fleet) -> tuple[_Choice, float
         )
     feasible = np.isfinite(values)
     bounds = _set_bounds(
-        fleet, masks[feasible], split.price[feasible], split.latency_price[feasible]
+        fleet, masks[feasible], rounds.split.select(feasible), rounds.proven_floor_s[feasible]
     )
     return choice, min(float(bounds.min()), choice.objective)
 

@@ -60,6 +60,17 @@ class Split:
     slope: FloatArray
     """(S,) d/dT of w_T T + V_U(T); −∞ where infeasible."""
 
+    def select(self, rows: BoolArray) -> Split:
+        """Return the split of the sets where ``rows`` is true."""
+        return Split(
+            feasible=self.feasible[rows],
+            price=self.price[rows],
+            inverse_bandwidth=self.inverse_bandwidth[rows],
+            upload_s=self.upload_s[rows],
+            latency_price=self.latency_price[rows],
+            slope=self.slope[rows],
+        )
+
 
 def split_bandwidth(
     fleet: Fleet, masks: BoolArray, round_s: FloatArray, price_guess: float | None = None
@@ -175,6 +186,9 @@ class RoundPlan:
 
     round_s: FloatArray
     """(S,) optimal round latency T*, s (``inf`` where infeasible)."""
+    proven_floor_s: FloatArray
+    """(S,) a latency every feasible plan of the set exceeds (max T^ft of non-uploaders, the
+    uploaders' reach, and every probe found infeasible), s."""
     split: Split
     """The bandwidth split at ``round_s``."""
 
@@ -189,11 +203,15 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
     floor_s = np.where(masks, 0.0, fleet.finetune_s).max(axis=1, initial=0.0)
     inf_split = split_bandwidth(fleet, masks, np.full(s_rows, np.inf))
     if fleet.weight_latency == 0.0:
-        return RoundPlan(round_s=np.full(s_rows, np.inf), split=inf_split)
+        return RoundPlan(
+            round_s=np.full(s_rows, np.inf), proven_floor_s=floor_s, split=inf_split
+        )
     reach_s = np.where(masks, fleet.encode_s + fleet.t_min_s, 0.0).max(axis=1, initial=0.0)
     free_s = np.where(masks, fleet.encode_s + inf_split.upload_s, 0.0).max(axis=1, initial=0.0)
     lo = np.maximum(floor_s, reach_s)
-    hi = np.maximum(floor_s, free_s)
+    proven = lo.copy()
+    # Just above the uncapped latency, so that rounding cannot make its caps exceed B.
+    hi = np.maximum(floor_s, free_s * (1.0 + _ROUND_RTOL))
     f_hi = np.full(s_rows, fleet.weight_latency)
     f_lo = np.full(s_rows, -np.inf)
     active = inf_split.feasible & (hi > lo)
@@ -218,6 +236,7 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
         x = np.where(use_secant, secant, 0.5 * (a + b))
         probe = split_bandwidth(fleet, masks[rows], x)
         fx = np.where(probe.feasible, probe.slope, -np.inf)
+        proven[rows] = np.where(probe.feasible, proven[rows], np.maximum(proven[rows], x))
         right = fx >= 0
         hi[rows] = np.where(right, x, b)
         f_hi[rows] = np.where(right, fx, fb)
@@ -234,4 +253,4 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
     logger.debug("round latency search: %d steps for %d sets", steps, s_rows)
     round_s = np.where(inf_split.feasible, hi, np.inf)
     final = split_bandwidth(fleet, masks, np.where(inf_split.feasible, hi, np.inf))
-    return RoundPlan(round_s=round_s, split=final)
+    return RoundPlan(round_s=round_s, proven_floor_s=proven, split=final)
