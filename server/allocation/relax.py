@@ -38,8 +38,8 @@ _PRICE_XTOL = 1e-5
 _MAX_STEP = 4.0
 """Largest move in ln λ per step (a dual that keeps growing means T̄ is infeasible)."""
 
-_EXCESS_RTOL = 1e-6
-"""Supergradient, relative to B, at which the dual counts as maximised."""
+_EXCESS_RTOL = 1e-7
+"""Slope ``dD/d ln λ``, relative to ``|D|``, at which the dual counts as maximised."""
 
 _MAX_RUNAWAY = 3
 """Big steps up in ln λ taken while the caps alone exceed B before stopping."""
@@ -162,6 +162,7 @@ class Relaxation:
         covered = float(n[base].sum())
         nu = 0.0
         uploads = base
+        excess = float(b[base].sum()) - fleet.bandwidth_hz
         if covered < need:
             cand = np.flatnonzero((premium > 0.0) & np.isfinite(premium))
             order = cand[np.argsort(premium[cand], kind="stable")]
@@ -169,12 +170,15 @@ class Relaxation:
             j = int(np.searchsorted(cum, need))
             if j >= order.size:
                 return DualPoint(np.inf, price, np.inf, uploads, 0.0, 0.0)
-            nu = float(premium[order[j]])
+            marginal = order[j]
+            nu = float(premium[marginal])
             uploads = base.copy()
             uploads[order[: j + 1]] = True
+            # The marginal device covers the rest fractionally: D's slope in λ counts that share.
+            share = (need - (float(cum[j - 1]) if j > 0 else covered)) / float(n[marginal])
+            excess += float(b[order[:j]].sum()) + share * float(b[marginal])
         per_device = np.minimum(skip, up_cost - nu * n)
         value = self._constant - price * fleet.bandwidth_hz + nu * need + float(per_device.sum())
-        excess = float(b[uploads].sum()) - fleet.bandwidth_hz
         assert self._warm is not None
         _, y_hat, psi_slope = self._warm
         free = uploads & (y_hat < self._y_cap)
@@ -193,9 +197,11 @@ class Relaxation:
         best = point
         lo, hi = -np.inf, np.inf
         runaway = 0
-        tolerance_hz = _EXCESS_RTOL * self._fleet.bandwidth_hz
         for _ in range(_MAX_PRICE_STEPS):
-            if not np.isfinite(point.value) or abs(point.excess_hz) <= tolerance_hz:
+            # dD/d ln λ = λ · excess: stop where it is negligible against D itself.
+            if not np.isfinite(point.value) or (
+                abs(point.price * point.excess_hz) <= _EXCESS_RTOL * abs(point.value)
+            ):
                 break
             if point.excess_hz > 0:
                 lo = x

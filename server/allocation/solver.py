@@ -24,7 +24,7 @@ from server.allocation.problem import AllocationProblem
 from server.allocation.radio import FloatArray, psi
 from server.allocation.relax import DualPoint, Relaxation
 from server.allocation.result import AllocationPlan
-from server.allocation.split import RoundPlan, Split, optimise_round, split_bandwidth
+from server.allocation.split import RoundPlan, optimise_round, split_bandwidth
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ TARGET_GAP = 4e-4
 
 MAX_LATENCY_POINTS = 60
 """Most round-latency caps the branch-and-bound evaluates."""
+
+_MIN_WIDTH = 1e-9
+"""Relative width below which a latency interval is not split further."""
 
 _NAMED = 8
 """Device ids quoted in an infeasibility message before '... and N more'."""
@@ -192,7 +195,7 @@ def _consistent_prices(
     def total(lam: FloatArray) -> FloatArray:
         return np.where(held, np.maximum(lam[:, None] * c - omega, 0.0), 0.0).sum(axis=1)
 
-    over = total(price) > w_t
+    over = mu.sum(axis=1) > w_t * (1.0 + 1e-12)
     lo, hi = np.zeros_like(price), price.copy()
     for _ in range(80):
         mid = 0.5 * (lo + hi)
@@ -204,18 +207,18 @@ def _consistent_prices(
     return lam, np.where(over[:, None], mu_new, mu)
 
 
-def _set_bounds(
-    fleet: Fleet, masks: BoolArray, split: Split, floor_s: FloatArray
-) -> FloatArray:
-    """Lagrangian lower bound of each fixed upload set at the prices of its optimal split.
+def _set_bounds(fleet: Fleet, masks: BoolArray, rounds: RoundPlan) -> FloatArray:
+    """Lagrangian lower bound of each fixed upload set at the prices of its optimum.
 
     With Σ b ≤ B priced at λ and each uploader's τ_k ≤ T at μ_k (Σ μ ≤ w_T), keeping the budgets
     and ``T ≥ floor_s`` (S,) (a latency every feasible plan of the set exceeds) as hard
     constraints, the Lagrangian separates per device (docs/allocation.md).
     """
     w_e, w_t = fleet.weight_energy, fleet.weight_latency
-    price = np.where(np.isfinite(split.price) & (split.price > 0), split.price, 0.0)
-    lam, mu = _consistent_prices(fleet, price, split.latency_price, split.inverse_bandwidth)
+    split = rounds.split
+    floor_s = rounds.proven_floor_s
+    price = np.where(np.isfinite(rounds.price) & (rounds.price > 0), rounds.price, 0.0)
+    lam, mu = _consistent_prices(fleet, price, rounds.latency_price, split.inverse_bandwidth)
     total = mu.sum(axis=1)
     scale = np.where(total > w_t, w_t / np.where(total > 0, total, 1.0), 1.0)
     mu = mu * scale[:, None]
@@ -257,9 +260,7 @@ def _enumerate(problem: AllocationProblem, fleet: Fleet) -> tuple[_Choice, float
             f"the energy budgets (devices {_names(problem, np.arange(k))})"
         )
     feasible = np.isfinite(values)
-    bounds = _set_bounds(
-        fleet, masks[feasible], rounds.split.select(feasible), rounds.proven_floor_s[feasible]
-    )
+    bounds = _set_bounds(fleet, masks[feasible], rounds.select(feasible))
     return choice, min(float(bounds.min()), choice.objective)
 
 
@@ -374,6 +375,8 @@ class _LatencySearch:
                 worst.refined = True
                 worst.bound = max(worst.bound, self.priced_bound(worst))
                 continue
+            if worst.right_s - worst.left_s <= _MIN_WIDTH * worst.right_s:
+                break
             self.intervals.remove(worst)
             edges = [worst.left_s, self._cut(worst), worst.right_s]
             for lo, hi in zip(edges, edges[1:], strict=False):

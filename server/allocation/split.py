@@ -191,6 +191,21 @@ class RoundPlan:
     uploaders' reach, and every probe found infeasible), s."""
     split: Split
     """The bandwidth split at ``round_s``."""
+    price: FloatArray
+    """(S,) λ of the optimality conditions at ``round_s`` (the split's, or at a kink a blend)."""
+    latency_price: FloatArray
+    """(S, K) μ of the optimality conditions; ``Σ μ = w_T`` unless ``T*`` sits on a constraint
+    that is kept hard in the bound (max T^ft, or the bandwidth limit)."""
+
+    def select(self, rows: BoolArray) -> RoundPlan:
+        """Return the plans of the sets where ``rows`` is true."""
+        return RoundPlan(
+            round_s=self.round_s[rows],
+            proven_floor_s=self.proven_floor_s[rows],
+            split=self.split.select(rows),
+            price=self.price[rows],
+            latency_price=self.latency_price[rows],
+        )
 
 
 def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
@@ -204,7 +219,11 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
     inf_split = split_bandwidth(fleet, masks, np.full(s_rows, np.inf))
     if fleet.weight_latency == 0.0:
         return RoundPlan(
-            round_s=np.full(s_rows, np.inf), proven_floor_s=floor_s, split=inf_split
+            round_s=np.full(s_rows, np.inf),
+            proven_floor_s=floor_s,
+            split=inf_split,
+            price=inf_split.price,
+            latency_price=inf_split.latency_price,
         )
     reach_s = np.where(masks, fleet.encode_s + fleet.t_min_s, 0.0).max(axis=1, initial=0.0)
     free_s = np.where(masks, fleet.encode_s + inf_split.upload_s, 0.0).max(axis=1, initial=0.0)
@@ -224,6 +243,8 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
         done = probe.feasible & (probe.slope >= 0)
         hi[rows[done]] = lo[rows[done]]
         active[rows[done]] = False
+    slope_hi = f_hi.copy()  # f_hi is damped by Illinois; this is the true slope at hi
+    slope_lo = f_lo.copy()
     last_side = np.zeros(s_rows, dtype=np.int8)
     steps = 0
     while active.any() and steps < _MAX_ROUND_STEPS:
@@ -240,6 +261,8 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
         right = fx >= 0
         hi[rows] = np.where(right, x, b)
         f_hi[rows] = np.where(right, fx, fb)
+        slope_hi[rows] = np.where(right, fx, slope_hi[rows])
+        slope_lo[rows] = np.where(right, slope_lo[rows], fx)
         lo[rows] = np.where(right, a, x)
         f_lo[rows] = np.where(right, fa, fx)
         side = np.where(right, 1, -1).astype(np.int8)
@@ -248,9 +271,23 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
         f_hi[rows] = np.where(~right & (last_side[rows] == -1), 0.5 * f_hi[rows], f_hi[rows])
         last_side[rows] = side
         width_ok = hi[rows] - lo[rows] <= _ROUND_RTOL * hi[rows]
-        flat = f_hi[rows] <= 1e-12 * fleet.weight_latency
+        flat = slope_hi[rows] <= 1e-12 * fleet.weight_latency
         active[rows] = ~(width_ok | flat)
     logger.debug("round latency search: %d steps for %d sets", steps, s_rows)
     round_s = np.where(inf_split.feasible, hi, np.inf)
     final = split_bandwidth(fleet, masks, np.where(inf_split.feasible, hi, np.inf))
-    return RoundPlan(round_s=round_s, proven_floor_s=proven, split=final)
+    price = final.price.copy()
+    mu = final.latency_price.copy()
+    # A kink (the slope jumps from < 0 to > 0, e.g. where an energy cap turns into a latency
+    # cap): blend the multipliers of both sides so that Σ μ = w_T, as optimality requires.
+    kink = np.flatnonzero(
+        np.isfinite(slope_lo) & (slope_lo < 0) & (slope_hi > 1e-12 * fleet.weight_latency)
+    )
+    if kink.size:
+        left = split_bandwidth(fleet, masks[kink], lo[kink])
+        theta = slope_hi[kink] / (slope_hi[kink] - slope_lo[kink])
+        price[kink] = theta * left.price + (1.0 - theta) * final.price[kink]
+        mu[kink] = theta[:, None] * left.latency_price + (1.0 - theta[:, None]) * mu[kink]
+    return RoundPlan(
+        round_s=round_s, proven_floor_s=proven, split=final, price=price, latency_price=mu
+    )
