@@ -1,7 +1,7 @@
 """``latentedge allocate``: solve a plan offline, or ``allocate generate`` a scenario.
 
     latentedge allocate --scenario scenario.toml --out plan.json [--plot plan.png]
-    latentedge allocate --devices devices.csv --bandwidth-hz B --noise-psd-w-per-hz N0 \\
+    latentedge allocate --devices devices.csv --bandwidth-hz B --noise-psd-w-per-hz N0
         --min-samples N --weight-energy WE --weight-latency WT --out plan.json
     latentedge allocate generate --devices N --seed S --out devices.csv [--scenario-out s.toml]
 
@@ -128,7 +128,9 @@ def _run_solve(args: argparse.Namespace) -> int:
     cell = cell_from_mapping(table, where)
     t0 = time.perf_counter()
     problem = read_devices_csv(devices_path, cell)
-    logger.info("read %d devices from %s in %.3fs", problem.size, devices_path, time.perf_counter() - t0)
+    logger.info(
+        "read %d devices from %s in %.3fs", problem.size, devices_path, time.perf_counter() - t0
+    )
     plan = solve(problem, target_gap=args.target_gap)
     write_plan_json(plan, args.out)
     sys.stdout.write(summary(plan) + f"  wrote {args.out}\n")

@@ -114,7 +114,11 @@ def plot_plan(
     if (~up).any():
         floor = float(bw[up].min()) / 3.0 if up.any() else 1.0
         ax_dev.scatter(
-            gain[~up], np.full(int((~up).sum()), floor), s=8, marker="x", color="tab:gray",
+            gain[~up],
+            np.full(int((~up).sum()), floor),
+            s=8,
+            marker="x",
+            color="tab:gray",
             label="fine-tune locally (b = 0, drawn at the bottom)",
         )
     ax_dev.set_xscale("log")

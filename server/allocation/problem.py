@@ -163,14 +163,16 @@ class AllocationProblem:
             if col.shape != (k,):
                 raise AllocationError(f"column {name} has shape {col.shape}; expected ({k},)")
             with np.errstate(invalid="ignore"):
-                bad = ~np.isfinite(col) | (col <= rule.minimum if rule.strict else col < rule.minimum)
+                bad = ~np.isfinite(col) | (
+                    col <= rule.minimum if rule.strict else col < rule.minimum
+                )
             if name == "samples":
                 bad |= col != np.round(col)
             if bad.any():
                 row = int(np.argmax(bad))
                 raise AllocationError(
-                    f"device {self.ids[row]!r} (data row {row + 1}): {name} must be {rule.expected}, "
-                    f"got {col[row]!r}"
+                    f"device {self.ids[row]!r} (data row {row + 1}): {name} must be "
+                    f"{rule.expected}, got {float(col[row])!r}"
                 )
             col.setflags(write=False)
             frozen[name] = col
@@ -205,8 +207,8 @@ class AllocationProblem:
         """Return the devices as :class:`Device` rows (slow for large K; for tests and tools)."""
         out = []
         for i, dev_id in enumerate(self.ids):
-            values = {name: float(self.columns[name][i]) for name in DEVICE_COLUMNS}
-            out.append(Device(id=dev_id, **{**values, "samples": int(values["samples"])}))
+            samples, *rest = (float(self.columns[name][i]) for name in DEVICE_COLUMNS)
+            out.append(Device(dev_id, int(samples), *rest))
         return tuple(out)
 
     def with_cell(self, **changes: float | int) -> AllocationProblem:

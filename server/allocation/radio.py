@@ -59,7 +59,8 @@ def curvature_term(y: FloatArray) -> FloatArray:
 def psi(y: FloatArray) -> FloatArray:
     """Return ``ψ(y) = y² D(y) / ln²(1 + y)``, increasing from 0 (``y → 0``) to ∞."""
     log1p = np.log1p(y)
-    return y * y * curvature_term(y) / (log1p * log1p)
+    out: FloatArray = y * y * curvature_term(y) / (log1p * log1p)
+    return out
 
 
 def phi_inverse(c: FloatArray) -> FloatArray:

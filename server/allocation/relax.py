@@ -105,7 +105,7 @@ class Relaxation:
     def _warm_at(self, price: float) -> FloatArray:
         """``ŷ`` at ``price``, Newton warm-started from the previous price."""
         self._warm = preferred_inverse_bandwidth(
-            self._fleet, np.float64(price), self._omega, self._warm
+            self._fleet, np.array([price]), self._omega, self._warm
         )
         return self._warm[1]
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import InfeasibleAllocationError
-from server.allocation.fleet import BoolArray, Fleet, cap_inverse_bandwidth, preferred_inverse_bandwidth
+from server.allocation.fleet import (
+    BoolArray,
+    Fleet,
+    cap_inverse_bandwidth,
+    preferred_inverse_bandwidth,
+)
 from server.allocation.problem import AllocationProblem
 from server.allocation.radio import FloatArray, psi
 from server.allocation.relax import DualPoint, Relaxation
@@ -85,7 +91,7 @@ def solve(
         else:
             choice, bound = _branch_and_bound(problem, fleet, target_gap)
             method = "lagrangian"
-        plan = _plan(problem, fleet, choice, bound, method, start)
+        plan = _plan(problem, fleet=fleet, choice=choice, bound=bound, method=method, start=start)
     logger.info(
         "allocation: K=%d objective=%.6g bound=%.6g gap=%.2e uploaders=%d T=%.4gs in %.3fs (%s)",
         fleet.size,
@@ -120,7 +126,11 @@ def _check_feasible(problem: AllocationProblem, fleet: Fleet) -> None:
     reachable = float(fleet.samples[up].sum())
     if reachable < fleet.min_samples:
         no_up = np.flatnonzero(~up)
-        who = f"; device(s) {_names(problem, no_up)} cannot upload within budget" if no_up.size else ""
+        who = (
+            f"; device(s) {_names(problem, no_up)} cannot upload within budget"
+            if no_up.size
+            else ""
+        )
         raise InfeasibleAllocationError(
             f"coverage: min_samples={problem.cell.min_samples} but all devices able to upload "
             f"hold only {int(reachable)} samples{who}"
@@ -158,7 +168,10 @@ def _check_feasible(problem: AllocationProblem, fleet: Fleet) -> None:
 def _objectives(fleet: Fleet, masks: BoolArray, upload_s: FloatArray) -> FloatArray:
     energy = np.where(masks, fleet.encode_j + fleet.power_w * upload_s, fleet.finetune_j)
     latency = np.where(masks, fleet.encode_s + upload_s, fleet.finetune_s)
-    return fleet.weight_energy * energy.sum(axis=-1) + fleet.weight_latency * latency.max(axis=-1)
+    out: FloatArray = fleet.weight_energy * energy.sum(axis=-1) + fleet.weight_latency * (
+        latency.max(axis=-1)
+    )
+    return out
 
 
 def _choose(fleet: Fleet, masks: BoolArray) -> tuple[_Choice | None, FloatArray, RoundPlan]:
@@ -193,7 +206,9 @@ def _consistent_prices(
     omega = fleet.weight_energy * fleet.power_w
 
     def total(lam: FloatArray) -> FloatArray:
-        return np.where(held, np.maximum(lam[:, None] * c - omega, 0.0), 0.0).sum(axis=1)
+        per_device = np.where(held, np.maximum(lam[:, None] * c - omega, 0.0), 0.0)
+        out: FloatArray = per_device.sum(axis=1)
+        return out
 
     over = mu.sum(axis=1) > w_t * (1.0 + 1e-12)
     lo, hi = np.zeros_like(price), price.copy()
@@ -227,9 +242,9 @@ def _set_bounds(fleet: Fleet, masks: BoolArray, rounds: RoundPlan) -> FloatArray
     positive = lam > 0
     y_hat = np.full(masks.shape, np.inf)
     if positive.any():
-        y_hat[positive] = preferred_inverse_bandwidth(
-            fleet, lam[positive, None], omega[positive]
-        )[1]
+        y_hat[positive] = preferred_inverse_bandwidth(fleet, lam[positive, None], omega[positive])[
+            1
+        ]
     y = np.where(masks, np.minimum(y_e, y_hat), 1.0)
     t = fleet.upload_time_s(y)
     up_cost = w_e * (fleet.encode_j + fleet.power_w * t) + mu * (fleet.encode_s + t)
@@ -356,7 +371,7 @@ class _LatencySearch:
         for cap in caps:
             self.relax(cap, self._price_near(cap))
         self.intervals = [
-            _Interval(lo, hi, self.plain_bound(lo, hi)) for lo, hi in zip(edges, edges[1:], strict=False)
+            _Interval(lo, hi, self.plain_bound(lo, hi)) for lo, hi in itertools.pairwise(edges)
         ]
         while self.evaluations < MAX_LATENCY_POINTS:
             worst = min(self.intervals, key=lambda iv: iv.bound)
@@ -379,9 +394,11 @@ class _LatencySearch:
                 break
             self.intervals.remove(worst)
             edges = [worst.left_s, self._cut(worst), worst.right_s]
-            for lo, hi in zip(edges, edges[1:], strict=False):
+            for lo, hi in itertools.pairwise(edges):
                 self.intervals.append(_Interval(lo, hi, self.plain_bound(lo, hi)))
-        logger.debug("latency search: %d relaxations, %d intervals", self.evaluations, len(self.intervals))
+        logger.debug(
+            "latency search: %d relaxations, %d intervals", self.evaluations, len(self.intervals)
+        )
         return min(iv.bound for iv in self.intervals)
 
 
@@ -422,6 +439,7 @@ def _polish(fleet: Fleet, choice: _Choice) -> _Choice:
 
 def _plan(
     problem: AllocationProblem,
+    *,
     fleet: Fleet,
     choice: _Choice,
     bound: float,
@@ -453,5 +471,3 @@ def _plan(
         latency_s=latency,
         method=method,
     )
-
-

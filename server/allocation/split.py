@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from server.allocation.fleet import (
     BoolArray,
@@ -208,6 +209,48 @@ class RoundPlan:
         )
 
 
+@dataclass(eq=False)
+class _Bracket:
+    """Per-set state of the regula-falsi search on the slope of ``w_T T + V_U(T)``."""
+
+    lo: FloatArray
+    hi: FloatArray
+    f_lo: FloatArray  # damped by Illinois
+    f_hi: FloatArray  # damped by Illinois
+    slope_lo: FloatArray  # true slopes at the ends
+    slope_hi: FloatArray
+    proven: FloatArray  # largest latency shown infeasible (or a hard floor)
+    active: BoolArray
+    last_side: NDArray[np.int8]
+
+    def step(self, fleet: Fleet, masks: BoolArray) -> None:
+        """Probe one latency per active set and shrink its bracket."""
+        rows = np.flatnonzero(self.active)
+        a, b, fa, fb = self.lo[rows], self.hi[rows], self.f_lo[rows], self.f_hi[rows]
+        with np.errstate(invalid="ignore"):
+            secant = b - fb * (b - a) / (fb - fa)
+        use_secant = np.isfinite(fa) & np.isfinite(secant) & (secant > a) & (secant < b)
+        x = np.where(use_secant, secant, 0.5 * (a + b))
+        probe = split_bandwidth(fleet, masks[rows], x)
+        fx = np.where(probe.feasible, probe.slope, -np.inf)
+        self.proven[rows] = np.where(
+            probe.feasible, self.proven[rows], np.maximum(self.proven[rows], x)
+        )
+        right = fx >= 0
+        self.hi[rows] = np.where(right, x, b)
+        self.slope_hi[rows] = np.where(right, fx, self.slope_hi[rows])
+        self.lo[rows] = np.where(right, a, x)
+        self.slope_lo[rows] = np.where(right, self.slope_lo[rows], fx)
+        # Illinois: halve the kept end's value when the same end moved twice in a row.
+        last = self.last_side[rows]
+        self.f_hi[rows] = np.where(right, fx, np.where(last == -1, 0.5 * fb, fb))
+        self.f_lo[rows] = np.where(right, np.where(last == 1, 0.5 * fa, fa), fx)
+        self.last_side[rows] = np.where(right, 1, -1).astype(np.int8)
+        width_ok = self.hi[rows] - self.lo[rows] <= _ROUND_RTOL * self.hi[rows]
+        flat = self.slope_hi[rows] <= 1e-12 * fleet.weight_latency
+        self.active[rows] = ~(width_ok | flat)
+
+
 def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
     """Minimise ``w_T T + V_U(T)`` over ``T`` for each upload set (exactly; convex in T).
 
@@ -228,10 +271,8 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
     reach_s = np.where(masks, fleet.encode_s + fleet.t_min_s, 0.0).max(axis=1, initial=0.0)
     free_s = np.where(masks, fleet.encode_s + inf_split.upload_s, 0.0).max(axis=1, initial=0.0)
     lo = np.maximum(floor_s, reach_s)
-    proven = lo.copy()
     # Just above the uncapped latency, so that rounding cannot make its caps exceed B.
     hi = np.maximum(floor_s, free_s * (1.0 + _ROUND_RTOL))
-    f_hi = np.full(s_rows, fleet.weight_latency)
     f_lo = np.full(s_rows, -np.inf)
     active = inf_split.feasible & (hi > lo)
     # At lo = max T^ft (above the uploaders' reach) the slope may already be >= 0: a kink.
@@ -243,51 +284,47 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
         done = probe.feasible & (probe.slope >= 0)
         hi[rows[done]] = lo[rows[done]]
         active[rows[done]] = False
-    slope_hi = f_hi.copy()  # f_hi is damped by Illinois; this is the true slope at hi
-    slope_lo = f_lo.copy()
-    last_side = np.zeros(s_rows, dtype=np.int8)
+    f_hi = np.full(s_rows, fleet.weight_latency)
+    br = _Bracket(
+        lo,
+        hi,
+        f_lo,
+        f_hi,
+        f_lo.copy(),
+        f_hi.copy(),
+        lo.copy(),
+        active,
+        np.zeros(s_rows, dtype=np.int8),
+    )
     steps = 0
-    while active.any() and steps < _MAX_ROUND_STEPS:
+    while br.active.any() and steps < _MAX_ROUND_STEPS:
         steps += 1
-        rows = np.flatnonzero(active)
-        a, b, fa, fb = lo[rows], hi[rows], f_lo[rows], f_hi[rows]
-        with np.errstate(invalid="ignore"):
-            secant = b - fb * (b - a) / (fb - fa)
-        use_secant = np.isfinite(fa) & np.isfinite(secant) & (secant > a) & (secant < b)
-        x = np.where(use_secant, secant, 0.5 * (a + b))
-        probe = split_bandwidth(fleet, masks[rows], x)
-        fx = np.where(probe.feasible, probe.slope, -np.inf)
-        proven[rows] = np.where(probe.feasible, proven[rows], np.maximum(proven[rows], x))
-        right = fx >= 0
-        hi[rows] = np.where(right, x, b)
-        f_hi[rows] = np.where(right, fx, fb)
-        slope_hi[rows] = np.where(right, fx, slope_hi[rows])
-        slope_lo[rows] = np.where(right, slope_lo[rows], fx)
-        lo[rows] = np.where(right, a, x)
-        f_lo[rows] = np.where(right, fa, fx)
-        side = np.where(right, 1, -1).astype(np.int8)
-        # Illinois: halve the stale end's value when the same end moved twice in a row.
-        f_lo[rows] = np.where(right & (last_side[rows] == 1), 0.5 * f_lo[rows], f_lo[rows])
-        f_hi[rows] = np.where(~right & (last_side[rows] == -1), 0.5 * f_hi[rows], f_hi[rows])
-        last_side[rows] = side
-        width_ok = hi[rows] - lo[rows] <= _ROUND_RTOL * hi[rows]
-        flat = slope_hi[rows] <= 1e-12 * fleet.weight_latency
-        active[rows] = ~(width_ok | flat)
+        br.step(fleet, masks)
     logger.debug("round latency search: %d steps for %d sets", steps, s_rows)
-    round_s = np.where(inf_split.feasible, hi, np.inf)
-    final = split_bandwidth(fleet, masks, np.where(inf_split.feasible, hi, np.inf))
+    round_s = np.where(inf_split.feasible, br.hi, np.inf)
+    final = split_bandwidth(fleet, masks, round_s)
+    price, mu = _kink_prices(fleet, masks, br, final)
+    return RoundPlan(
+        round_s=round_s, proven_floor_s=br.proven, split=final, price=price, latency_price=mu
+    )
+
+
+def _kink_prices(
+    fleet: Fleet, masks: BoolArray, br: _Bracket, final: Split
+) -> tuple[FloatArray, FloatArray]:
+    """Multipliers at ``T*``; at a kink, blended from both sides so that ``Σ μ = w_T``.
+
+    The slope jumps from < 0 to > 0 where, e.g., an energy cap turns into a latency cap;
+    optimality then asks for the convex combination of the two sides' multipliers.
+    """
     price = final.price.copy()
     mu = final.latency_price.copy()
-    # A kink (the slope jumps from < 0 to > 0, e.g. where an energy cap turns into a latency
-    # cap): blend the multipliers of both sides so that Σ μ = w_T, as optimality requires.
     kink = np.flatnonzero(
-        np.isfinite(slope_lo) & (slope_lo < 0) & (slope_hi > 1e-12 * fleet.weight_latency)
+        np.isfinite(br.slope_lo) & (br.slope_lo < 0) & (br.slope_hi > 1e-12 * fleet.weight_latency)
     )
     if kink.size:
-        left = split_bandwidth(fleet, masks[kink], lo[kink])
-        theta = slope_hi[kink] / (slope_hi[kink] - slope_lo[kink])
+        left = split_bandwidth(fleet, masks[kink], br.lo[kink])
+        theta = br.slope_hi[kink] / (br.slope_hi[kink] - br.slope_lo[kink])
         price[kink] = theta * left.price + (1.0 - theta) * final.price[kink]
         mu[kink] = theta[:, None] * left.latency_price + (1.0 - theta[:, None]) * mu[kink]
-    return RoundPlan(
-        round_s=round_s, proven_floor_s=proven, split=final, price=price, latency_price=mu
-    )
+    return price, mu
