@@ -25,9 +25,8 @@ from server.allocation.fleet import (
     Fleet,
     cap_inverse_bandwidth,
     marginal_time_price,
-    preferred_inverse_bandwidth,
 )
-from server.allocation.radio import FloatArray, psi
+from server.allocation.radio import FloatArray, psi, psi_inverse
 
 _MAX_PRICE_STEPS = 60
 """Iteration cap of the bracketing search over ln λ."""
@@ -95,6 +94,12 @@ class Relaxation:
         self._omega = w_e * fleet.power_w + mu
         self._up_fixed = w_e * fleet.encode_j + mu * fleet.encode_s
         self._infeasible = bool(np.any(~skip_ok & ~self._up_ok))
+        # ψ-targets per unit price, and ψ at the caps: a device is held at its cap exactly when
+        # its target reaches ψ(y_cap), so only the others need the Newton inverse of ψ.
+        self._target_per_price = fleet.a_hz / (self._omega * fleet.t_min_s)
+        finite = self._up_ok & np.isfinite(self._y_cap)
+        self._psi_cap = np.where(finite, psi(np.where(finite, self._y_cap, 1.0)), np.inf)
+        self._y_held = np.where(self._up_ok, self._y_cap, np.inf)
         self._warm: tuple[FloatArray, FloatArray, FloatArray] | None = None
 
     @property
@@ -102,17 +107,30 @@ class Relaxation:
         """Some device can neither fine-tune nor upload within ``T̄`` and its budget."""
         return self._infeasible
 
-    def _warm_at(self, price: float) -> FloatArray:
-        """``ŷ`` at ``price``, Newton warm-started from the previous price."""
-        self._warm = preferred_inverse_bandwidth(
-            self._fleet, np.array([price]), self._omega, self._warm
-        )
-        return self._warm[1]
+    def _inverse_bandwidth(self, price: float) -> tuple[FloatArray, FloatArray, BoolArray]:
+        """y = a/b of every device at bandwidth price ``price`` (∞ where it cannot upload).
+
+        Returns:
+            ``y``, ``d ln ψ / d ln y`` (meaningful where free) and the free (uncapped) mask.
+        """
+        v = price * self._target_per_price
+        free = self._up_ok & (v < self._psi_cap)
+        idx = np.flatnonzero(free)
+        start = None
+        if self._warm is not None:
+            v0, y0, s0 = self._warm
+            start = (v0[idx], y0[idx], s0[idx])
+        y_free, slope_free = psi_inverse(v[idx], start)
+        y = self._y_held.copy()
+        y[idx] = y_free
+        slope = np.full(v.shape, 2.0)
+        slope[idx] = slope_free
+        self._warm = (v, np.where(np.isfinite(y), y, 1.0), slope)
+        return y, slope, free
 
     def upload_inverse_bandwidth(self, price: float) -> FloatArray:
         """Return y = a/b each device would upload at, at bandwidth price ``price``."""
-        y_hat = self._warm_at(price)
-        return np.where(self._up_ok, np.minimum(self._y_cap, y_hat), np.inf)
+        return self._inverse_bandwidth(price)[0]
 
     def latency_prices(self, point: DualPoint) -> FloatArray:
         """Multipliers of the latency caps ``τ_k ≤ T̄`` at ``point``, scaled to ``Σ ≤ w_T``.
@@ -121,8 +139,8 @@ class Relaxation:
         the cap tightens; their sum is ``−dD/dT̄``. Used as ``μ`` for neighbouring intervals.
         """
         fleet = self._fleet
-        y_hat = self._warm_at(point.price)
-        held = point.uploads & self._by_latency & (y_hat >= self._y_cap) & self._up_ok
+        free = self._inverse_bandwidth(point.price)[2]
+        held = point.uploads & self._by_latency & ~free & self._up_ok
         y = np.where(held, self._y_cap, 1.0)
         mu = np.where(held, point.price * marginal_time_price(fleet, y) - self._omega, 0.0)
         mu = self._mu + np.maximum(mu, 0.0)
@@ -146,7 +164,7 @@ class Relaxation:
         fleet = self._fleet
         if self._infeasible:
             return DualPoint(np.inf, price, 0.0, np.zeros(fleet.size, dtype=bool), 0.0, 0.0)
-        y = self.upload_inverse_bandwidth(price)
+        y, psi_slope, free_all = self._inverse_bandwidth(price)
         y_safe = np.where(self._up_ok, y, 1.0)
         t = fleet.upload_time_s(y_safe)
         b = np.where(self._up_ok, fleet.a_hz / y_safe, 0.0)
@@ -179,9 +197,7 @@ class Relaxation:
             excess += float(b[order[:j]].sum()) + share * float(b[marginal])
         per_device = np.minimum(skip, up_cost - nu * n)
         value = self._constant - price * fleet.bandwidth_hz + nu * need + float(per_device.sum())
-        assert self._warm is not None
-        _, y_hat, psi_slope = self._warm
-        free = uploads & (y_hat < self._y_cap)
+        free = uploads & free_all
         slope = -float((b[free] / psi_slope[free]).sum())
         return DualPoint(value, price, nu, uploads, excess, slope)
 

@@ -37,11 +37,14 @@ logger = logging.getLogger(__name__)
 EXACT_MAX_DEVICES = 12
 """Up to this many devices every upload set is enumerated and the plan is exactly optimal."""
 
-TARGET_GAP = 4e-4
+TARGET_GAP = 8e-4
 """Relative gap at which the latency branch-and-bound stops."""
 
 MAX_LATENCY_POINTS = 60
 """Most round-latency caps the branch-and-bound evaluates."""
+
+_GRID = 5
+"""Initial latency caps: the incumbent's latency and halvings of its distance to the floor."""
 
 _MIN_WIDTH = 1e-9
 """Relative width below which a latency interval is not split further."""
@@ -366,7 +369,7 @@ class _LatencySearch:
         assert self.incumbent is not None
         top = float(np.max(_latencies(fleet, self.incumbent)))
         self._points[np.inf] = (Relaxation(fleet, np.inf, 0.0), free)
-        caps = [self.floor_s + (top - self.floor_s) * 2.0**-j for j in range(4, -1, -1)]
+        caps = [self.floor_s + (top - self.floor_s) * 2.0**-j for j in range(_GRID - 1, -1, -1)]
         edges = [self.floor_s, *caps, np.inf]
         for cap in caps:
             self.relax(cap, self._price_near(cap))
