@@ -108,7 +108,7 @@ class Relaxation:
         return self._infeasible
 
     def _inverse_bandwidth(self, price: float) -> tuple[FloatArray, FloatArray, BoolArray]:
-        """y = a/b of every device at bandwidth price ``price`` (∞ where it cannot upload).
+        """Return y = a/b of every device at bandwidth price ``price`` (∞ where it cannot upload).
 
         Returns:
             ``y``, ``d ln ψ / d ln y`` (meaningful where free) and the free (uncapped) mask.
