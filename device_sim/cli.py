@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         report: dict[str, object] = sweep.to_json_dict()
         text = sweep.summary()
         if args.plot is not None:
-            from device_sim.plot import plot_sweep  # noqa: PLC0415  # matplotlib only when plotting
+            from device_sim.plot import plot_sweep  # matplotlib only when plotting
 
             text += f"plot written to {plot_sweep(sweep, args.plot)}\n"
     elif args.per_layer:

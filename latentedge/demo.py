@@ -377,7 +377,7 @@ def _analog(config: DemoConfig, summary: dict[str, Any]) -> dict[str, Any]:
         means.append(np.array([level.accuracy_mean for level in sweep.levels]))
         clean += sweep.levels[0].clean_accuracy * len(test["y"])
     total = sum(weights)
-    pooled = sum(w * m for w, m in zip(weights, means, strict=True)) / total
+    pooled = np.average(np.stack(means), axis=0, weights=weights)
     clean /= total
     return {
         "sweep": config.analog_sweep,
@@ -399,7 +399,7 @@ def _plot(config: DemoConfig, summary: dict[str, Any]) -> None:
     nodes = list(summary["per_node"])
     show = 6
     fig = plt.figure(figsize=(10, 1.1 * len(nodes) + 4.5), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1 * len(nodes) + 0.4, 4.0])
+    top, bottom = np.asarray(fig.subfigures(2, 1, height_ratios=[1.1 * len(nodes) + 0.4, 4.0]))
     top.suptitle("held-out test images: input | decoded by the node's own autoencoder", fontsize=10)
     axes = top.subplots(len(nodes), 2 * show, squeeze=False)
     for row, node_id in enumerate(nodes):

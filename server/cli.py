@@ -14,6 +14,7 @@ from types import FrameType
 from common.config import from_mapping, read_toml
 from common.constants import DEFAULT_LISTEN, MAX_UPLOAD_BYTES
 from common.errors import ConfigError
+from server.allocation import Cell
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class ServerConfig:
     """Largest upload payload (bytes) accepted; more is RESOURCE_EXHAUSTED."""
     seed: int = 0
     """Seed of classifier training."""
+    cell: Cell | None = None
+    """The radio cell for round scheduling (TOML table ``[cell]``); None = scheduling off."""
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -64,12 +67,14 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
     config = ServerConfig()
     if args.config is not None:
         doc = read_toml(args.config)
-        unknown = sorted(set(doc) - {"server"})
+        unknown = sorted(set(doc) - {"server", "cell"})
         if unknown:
             raise ConfigError(
-                f"unknown table(s) {unknown} in {str(args.config)!r}; expected [server]"
+                f"unknown table(s) {unknown} in {str(args.config)!r}; expected [server], [cell]"
             )
         config = from_mapping(ServerConfig, doc.get("server", {}), prefix="server.")
+        if "cell" in doc:
+            config = replace(config, cell=from_mapping(Cell, doc["cell"], prefix="cell."))
     overrides = {
         key: getattr(args, key)
         for key in ("listen", "db", "classifier_mode", "max_upload_bytes", "seed")
@@ -104,6 +109,7 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
         limits=IngestLimits(max_upload_bytes=config.max_upload_bytes),
         classifier_mode=ClassifierMode(config.classifier_mode),
         classifier_config=ClassifierConfig(),
+        cell=config.cell,
         seed=config.seed,
     )
     core.start()

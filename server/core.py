@@ -30,11 +30,14 @@ from common.records import (
     LatentChunk,
     NodeRegistration,
     Prediction,
+    Schedule,
     ServerStatus,
     UploadAck,
 )
 from common.tensors import WireTensor, from_wire
+from server.allocation import Cell
 from server.classifier import ClassifierMode, LatentClassifier, train_classifier
+from server.scheduler import RoundScheduler
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -99,11 +102,13 @@ class SplitLearningServer:
         limits: IngestLimits,
         classifier_mode: ClassifierMode,
         classifier_config: ClassifierConfig,
+        cell: Cell | None = None,
         seed: int = 0,
     ) -> None:
         self._store = store
         self._limits = limits
         self._trainer = _ClassifierTrainer(store, classifier_mode, classifier_config, seed)
+        self._scheduler = RoundScheduler(store, cell)
 
     @property
     def store(self) -> Store:
@@ -158,7 +163,13 @@ class SplitLearningServer:
             self._store.abort_upload(first.upload_id)
             raise
         self._trainer.notify()
+        self._scheduler.on_upload_committed(node.node_id)
         return ack
+
+    def schedule(self, node_id: str) -> Schedule:
+        """This round's upload decision and bandwidth for ``node_id``."""
+        _check_id(node_id, "node_id", NODE_ID_PATTERN)
+        return self._scheduler.schedule(node_id)
 
     def _stage_and_commit(
         self, first: LatentChunk, chunks: Iterator[LatentChunk], node: NodeRegistration

@@ -23,6 +23,7 @@ from common.serde import (
     latent_chunk_from_proto,
     prediction_to_proto,
     registration_from_proto,
+    schedule_to_proto,
     status_to_proto,
     tensor_from_proto,
     upload_ack_to_proto,
@@ -123,6 +124,25 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
             time.perf_counter() - started,
         )
         return prediction_to_proto(pred)
+
+    def GetSchedule(  # noqa: N802 (generated method name)
+        self, request: uplink_pb2.GetScheduleRequest, context: grpc.ServicerContext
+    ) -> uplink_pb2.GetScheduleReply:
+        """This round's upload decision and bandwidth share for one node."""
+        started = time.perf_counter()
+        try:
+            schedule = self._core.schedule(request.node_id)
+        except LatentEdgeError as exc:
+            _abort(context, "GetSchedule", exc)
+        logger.info(
+            "[Uplink.GetSchedule] %s round %d upload=%s bandwidth %.4g Hz OK %.3f s",
+            request.node_id,
+            schedule.round,
+            schedule.upload,
+            schedule.bandwidth_hz,
+            time.perf_counter() - started,
+        )
+        return schedule_to_proto(schedule)
 
     def GetStatus(  # noqa: N802 (generated method name)
         self, request: uplink_pb2.GetStatusRequest, context: grpc.ServicerContext

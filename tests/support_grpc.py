@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 
 from common.models import ClassifierConfig
+from server.allocation import Cell
 from server.classifier import ClassifierMode
 from server.core import IngestLimits, SplitLearningServer
 from server.grpc_app import create_server
@@ -22,7 +23,7 @@ class RunningServer:
     channel: grpc.Channel
 
 
-def running_server(tmp_path: Path) -> Iterator[RunningServer]:
+def running_server(tmp_path: Path, cell: Cell | None = None) -> Iterator[RunningServer]:
     """A real gRPC server on 127.0.0.1:0 over a real SQLite file; small upload limit."""
     db = tmp_path / "server.db"
     store = SqliteStore(db)
@@ -31,6 +32,7 @@ def running_server(tmp_path: Path) -> Iterator[RunningServer]:
         limits=IngestLimits(max_upload_bytes=1_000_000),
         classifier_mode=ClassifierMode.PER_NODE,
         classifier_config=ClassifierConfig(epochs=5),
+        cell=cell,
     )
     core.start()
     server, port, _health = create_server("127.0.0.1:0", UplinkServicer(core))

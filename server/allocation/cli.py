@@ -135,7 +135,7 @@ def _run_solve(args: argparse.Namespace) -> int:
     write_plan_json(plan, args.out)
     sys.stdout.write(summary(plan) + f"  wrote {args.out}\n")
     if args.plot is not None:
-        from server.allocation.plot import plot_plan  # noqa: PLC0415  (matplotlib only on --plot)
+        from server.allocation.plot import plot_plan
 
         plot_plan(problem, plan, args.plot)
         sys.stdout.write(f"  wrote {args.plot}\n")

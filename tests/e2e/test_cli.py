@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from common.datasets import load_dataset, shard
-from tests.conftest import MNIST_TINY, ROOT, ServerProcess, latentedge_cmd
+from tests.conftest import MNIST_TINY, ROOT, ServerProcess, latentedge_cmd, start_server_process
 
 pytestmark = pytest.mark.e2e
 
@@ -143,6 +143,38 @@ def test_edge_reads_deploy_example_config(server_process: ServerProcess, tmp_pat
     status = json.loads(_run("status", "--server", server_process.address).stdout)
     assert status["nodes"][0]["has_profile"] is True
     assert status["nodes"][0]["samples"] == len(shard(load_dataset(str(MNIST_TINY)), 0, 4).y_train)
+
+
+def test_scheduled_edge_with_deploy_configs(tmp_path: Path) -> None:
+    server_toml = (ROOT / "deploy" / "server.toml").read_text()
+    server = start_server_process(
+        tmp_path / "s.db", "--config", str(_write(tmp_path / "server.toml", server_toml))
+    )
+    try:
+        text = (ROOT / "deploy" / "edge.toml").read_text()
+        text = text.replace('"latentedge-server:50051"', f'"{server.address}"')
+        text = text.replace('"/data/local.npz"', f'"{MNIST_TINY}"')
+        text = text.replace("/var/lib/latentedge", str(tmp_path))
+        text = text.replace("epochs = 0", "epochs = 2").replace(
+            "scheduled = false", "scheduled = true"
+        )
+        proc = _run("edge", "--config", str(_write(tmp_path / "edge.toml", text)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads((tmp_path / "edge-report.json").read_text())
+        assert report["schedule"]["round"] == 1
+        # a lone node must upload to reach min_samples, with the whole band
+        assert report["schedule"]["upload"] is True
+        assert report["schedule"]["bandwidth_hz"] == pytest.approx(2.0e7)
+        status = json.loads(_run("status", "--server", server.address).stdout)
+        assert status["last_plan"]["devices"][0]["id"] == "plant-a-camera-1"
+        assert status["nodes"][0]["samples"] == report["samples"] > 0
+    finally:
+        server.stop()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 @pytest.mark.parametrize(
