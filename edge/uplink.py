@@ -180,7 +180,7 @@ class UplinkClient:
                 if remaining <= 0:
                     raise ServerUnreachableError(
                         f"{method}: server {self._address} unreachable for "
-                        f"{self._retry.window_s:.0f} s ({tries} attempts; last: {code.name}: "
+                        f"{self._retry.window_s:g} s ({tries} attempts; last: {code.name}: "
                         f"{details})"
                     ) from exc
                 wait = min(backoff, remaining)
@@ -205,9 +205,7 @@ class UplinkClient:
         request = registration_to_proto(reg)
         reply = self._call(
             "RegisterNode",
-            lambda: self.stub.RegisterNode(
-                request, timeout=self._rpc_timeout_s, wait_for_ready=True
-            ),
+            lambda: self.stub.RegisterNode(request, timeout=self._rpc_timeout_s),
         )
         return int(reply.stored_samples)
 
@@ -265,9 +263,7 @@ class UplinkClient:
         started = time.perf_counter()
         reply = self._call(
             "PushLatents",
-            lambda: self.stub.PushLatents(
-                chunks(), timeout=self._upload_timeout_s, wait_for_ready=True
-            ),
+            lambda: self.stub.PushLatents(chunks(), timeout=self._upload_timeout_s),
         )
         ack = upload_ack_from_proto(reply)
         logger.info(
@@ -297,9 +293,7 @@ class UplinkClient:
         """The server's nodes, classifier and last plan."""
         reply = self._call(
             "GetStatus",
-            lambda: self.stub.GetStatus(
-                uplink_pb2.GetStatusRequest(), timeout=self._rpc_timeout_s, wait_for_ready=True
-            ),
+            lambda: self.stub.GetStatus(uplink_pb2.GetStatusRequest(), timeout=self._rpc_timeout_s),
         )
         return status_from_proto(reply)
 

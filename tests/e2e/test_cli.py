@@ -30,7 +30,7 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 def _one_line_error(proc: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("latentedge ")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr
 
 
