@@ -1,0 +1,464 @@
+"""Ingest benchmark: concurrent edge processes streaming latents to one durable server.
+
+Each repeat measures, in the same run and on the same loopback:
+
+* **ingest**: ``--clients`` edge processes (multiprocessing, spawn), each with its own
+  :class:`~edge.uplink.UplinkClient`, register a node and push ``--samples`` x ``--latent-dim``
+  float32 latents (+ uint8 labels) to ONE ``latentedge server`` process on a fresh SQLite file
+  (WAL, ``synchronous=FULL``: every ack follows a durable commit);
+* **raw**: the same processes stream the same number of chunks of the same byte size to a
+  bare gRPC service (no protoc, identity (de)serialisers on raw bytes) that only counts them.
+
+Throughput = payload bytes (latents + labels) / wall time from the first client's first byte
+to the last client's ack. The server's RSS is sampled with psutil during ingest. A final,
+larger ingest run (``--large-total-mb``) shows whether RSS grows with payload size.
+
+    .venv/bin/python bench/ingest.py [--clients 8] [--samples 200000] [--latent-dim 64]
+        [--repeats 3] [--large-total-mb 1024] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+
+from common.constants import CHUNK_BYTES, MAX_MESSAGE_BYTES
+from common.records import NodeRegistration
+from edge.uplink import UplinkClient, label_dtype_for
+
+logger = logging.getLogger("bench.ingest")
+
+NUM_CLASSES = 10
+RAW_METHOD = "/bench.RawSink/Push"
+_GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+_MB = 1e6
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """What one client process reports (monotonic clock, shared by all processes on Linux)."""
+
+    started_s: float
+    acked_s: float
+    payload_bytes: int
+    samples: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One measured run of all clients."""
+
+    kind: str
+    wall_s: float
+    payload_bytes: int
+    samples: int
+    rss_start_mb: float = 0.0
+    rss_peak_mb: float = 0.0
+    rss_end_mb: float = 0.0
+    rss_peak_before_first_ack_mb: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.payload_bytes / _MB / self.wall_s
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.wall_s
+
+
+# -- payload ------------------------------------------------------------------------------------
+
+
+def make_payload(samples: int, latent_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random float32 latents (samples, latent_dim) and labels in [0, NUM_CLASSES)."""
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((samples, latent_dim), dtype=np.float32)
+    labels = rng.integers(0, NUM_CLASSES, samples).astype(np.int64)
+    return latents, labels
+
+
+def chunk_slices(samples: int, latent_dim: int, chunk_bytes: int) -> list[slice]:
+    """The row slices :meth:`UplinkClient.push_latents` cuts an upload into."""
+    rows = max(1, chunk_bytes // max(1, latent_dim * np.dtype(np.float32).itemsize))
+    count = max(1, math.ceil(samples / rows))
+    return [slice(i * rows, min(samples, (i + 1) * rows)) for i in range(count)]
+
+
+# -- raw gRPC baseline --------------------------------------------------------------------------
+
+
+def _raw_push(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    total = 0
+    for chunk in request_iterator:
+        total += len(chunk)
+    return total.to_bytes(8, "little")
+
+
+def raw_server_main(port_queue: mp.Queue[int], stop: Any) -> None:
+    """A gRPC server (same executor and message limits as ``create_server``) that counts bytes."""
+    handler = grpc.method_handlers_generic_handler(
+        "bench.RawSink",
+        {"Push": grpc.stream_unary_rpc_method_handler(_raw_push)},  # None (de)serialisers
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=_GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    port_queue.put(port)
+    stop.wait()
+    server.stop(grace=1.0).wait()
+
+
+def raw_client_main(
+    address: str, index: int, args: dict[str, int], barrier: Barrier, results: mp.Queue[Any]
+) -> None:
+    """Stream the same chunks (latents + labels bytes) to the raw sink."""
+    latents, labels = make_payload(args["samples"], args["latent_dim"], seed=index)
+    label_dtype = label_dtype_for(NUM_CLASSES)
+    slices = chunk_slices(args["samples"], args["latent_dim"], args["chunk_bytes"])
+
+    def chunks() -> Iterator[bytes]:
+        for sl in slices:
+            yield latents[sl].tobytes() + labels[sl].astype(label_dtype).tobytes()
+
+    with grpc.insecure_channel(address, options=_GRPC_OPTIONS) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        push = channel.stream_unary(RAW_METHOD, None, None)  # raw bytes both ways
+        barrier.wait()
+        started = time.monotonic()
+        reply = push(chunks(), timeout=600)
+        acked = time.monotonic()
+    results.put(ClientResult(started, acked, int.from_bytes(reply, "little"), args["samples"]))
+
+
+# -- ingest into latentedge server --------------------------------------------------------------
+
+
+def ingest_client_main(
+    address: str, index: int, args: dict[str, int], barrier: Barrier, results: mp.Queue[Any]
+) -> None:
+    """Register a node, then push its latents through :class:`UplinkClient`."""
+    latents, labels = make_payload(args["samples"], args["latent_dim"], seed=index)
+    node_id = f"bench-{index}"
+    with UplinkClient(address) as client:
+        client.register(
+            NodeRegistration(
+                node_id=node_id,
+                latent_dim=args["latent_dim"],
+                num_classes=NUM_CLASSES,
+                samples=args["samples"],
+            )
+        )
+        barrier.wait()
+        started = time.monotonic()
+        ack = client.push_latents(
+            node_id, latents, labels, num_classes=NUM_CLASSES, chunk_bytes=args["chunk_bytes"]
+        )
+        acked = time.monotonic()
+    results.put(ClientResult(started, acked, ack.payload_bytes, ack.samples))
+
+
+class RssSampler:
+    """Samples a process's RSS every ``interval_s`` in a daemon thread."""
+
+    def __init__(self, pid: int, interval_s: float) -> None:
+        self._proc = psutil.Process(pid)
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self.samples: list[tuple[float, int]] = []
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic(), self._proc.memory_info().rss))
+            except psutil.NoSuchProcess:
+                return
+            self._stop.wait(self._interval_s)
+
+    def at(self, t: float) -> int:
+        """The last sample at or before ``t`` (the first sample if none is)."""
+        before = [r for s, r in self.samples if s <= t]
+        return before[-1] if before else self.samples[0][1]
+
+    def peak(self, t0: float, t1: float) -> int:
+        """Largest sample in [t0, t1]."""
+        inside = [r for s, r in self.samples if t0 <= s <= t1]
+        return max(inside) if inside else self.at(t1)
+
+
+def start_latentedge_server(db: Path, log_path: Path) -> tuple[subprocess.Popen[str], str]:
+    """``latentedge server --listen 127.0.0.1:0 --db DB``; returns the process and its address."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "latentedge", "server", "--listen", "127.0.0.1:0", "--db", db],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+)", line)
+    if match is None:
+        proc.kill()
+        raise RuntimeError(f"server did not start (see {log_path}): {line!r}")
+    return proc, match.group(1)
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL after 10 s (a classifier retraining can delay a clean stop)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        logger.info("server still busy 10 s after SIGTERM (classifier training): killing it")
+        proc.kill()
+        proc.wait()
+
+
+def run_clients(
+    ctx: mp.context.SpawnContext, target: Any, address: str, clients: int, args: dict[str, int]
+) -> tuple[float, list[ClientResult]]:
+    """Start ``clients`` processes, release them together; return release time and results."""
+    barrier = ctx.Barrier(clients + 1)
+    results: mp.Queue[Any] = ctx.Queue()
+    procs = [
+        ctx.Process(target=target, args=(address, i, args, barrier, results))
+        for i in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait(timeout=300)
+    released = time.monotonic()
+    out = [results.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"client process exited with {p.exitcode}")
+    return released, out
+
+
+def summarise(kind: str, out: list[ClientResult]) -> RunResult:
+    first = min(r.started_s for r in out)
+    last = max(r.acked_s for r in out)
+    return RunResult(
+        kind=kind,
+        wall_s=last - first,
+        payload_bytes=sum(r.payload_bytes for r in out),
+        samples=sum(r.samples for r in out),
+    )
+
+
+def run_raw(ctx: mp.context.SpawnContext, clients: int, args: dict[str, int]) -> RunResult:
+    port_queue: mp.Queue[int] = ctx.Queue()
+    stop = ctx.Event()
+    server = ctx.Process(target=raw_server_main, args=(port_queue, stop))
+    server.start()
+    try:
+        address = f"127.0.0.1:{port_queue.get(timeout=60)}"
+        _, out = run_clients(ctx, raw_client_main, address, clients, args)
+    finally:
+        stop.set()
+        server.join(timeout=30)
+    return summarise("raw", out)
+
+
+def run_ingest(
+    ctx: mp.context.SpawnContext,
+    clients: int,
+    args: dict[str, int],
+    workdir: Path,
+    interval_s: float,
+) -> RunResult:
+    run_dir = Path(tempfile.mkdtemp(prefix="ingest-", dir=workdir))
+    proc, address = start_latentedge_server(run_dir / "server.db", run_dir / "server.log")
+    try:
+        with RssSampler(proc.pid, interval_s) as rss:
+            released, out = run_clients(ctx, ingest_client_main, address, clients, args)
+            time.sleep(2 * interval_s)
+        result = summarise("ingest", out)
+        start = min(r.started_s for r in out)
+        end = max(r.acked_s for r in out)
+        first_ack = min(r.acked_s for r in out)
+        db_bytes = sum(f.stat().st_size for f in run_dir.glob("server.db*"))
+        logger.info("database files after ingest: %.0f MB", db_bytes / _MB)
+    finally:
+        stop_process(proc)
+        shutil.rmtree(run_dir)
+    return RunResult(
+        **{
+            **asdict(result),
+            "rss_start_mb": rss.at(min(start, released)) / _MB,
+            "rss_peak_mb": rss.peak(start, end) / _MB,
+            "rss_end_mb": rss.at(end + interval_s) / _MB,
+            "rss_peak_before_first_ack_mb": rss.peak(start, first_ack) / _MB,
+        }
+    )
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def table(rows: list[RunResult]) -> str:
+    head = (
+        f"{'run':<14} {'MB':>7} {'wall s':>7} {'MB/s':>7} {'samples/s':>10} "
+        f"{'RSS start':>9} {'peak<1st ack':>12} {'peak':>7} {'end':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for i, r in enumerate(rows):
+        rss = (
+            f"{r.rss_start_mb:9.0f} {r.rss_peak_before_first_ack_mb:12.0f} "
+            f"{r.rss_peak_mb:7.0f} {r.rss_end_mb:7.0f}"
+            if r.kind != "raw"
+            else f"{'':9} {'':12} {'':7} {'':7}"
+        )
+        label = f"{r.kind} #{i // 2 + 1}" if r.kind != "ingest-large" else r.kind
+        lines.append(
+            f"{label:<14} {r.payload_bytes / _MB:7.1f} {r.wall_s:7.2f} {r.mb_per_s:7.1f} "
+            f"{r.samples_per_s:10.0f} {rss}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--clients", type=int, default=8, help="concurrent edge processes")
+    p.add_argument("--samples", type=int, default=200_000, help="latent rows per client")
+    p.add_argument("--latent-dim", type=int, default=64, help="latent size (float32)")
+    p.add_argument(
+        "--chunk-bytes", type=int, default=CHUNK_BYTES, help="latents bytes per streamed chunk"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="raw + ingest pairs (median quoted)")
+    p.add_argument(
+        "--large-total-mb",
+        type=float,
+        default=1024.0,
+        help="payload (MB, all clients) of the final RSS-scaling ingest run; 0 skips it",
+    )
+    p.add_argument("--rss-interval-s", type=float, default=0.02, help="RSS sampling period")
+    p.add_argument("--workdir", type=Path, default=None, help="where the SQLite files go")
+    p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
+    args = p.parse_args(argv)
+    for name in ("clients", "samples", "latent_dim", "chunk_bytes", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+    )
+    args = parse_args(argv)
+    ctx = mp.get_context("spawn")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    sizes = {
+        "samples": args.samples,
+        "latent_dim": args.latent_dim,
+        "chunk_bytes": args.chunk_bytes,
+    }
+    per_sample = args.latent_dim * 4 + 1
+    logger.info(
+        "%d clients x %d samples x %d float32 = %.1f MB per repeat, %d chunk(s) per client",
+        args.clients,
+        args.samples,
+        args.latent_dim,
+        args.clients * args.samples * per_sample / _MB,
+        len(chunk_slices(args.samples, args.latent_dim, args.chunk_bytes)),
+    )
+    rows: list[RunResult] = []
+    for rep in range(args.repeats):
+        for kind in ("raw", "ingest"):
+            if kind == "raw":
+                r = run_raw(ctx, args.clients, sizes)
+            else:
+                r = run_ingest(ctx, args.clients, sizes, workdir, args.rss_interval_s)
+            logger.info(
+                "repeat %d/%d %s: %.1f MB/s, %.2f s",
+                rep + 1,
+                args.repeats,
+                kind,
+                r.mb_per_s,
+                r.wall_s,
+            )
+            rows.append(r)
+    if args.large_total_mb > 0:
+        large_samples = int(args.large_total_mb * _MB / args.clients / per_sample)
+        logger.info("large ingest run: %d samples per client", large_samples)
+        large = run_ingest(
+            ctx, args.clients, {**sizes, "samples": large_samples}, workdir, args.rss_interval_s
+        )
+        rows.append(RunResult(**{**asdict(large), "kind": "ingest-large"}))
+    if args.workdir is None:
+        shutil.rmtree(workdir)
+    raw_mbs = statistics.median(r.mb_per_s for r in rows if r.kind == "raw")
+    ingest = [r for r in rows if r.kind == "ingest"]
+    ingest_mbs = statistics.median(r.mb_per_s for r in ingest)
+    ingest_sps = statistics.median(r.samples_per_s for r in ingest)
+    sys.stdout.write(table(rows) + "\n\n")
+    sys.stdout.write(
+        f"median over {args.repeats}: ingest {ingest_mbs:.1f} MB/s ({ingest_sps:,.0f} samples/s), "
+        f"raw gRPC {raw_mbs:.1f} MB/s; ratio ingest/raw = {ingest_mbs / raw_mbs:.2f} "
+        "(goal >= 0.5)\n"
+    )
+    growth = [r.rss_peak_mb - r.rss_start_mb for r in rows if r.kind.startswith("ingest")]
+    sys.stdout.write(
+        "server RSS growth during ingest (peak - start, MB): "
+        + ", ".join(f"{g:.0f}" for g in growth)
+        + "\n"
+    )
+    if args.out is not None:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "runs": [{**asdict(r), "mb_per_s": r.mb_per_s} for r in rows],
+                    "median_ingest_mb_per_s": ingest_mbs,
+                    "median_ingest_samples_per_s": ingest_sps,
+                    "median_raw_mb_per_s": raw_mbs,
+                    "ratio": ingest_mbs / raw_mbs,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
