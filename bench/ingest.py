@@ -53,7 +53,7 @@ logger = logging.getLogger("bench.ingest")
 
 NUM_CLASSES = 10
 RAW_METHOD = "/bench.RawSink/Push"
-_GRPC_OPTIONS = [
+_CLIENT_OPTIONS = [  # as UplinkClient opens its channel
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
@@ -121,12 +121,15 @@ def _raw_push(request_iterator: Iterator[bytes], context: grpc.ServicerContext) 
 
 
 def raw_server_main(port_queue: mp.Queue[int], stop: Any) -> None:
-    """A gRPC server (same executor and message limits as ``create_server``) that counts bytes."""
+    """A gRPC server (same executor and options as ``create_server``) that counts bytes."""
+    # imported here: server.grpc_app pulls in torch, which the client processes do not need
+    from server.grpc_app import SERVER_OPTIONS  # noqa: PLC0415
+
     handler = grpc.method_handlers_generic_handler(
         "bench.RawSink",
         {"Push": grpc.stream_unary_rpc_method_handler(_raw_push)},  # None (de)serialisers
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=_GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -147,7 +150,7 @@ def raw_client_main(
         for sl in slices:
             yield latents[sl].tobytes() + labels[sl].astype(label_dtype).tobytes()
 
-    with grpc.insecure_channel(address, options=_GRPC_OPTIONS) as channel:
+    with grpc.insecure_channel(address, options=_CLIENT_OPTIONS) as channel:
         grpc.channel_ready_future(channel).result(timeout=60)
         push = channel.stream_unary(RAW_METHOD, None, None)  # raw bytes both ways
         barrier.wait()
@@ -241,20 +244,20 @@ def start_latentedge_server(db: Path, log_path: Path) -> tuple[subprocess.Popen[
 
 
 def stop_process(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM, then SIGKILL after 10 s (a classifier retraining can delay a clean stop)."""
+    """SIGTERM, then SIGKILL after 5 s (a classifier retraining can delay a clean stop)."""
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
-        logger.info("server still busy 10 s after SIGTERM (classifier training): killing it")
+        logger.info("server still busy 5 s after SIGTERM (classifier training): killing it")
         proc.kill()
         proc.wait()
 
 
 def run_clients(
     ctx: mp.context.SpawnContext, target: Any, address: str, clients: int, args: dict[str, int]
-) -> tuple[float, list[ClientResult]]:
-    """Start ``clients`` processes, release them together; return release time and results."""
+) -> list[ClientResult]:
+    """Start ``clients`` processes, release them together; return what each reports."""
     barrier = ctx.Barrier(clients + 1)
     results: mp.Queue[Any] = ctx.Queue()
     procs = [
@@ -264,38 +267,48 @@ def run_clients(
     for p in procs:
         p.start()
     barrier.wait(timeout=300)
-    released = time.monotonic()
     out = [results.get(timeout=900) for _ in procs]
     for p in procs:
         p.join()
         if p.exitcode != 0:
             raise RuntimeError(f"client process exited with {p.exitcode}")
-    return released, out
+    return out
 
 
-def summarise(kind: str, out: list[ClientResult]) -> RunResult:
-    first = min(r.started_s for r in out)
-    last = max(r.acked_s for r in out)
+def summarise(kind: str, out: list[ClientResult], rss: RssSampler, interval_s: float) -> RunResult:
+    """Throughput over [first byte, last ack] and the server's RSS around that window."""
+    start = min(r.started_s for r in out)
+    end = max(r.acked_s for r in out)
+    first_ack = min(r.acked_s for r in out)
     return RunResult(
         kind=kind,
-        wall_s=last - first,
+        wall_s=end - start,
         payload_bytes=sum(r.payload_bytes for r in out),
         samples=sum(r.samples for r in out),
+        rss_start_mb=rss.at(start) / _MB,
+        rss_peak_mb=rss.peak(start, end) / _MB,
+        rss_end_mb=rss.at(end + interval_s) / _MB,
+        rss_peak_before_first_ack_mb=rss.peak(start, first_ack) / _MB,
     )
 
 
-def run_raw(ctx: mp.context.SpawnContext, clients: int, args: dict[str, int]) -> RunResult:
+def run_raw(
+    ctx: mp.context.SpawnContext, clients: int, args: dict[str, int], interval_s: float
+) -> RunResult:
     port_queue: mp.Queue[int] = ctx.Queue()
     stop = ctx.Event()
     server = ctx.Process(target=raw_server_main, args=(port_queue, stop))
     server.start()
     try:
         address = f"127.0.0.1:{port_queue.get(timeout=60)}"
-        _, out = run_clients(ctx, raw_client_main, address, clients, args)
+        assert server.pid is not None
+        with RssSampler(server.pid, interval_s) as rss:
+            out = run_clients(ctx, raw_client_main, address, clients, args)
+            time.sleep(2 * interval_s)
     finally:
         stop.set()
         server.join(timeout=30)
-    return summarise("raw", out)
+    return summarise("raw", out, rss, interval_s)
 
 
 def run_ingest(
@@ -309,26 +322,14 @@ def run_ingest(
     proc, address = start_latentedge_server(run_dir / "server.db", run_dir / "server.log")
     try:
         with RssSampler(proc.pid, interval_s) as rss:
-            released, out = run_clients(ctx, ingest_client_main, address, clients, args)
+            out = run_clients(ctx, ingest_client_main, address, clients, args)
             time.sleep(2 * interval_s)
-        result = summarise("ingest", out)
-        start = min(r.started_s for r in out)
-        end = max(r.acked_s for r in out)
-        first_ack = min(r.acked_s for r in out)
         db_bytes = sum(f.stat().st_size for f in run_dir.glob("server.db*"))
         logger.info("database files after ingest: %.0f MB", db_bytes / _MB)
     finally:
         stop_process(proc)
         shutil.rmtree(run_dir)
-    return RunResult(
-        **{
-            **asdict(result),
-            "rss_start_mb": rss.at(min(start, released)) / _MB,
-            "rss_peak_mb": rss.peak(start, end) / _MB,
-            "rss_end_mb": rss.at(end + interval_s) / _MB,
-            "rss_peak_before_first_ack_mb": rss.peak(start, first_ack) / _MB,
-        }
-    )
+    return summarise("ingest", out, rss, interval_s)
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -336,21 +337,16 @@ def run_ingest(
 
 def table(rows: list[RunResult]) -> str:
     head = (
-        f"{'run':<14} {'MB':>7} {'wall s':>7} {'MB/s':>7} {'samples/s':>10} "
-        f"{'RSS start':>9} {'peak<1st ack':>12} {'peak':>7} {'end':>7}"
+        f"{'run':<14} {'MB':>7} {'wall s':>7} {'MB/s':>7} {'samples/s':>10} | server RSS MB: "
+        f"{'start':>6} {'peak<1st ack':>12} {'peak':>6} {'end':>6}"
     )
     lines = [head, "-" * len(head)]
     for i, r in enumerate(rows):
-        rss = (
-            f"{r.rss_start_mb:9.0f} {r.rss_peak_before_first_ack_mb:12.0f} "
-            f"{r.rss_peak_mb:7.0f} {r.rss_end_mb:7.0f}"
-            if r.kind != "raw"
-            else f"{'':9} {'':12} {'':7} {'':7}"
-        )
         label = f"{r.kind} #{i // 2 + 1}" if r.kind != "ingest-large" else r.kind
         lines.append(
             f"{label:<14} {r.payload_bytes / _MB:7.1f} {r.wall_s:7.2f} {r.mb_per_s:7.1f} "
-            f"{r.samples_per_s:10.0f} {rss}"
+            f"{r.samples_per_s:10.0f} | {'':14}{r.rss_start_mb:6.0f} "
+            f"{r.rss_peak_before_first_ack_mb:12.0f} {r.rss_peak_mb:6.0f} {r.rss_end_mb:6.0f}"
         )
     return "\n".join(lines)
 
@@ -406,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for kind in ("raw", "ingest"):
             if kind == "raw":
-                r = run_raw(ctx, args.clients, sizes)
+                r = run_raw(ctx, args.clients, sizes, args.rss_interval_s)
             else:
                 r = run_ingest(ctx, args.clients, sizes, workdir, args.rss_interval_s)
             logger.info(
@@ -437,10 +433,22 @@ def main(argv: list[str] | None = None) -> int:
         f"raw gRPC {raw_mbs:.1f} MB/s; ratio ingest/raw = {ingest_mbs / raw_mbs:.2f} "
         "(goal >= 0.5)\n"
     )
-    growth = [r.rss_peak_mb - r.rss_start_mb for r in rows if r.kind.startswith("ingest")]
+
+    def growth(kind: str) -> float:
+        return statistics.median(
+            r.rss_peak_before_first_ack_mb - r.rss_start_mb for r in rows if r.kind == kind
+        )
+
     sys.stdout.write(
-        "server RSS growth during ingest (peak - start, MB): "
-        + ", ".join(f"{g:.0f}" for g in growth)
+        "server RSS growth while streaming (peak before the first ack - start), median: "
+        f"ingest {growth('ingest'):.0f} MB for {rows[1].payload_bytes / _MB:.0f} MB, "
+        f"raw gRPC sink {growth('raw'):.0f} MB"
+        + (
+            f"; large ingest {growth('ingest-large'):.0f} MB for "
+            f"{rows[-1].payload_bytes / _MB:.0f} MB"
+            if rows[-1].kind == "ingest-large"
+            else ""
+        )
         + "\n"
     )
     if args.out is not None:
