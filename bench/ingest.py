@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,10 @@ import numpy as np
 import psutil
 
 from common.constants import CHUNK_BYTES, MAX_MESSAGE_BYTES
-from common.records import NodeRegistration
+from common.records import NodeRegistration, UploadMode
+from common.tensors import to_wire
 from edge.uplink import UplinkClient, label_dtype_for
+from server.store import SqliteStore
 
 logger = logging.getLogger("bench.ingest")
 
@@ -75,9 +77,11 @@ class RunResult:
     """One measured run of all clients."""
 
     kind: str
+    """raw, ingest, ingest-large or store."""
     wall_s: float
     payload_bytes: int
     samples: int
+    repeat: int = 0
     rss_start_mb: float = 0.0
     rss_peak_mb: float = 0.0
     rss_end_mb: float = 0.0
@@ -332,21 +336,66 @@ def run_ingest(
     return summarise("ingest", out, rss, interval_s)
 
 
+def run_store(clients: int, args: dict[str, int], workdir: Path) -> RunResult:
+    """The storage ceiling: the same chunks through ``SqliteStore`` in one thread, no gRPC.
+
+    Chunks are encoded before the clock starts; the clock covers begin, put every chunk and
+    commit for each client's upload, on a fresh file with the server's SQLite settings.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="store-", dir=workdir))
+    store = SqliteStore(run_dir / "store.db")
+    label_dtype = label_dtype_for(NUM_CLASSES)
+    slices = chunk_slices(args["samples"], args["latent_dim"], args["chunk_bytes"])
+    uploads = []
+    for i in range(clients):
+        latents, labels = make_payload(args["samples"], args["latent_dim"], seed=i)
+        store.register_node(
+            NodeRegistration(
+                node_id=f"bench-{i}",
+                latent_dim=args["latent_dim"],
+                num_classes=NUM_CLASSES,
+                samples=args["samples"],
+            )
+        )
+        uploads.append(
+            [(to_wire(latents[sl]), to_wire(labels[sl].astype(label_dtype))) for sl in slices]
+        )
+    payload = samples = 0
+    started = time.monotonic()
+    for i, chunks in enumerate(uploads):
+        upload_id = f"store-{i}"
+        store.begin_upload(upload_id, f"bench-{i}", UploadMode.REPLACE)
+        for seq, (lat, lab) in enumerate(chunks):
+            store.put_chunk(upload_id, seq, lat, lab, lab.shape[0])
+        ack = store.commit_upload(upload_id, len(chunks))
+        payload += ack.payload_bytes
+        samples += ack.samples
+    wall_s = time.monotonic() - started
+    store.close()
+    shutil.rmtree(run_dir)
+    return RunResult(kind="store", wall_s=wall_s, payload_bytes=payload, samples=samples)
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
 def table(rows: list[RunResult]) -> str:
     head = (
-        f"{'run':<14} {'MB':>7} {'wall s':>7} {'MB/s':>7} {'samples/s':>10} | server RSS MB: "
+        f"{'run':<15} {'MB':>7} {'wall s':>7} {'MB/s':>7} {'samples/s':>10} | server RSS MB: "
         f"{'start':>6} {'peak<1st ack':>12} {'peak':>6} {'end':>6}"
     )
     lines = [head, "-" * len(head)]
-    for i, r in enumerate(rows):
-        label = f"{r.kind} #{i // 2 + 1}" if r.kind != "ingest-large" else r.kind
+    for r in rows:
+        label = f"{r.kind} #{r.repeat}" if r.repeat else r.kind
+        rss = (
+            f"{r.rss_start_mb:6.0f} {r.rss_peak_before_first_ack_mb:12.0f} "
+            f"{r.rss_peak_mb:6.0f} {r.rss_end_mb:6.0f}"
+            if r.kind != "store"
+            else "(no server)"
+        )
         lines.append(
-            f"{label:<14} {r.payload_bytes / _MB:7.1f} {r.wall_s:7.2f} {r.mb_per_s:7.1f} "
-            f"{r.samples_per_s:10.0f} | {'':14}{r.rss_start_mb:6.0f} "
-            f"{r.rss_peak_before_first_ack_mb:12.0f} {r.rss_peak_mb:6.0f} {r.rss_end_mb:6.0f}"
+            f"{label:<15} {r.payload_bytes / _MB:7.1f} {r.wall_s:7.2f} {r.mb_per_s:7.1f} "
+            f"{r.samples_per_s:10.0f} | {'':14}{rss}"
         )
     return "\n".join(lines)
 
@@ -359,7 +408,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--chunk-bytes", type=int, default=CHUNK_BYTES, help="latents bytes per streamed chunk"
     )
-    p.add_argument("--repeats", type=int, default=3, help="raw + ingest pairs (median quoted)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="raw + ingest + store rounds (medians quoted)"
+    )
     p.add_argument(
         "--large-total-mb",
         type=float,
@@ -399,39 +450,40 @@ def main(argv: list[str] | None = None) -> int:
         len(chunk_slices(args.samples, args.latent_dim, args.chunk_bytes)),
     )
     rows: list[RunResult] = []
-    for rep in range(args.repeats):
-        for kind in ("raw", "ingest"):
+    for rep in range(1, args.repeats + 1):
+        for kind in ("raw", "ingest", "store"):
             if kind == "raw":
                 r = run_raw(ctx, args.clients, sizes, args.rss_interval_s)
-            else:
+            elif kind == "ingest":
                 r = run_ingest(ctx, args.clients, sizes, workdir, args.rss_interval_s)
+            else:
+                r = run_store(args.clients, sizes, workdir)
             logger.info(
-                "repeat %d/%d %s: %.1f MB/s, %.2f s",
-                rep + 1,
-                args.repeats,
-                kind,
-                r.mb_per_s,
-                r.wall_s,
+                "repeat %d/%d %s: %.1f MB/s, %.2f s", rep, args.repeats, kind, r.mb_per_s, r.wall_s
             )
-            rows.append(r)
+            rows.append(replace(r, repeat=rep))
     if args.large_total_mb > 0:
         large_samples = int(args.large_total_mb * _MB / args.clients / per_sample)
         logger.info("large ingest run: %d samples per client", large_samples)
         large = run_ingest(
             ctx, args.clients, {**sizes, "samples": large_samples}, workdir, args.rss_interval_s
         )
-        rows.append(RunResult(**{**asdict(large), "kind": "ingest-large"}))
+        rows.append(replace(large, kind="ingest-large"))
     if args.workdir is None:
         shutil.rmtree(workdir)
     raw_mbs = statistics.median(r.mb_per_s for r in rows if r.kind == "raw")
     ingest = [r for r in rows if r.kind == "ingest"]
     ingest_mbs = statistics.median(r.mb_per_s for r in ingest)
     ingest_sps = statistics.median(r.samples_per_s for r in ingest)
+    store_mbs = statistics.median(r.mb_per_s for r in rows if r.kind == "store")
     sys.stdout.write(table(rows) + "\n\n")
     sys.stdout.write(
         f"median over {args.repeats}: ingest {ingest_mbs:.1f} MB/s ({ingest_sps:,.0f} samples/s), "
         f"raw gRPC {raw_mbs:.1f} MB/s; ratio ingest/raw = {ingest_mbs / raw_mbs:.2f} "
         "(goal >= 0.5)\n"
+        f"storage ceiling (SqliteStore alone, one thread, no gRPC): {store_mbs:.1f} MB/s, "
+        f"ratio store/raw = {store_mbs / raw_mbs:.2f}, "
+        f"ingest/store = {ingest_mbs / store_mbs:.2f}\n"
     )
 
     def growth(kind: str) -> float:
@@ -441,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.stdout.write(
         "server RSS growth while streaming (peak before the first ack - start), median: "
-        f"ingest {growth('ingest'):.0f} MB for {rows[1].payload_bytes / _MB:.0f} MB, "
+        f"ingest {growth('ingest'):.0f} MB for {ingest[0].payload_bytes / _MB:.0f} MB, "
         f"raw gRPC sink {growth('raw'):.0f} MB"
         + (
             f"; large ingest {growth('ingest-large'):.0f} MB for "
@@ -460,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                     "median_ingest_mb_per_s": ingest_mbs,
                     "median_ingest_samples_per_s": ingest_sps,
                     "median_raw_mb_per_s": raw_mbs,
+                    "median_store_mb_per_s": store_mbs,
                     "ratio": ingest_mbs / raw_mbs,
                 },
                 indent=2,
