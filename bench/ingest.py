@@ -7,14 +7,17 @@ Each repeat measures, in the same run and on the same loopback:
   float32 latents (+ uint8 labels) to ONE ``latentedge server`` process on a fresh SQLite file
   (WAL, ``synchronous=FULL``: every ack follows a durable commit);
 * **raw**: the same processes stream the same number of chunks of the same byte size to a
-  bare gRPC service (no protoc, identity (de)serialisers on raw bytes) that only counts them.
+  bare gRPC service (no protoc, identity (de)serialisers on raw bytes, the server's gRPC
+  options) that only counts them;
+* **store**: the storage ceiling, the same chunks written through ``SqliteStore`` directly
+  by one thread (no gRPC, no validation).
 
 Throughput = payload bytes (latents + labels) / wall time from the first client's first byte
 to the last client's ack. The server's RSS is sampled with psutil during ingest. A final,
 larger ingest run (``--large-total-mb``) shows whether RSS grows with payload size.
 
     .venv/bin/python bench/ingest.py [--clients 8] [--samples 200000] [--latent-dim 64]
-        [--repeats 3] [--large-total-mb 1024] [--out results.json]
+        [--repeats 5] [--large-total-mb 1024] [--out results.json]
 """
 
 from __future__ import annotations
@@ -409,7 +412,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--chunk-bytes", type=int, default=CHUNK_BYTES, help="latents bytes per streamed chunk"
     )
     p.add_argument(
-        "--repeats", type=int, default=3, help="raw + ingest + store rounds (medians quoted)"
+        "--repeats", type=int, default=5, help="raw + ingest + store rounds (medians quoted)"
     )
     p.add_argument(
         "--large-total-mb",
