@@ -17,6 +17,19 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "latentedge.v1.Uplink"
 
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    # one upload chunk (<= CHUNK_BYTES) plus protobuf framing must fit in a message
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # replies (predictions, status) are bounded the same way
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # SO_REUSEPORT off: a second server on a busy port must fail, not share it
+    ("grpc.so_reuseport", 0),
+    # no BDP probing: on loopback it grows each stream's flow-control window to tens of
+    # MB, so a slow consumer (durable ingest) buffers that much per upload in RSS
+    ("grpc.http2.bdp_probe", 0),
+]
+"""gRPC channel arguments of the server (bench/ingest.py gives its raw baseline the same)."""
+
 
 def create_server(
     address: str, servicer: UplinkServicer, *, max_workers: int = 16
@@ -31,14 +44,7 @@ def create_server(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        options=[
-            # one upload chunk (<= CHUNK_BYTES) plus protobuf framing must fit in a message
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            # replies (predictions, status) are bounded the same way
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            # SO_REUSEPORT off: a second server on a busy port must fail, not share it
-            ("grpc.so_reuseport", 0),
-        ],
+        options=SERVER_OPTIONS,
     )
     uplink_pb2_grpc.add_UplinkServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

@@ -6,8 +6,11 @@ PostgreSQL backend would implement the same interface for several server replica
 
 Uploads are staged chunk by chunk in short transactions (so ingest memory stays flat), and
 become visible only when :meth:`Store.commit_upload` marks the upload committed in one
-transaction. Staged chunks of an upload that never committed are invisible and are swept at
-start-up or when the same upload id starts again.
+transaction. Staging transactions run with ``synchronous=NORMAL`` (no fsync; a crash may lose
+them, and they are invisible anyway); the commit runs with ``synchronous=FULL``, and its fsync
+of the write-ahead log also makes every staged frame written before it durable. Staged chunks
+of an upload that never committed are invisible and are swept at start-up or when the same
+upload id starts again.
 """
 
 from __future__ import annotations
@@ -165,6 +168,9 @@ class SqliteStore(Store):
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._version_lock = threading.Lock()
+        # One writer at a time in this process: threads queue here instead of polling
+        # SQLite's busy handler, which sleeps up to 100 ms and leaves the write lock idle.
+        self._write_lock = threading.Lock()
         conn = self._conn()
         try:
             conn.executescript(_SCHEMA)
@@ -184,6 +190,9 @@ class SqliteStore(Store):
                 conn = sqlite3.connect(
                     self._path, isolation_level=None, check_same_thread=False, timeout=60.0
                 )
+                # 64 KiB pages: a 4 MiB chunk is 64 WAL frames, not 1000 (3x faster ingest);
+                # takes effect only when the file is created, before WAL mode
+                conn.execute("PRAGMA page_size=65536")
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")  # an ack means the commit hit the disk
                 conn.execute("PRAGMA busy_timeout=60000")
@@ -194,8 +203,9 @@ class SqliteStore(Store):
                 self._connections.append(conn)
         return conn
 
-    def _write(self) -> _Transaction:
-        return _Transaction(self._conn())
+    def _write(self, *, durable: bool = True) -> _Transaction:
+        """A write transaction; ``durable=False`` skips the fsync (only for staged chunks)."""
+        return _Transaction(self._conn(), self._write_lock, durable=durable)
 
     def _sweep_open_uploads(self) -> int:
         with self._write() as c:
@@ -362,7 +372,7 @@ class SqliteStore(Store):
     def put_chunk(
         self, upload_id: str, seq: int, latents: WireTensor, labels: WireTensor, samples: int
     ) -> None:
-        with self._write() as c:
+        with self._write(durable=False) as c:
             c.execute(
                 "INSERT OR REPLACE INTO chunks (upload_id, seq, samples, latent_dtype, "
                 "latent_scale, latent_dim, latents, label_dtype, labels) "
@@ -506,27 +516,35 @@ class SqliteStore(Store):
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK`` on error) on one connection."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK``) on one connection, under ``lock``."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock, *, durable: bool) -> None:
         self._conn = conn
+        self._lock = lock
+        self._durable = durable
 
     def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
         try:
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'NORMAL'}")
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            self._lock.release()
             raise StoreError(f"cannot start a write transaction: {exc}") from exc
         return self._conn
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            try:
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as err:
+        try:
+            if exc_type is None:
+                try:
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error as err:
+                    self._conn.execute("ROLLBACK")
+                    raise StoreError(f"commit failed: {err}") from err
+            else:
                 self._conn.execute("ROLLBACK")
-                raise StoreError(f"commit failed: {err}") from err
-        else:
-            self._conn.execute("ROLLBACK")
+        finally:
+            self._lock.release()
 
 
 def open_store(url: str | Path) -> Store:
