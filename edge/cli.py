@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from common.config import from_mapping, read_toml
+from common.config import read_tables
 from common.constants import RETRY_WINDOW_S
 from common.errors import ConfigError
 from common.records import EnergyProfile, NodeRegistration
@@ -127,18 +127,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def load_config(args: argparse.Namespace) -> tuple[EdgeConfig, EnergyProfile | None]:
     """The config file (if any) overlaid with the flags given; checks required fields."""
-    config = EdgeConfig()
-    profile: EnergyProfile | None = None
-    if args.config is not None:
-        doc = read_toml(args.config)
-        unknown = sorted(set(doc) - {"edge", "profile"})
-        if unknown:
-            raise ConfigError(
-                f"unknown table(s) {unknown} in {str(args.config)!r}; expected [edge], [profile]"
-            )
-        config = from_mapping(EdgeConfig, doc.get("edge", {}), prefix="edge.")
-        if "profile" in doc:
-            profile = from_mapping(EnergyProfile, doc["profile"], prefix="profile.")
+    tables = (
+        read_tables(args.config, {"edge": EdgeConfig, "profile": EnergyProfile})
+        if args.config
+        else {}
+    )
+    config: EdgeConfig = tables.get("edge", EdgeConfig())
+    profile: EnergyProfile | None = tables.get("profile")
     overrides: dict[str, Any] = {
         k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k) is not None
     }

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
-from common.config import from_mapping, read_toml
+from common.config import read_tables
 from common.constants import DEFAULT_LISTEN, MAX_UPLOAD_BYTES
 from common.errors import ConfigError
 from server.allocation import Cell
@@ -64,17 +64,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def load_config(args: argparse.Namespace) -> ServerConfig:
     """Config file (if any) overlaid with the flags given."""
-    config = ServerConfig()
-    if args.config is not None:
-        doc = read_toml(args.config)
-        unknown = sorted(set(doc) - {"server", "cell"})
-        if unknown:
-            raise ConfigError(
-                f"unknown table(s) {unknown} in {str(args.config)!r}; expected [server], [cell]"
-            )
-        config = from_mapping(ServerConfig, doc.get("server", {}), prefix="server.")
-        if "cell" in doc:
-            config = replace(config, cell=from_mapping(Cell, doc["cell"], prefix="cell."))
+    tables = read_tables(args.config, {"server": ServerConfig, "cell": Cell}) if args.config else {}
+    config: ServerConfig = tables.get("server", ServerConfig())
+    if "cell" in tables:
+        config = replace(config, cell=tables["cell"])
     overrides = {
         key: getattr(args, key)
         for key in ("listen", "db", "classifier_mode", "max_upload_bytes", "seed")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import asdict
 
 from common.errors import ConflictError, InfeasibleAllocationError
 from common.records import Schedule
@@ -82,22 +83,7 @@ class RoundScheduler:
             reg = self._store.get_node(status.node_id)
             if reg.profile is None:
                 continue
-            p = reg.profile
-            devices.append(
-                Device(
-                    id=reg.node_id,
-                    samples=reg.samples,
-                    upload_bits=p.upload_bits,
-                    cycles_per_sample=p.cycles_per_sample,
-                    cpu_hz=p.cpu_hz,
-                    kappa=p.kappa,
-                    tx_power_w=p.tx_power_w,
-                    channel_gain=p.channel_gain,
-                    energy_budget_j=p.energy_budget_j,
-                    finetune_energy_j=p.finetune_energy_j,
-                    finetune_latency_s=p.finetune_latency_s,
-                )
-            )
+            devices.append(Device(id=reg.node_id, samples=reg.samples, **asdict(reg.profile)))
         try:
             plan = solve(AllocationProblem.from_devices(devices, cell))
         except InfeasibleAllocationError as exc:
