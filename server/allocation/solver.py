@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import InfeasibleAllocationError
+from common.errors import AllocationError, InfeasibleAllocationError
 from server.allocation.fleet import (
     BoolArray,
     Fleet,
@@ -49,8 +49,15 @@ _GRID = 5
 _MIN_WIDTH = 1e-9
 """Relative width below which a latency interval is not split further."""
 
+_ENUMERABLE = 16
+"""Most devices whose 2^K upload sets are ever enumerated."""
+
 _NAMED = 8
 """Device ids quoted in an infeasibility message before '... and N more'."""
+
+
+class _NoPlanFoundError(AllocationError):
+    """The heuristic found no feasible plan, and none of the checks proves there is none."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,12 +95,17 @@ def solve(
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         fleet = Fleet.from_problem(problem)
         _check_feasible(problem, fleet)
-        if fleet.size <= min(exact_up_to, 16):
+        method = "enumeration" if fleet.size <= min(exact_up_to, _ENUMERABLE) else "lagrangian"
+        if method == "lagrangian":
+            try:
+                choice, bound = _branch_and_bound(problem, fleet, target_gap)
+            except _NoPlanFoundError:
+                if fleet.size > _ENUMERABLE:
+                    raise
+                logger.info("no plan from the relaxation; enumerating %d devices", fleet.size)
+                method = "enumeration"
+        if method == "enumeration":
             choice, bound = _enumerate(problem, fleet)
-            method = "enumeration"
-        else:
-            choice, bound = _branch_and_bound(problem, fleet, target_gap)
-            method = "lagrangian"
         plan = _plan(problem, fleet=fleet, choice=choice, bound=bound, method=method, start=start)
     logger.info(
         "allocation: K=%d objective=%.6g bound=%.6g gap=%.2e uploaders=%d T=%.4gs in %.3fs (%s)",
@@ -138,34 +150,59 @@ def _check_feasible(problem: AllocationProblem, fleet: Fleet) -> None:
             f"coverage: min_samples={problem.cell.min_samples} but all devices able to upload "
             f"hold only {int(reachable)} samples{who}"
         )
-    # Least bandwidth each uploader needs to stay within its energy budget (T unbounded).
-    y_e = cap_inverse_bandwidth(fleet, fleet.budget_upload_s, up)
-    need_hz = np.where(up, fleet.a_hz / y_e, np.inf)
+    need = _budget_bandwidth_hz(fleet)
     forced = np.flatnonzero(~fleet.can_skip)
-    forced_hz = float(need_hz[forced].sum())
-    if forced_hz >= fleet.bandwidth_hz:
+    forced_hz = float(need[forced].sum())
+    if forced.size and forced_hz >= fleet.bandwidth_hz:
         raise InfeasibleAllocationError(
             f"bandwidth: device(s) {_names(problem, forced)} must upload (fine-tuning exceeds "
-            f"their energy budgets) and need at least {forced_hz:.6g} Hz to do so within budget, "
-            f"but bandwidth_hz={fleet.bandwidth_hz:.6g}"
+            f"their energy budgets) and need at least {forced_hz:.6g} Hz to do so within "
+            f"budget, but bandwidth_hz={fleet.bandwidth_hz:.6g}"
         )
-    # Fractional knapsack: least bandwidth that reaches min_samples (a lower bound).
-    missing = fleet.min_samples - float(fleet.samples[forced].sum())
+    cover, least_hz = _greedy_cover(fleet, need, need / fleet.samples)
+    if least_hz >= fleet.bandwidth_hz:
+        raise InfeasibleAllocationError(
+            f"coverage and bandwidth: reaching min_samples={problem.cell.min_samples} needs "
+            f"at least {least_hz:.6g} Hz (uploads within the energy budgets of the cheapest "
+            f"devices {_names(problem, np.flatnonzero(cover))}), but "
+            f"bandwidth_hz={fleet.bandwidth_hz:.6g}"
+        )
+
+
+def _budget_bandwidth_hz(fleet: Fleet) -> FloatArray:
+    """``L_k^E``: least bandwidth keeping device k's upload within its budget (∞: cannot)."""
+    y_e = cap_inverse_bandwidth(fleet, fleet.budget_upload_s, fleet.can_upload)
+    need: FloatArray = np.where(fleet.can_upload, fleet.a_hz / y_e, np.inf)
+    return need
+
+
+def _greedy_cover(fleet: Fleet, need_hz: FloatArray, key: FloatArray) -> tuple[BoolArray, float]:
+    """Forced uploaders, then optional ones in ``key`` order until N_min; and its LP bandwidth.
+
+    With ``key = L^E/n`` the bandwidth, the last device counted fractionally, is the optimum of
+    the knapsack LP: no covering plan needs less (every uploader gets at least ``L^E``).
+    """
+    uploads = ~fleet.can_skip
+    least_hz = float(need_hz[uploads].sum())
+    missing = fleet.min_samples - float(fleet.samples[uploads].sum())
     if missing > 0:
-        optional = np.flatnonzero(fleet.can_skip & up)
-        order = optional[np.argsort(need_hz[optional] / fleet.samples[optional], kind="stable")]
+        optional = np.flatnonzero(fleet.can_skip & fleet.can_upload)
+        order = optional[np.argsort(key[optional], kind="stable")]
         cum = np.cumsum(fleet.samples[order])
-        j = int(np.searchsorted(cum, missing))
+        j = min(int(np.searchsorted(cum, missing)), order.size - 1)
         before = float(cum[j - 1]) if j > 0 else 0.0
         frac = (missing - before) / float(fleet.samples[order[j]])
-        least_hz = forced_hz + float(need_hz[order[:j]].sum()) + frac * float(need_hz[order[j]])
-        if least_hz >= fleet.bandwidth_hz:
-            involved = np.concatenate([forced, order[: j + 1]])
-            raise InfeasibleAllocationError(
-                f"coverage and bandwidth: reaching min_samples={problem.cell.min_samples} needs "
-                f"at least {least_hz:.6g} Hz (uploads within the energy budgets of the cheapest "
-                f"devices {_names(problem, involved)}), but bandwidth_hz={fleet.bandwidth_hz:.6g}"
-            )
+        least_hz += float(need_hz[order[:j]].sum()) + frac * float(need_hz[order[j]])
+        uploads = uploads.copy()
+        uploads[order[: j + 1]] = True
+    return uploads, least_hz
+
+
+def _greedy_covers(fleet: Fleet) -> list[BoolArray]:
+    """Greedy covering sets by three orders: L^E/n, L^E, and most samples first."""
+    need = _budget_bandwidth_hz(fleet)
+    keys = (need / fleet.samples, need, -fleet.samples)
+    return [_greedy_cover(fleet, need, key)[0] for key in keys]
 
 
 def _objectives(fleet: Fleet, masks: BoolArray, upload_s: FloatArray) -> FloatArray:
@@ -177,9 +214,11 @@ def _objectives(fleet: Fleet, masks: BoolArray, upload_s: FloatArray) -> FloatAr
     return out
 
 
-def _choose(fleet: Fleet, masks: BoolArray) -> tuple[_Choice | None, FloatArray, RoundPlan]:
+def _choose(
+    fleet: Fleet, masks: BoolArray, hint_s: FloatArray | None = None
+) -> tuple[_Choice | None, FloatArray, RoundPlan]:
     """Optimise the round latency of each set; return the best set, all values and rounds."""
-    rounds = optimise_round(fleet, masks)
+    rounds = optimise_round(fleet, masks, hint_s)
     split = rounds.split
     values = np.where(split.feasible, _objectives(fleet, masks, split.upload_s), np.inf)
     best = int(np.argmin(values))
@@ -417,9 +456,14 @@ def _branch_and_bound(
         )
     search.consider(free.uploads, np.inf, free.price)
     if search.incumbent is None:
-        raise InfeasibleAllocationError(
-            f"coverage and bandwidth: no upload set found that reaches min_samples="
-            f"{problem.cell.min_samples} within bandwidth_hz={fleet.bandwidth_hz:.6g}"
+        # The relaxed set overshoots B (integrality); greedy covers are the fallback.
+        for cover in _greedy_covers(fleet):
+            search.consider(cover, np.inf)
+    if search.incumbent is None:
+        raise _NoPlanFoundError(
+            f"no upload set found that reaches min_samples={problem.cell.min_samples} within "
+            f"bandwidth_hz={fleet.bandwidth_hz:.6g}; the knapsack bound does not rule one out, "
+            "so the instance is not proven infeasible"
         )
     if fleet.weight_latency == 0.0:
         return _polish(fleet, search.incumbent), free.value
@@ -434,7 +478,8 @@ def _latencies(fleet: Fleet, choice: _Choice) -> FloatArray:
 
 def _polish(fleet: Fleet, choice: _Choice) -> _Choice:
     """Re-optimise the round latency of the chosen upload set (exact for that set)."""
-    best, _, _ = _choose(fleet, choice.uploads[None])
+    hint = np.array([float(np.max(_latencies(fleet, choice)))])
+    best, _, _ = _choose(fleet, choice.uploads[None], hint)
     if best is None or best.objective >= choice.objective:
         return choice
     return best
