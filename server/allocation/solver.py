@@ -352,17 +352,44 @@ class _LatencySearch:
         self.intervals: list[_Interval] = []
         self.evaluations = 0
 
-    def consider(self, uploads: BoolArray, cap_s: float, price: float | None = None) -> None:
+    def consider(self, uploads: BoolArray, cap_s: float) -> None:
         """Split the bandwidth for ``uploads`` at latency ``cap_s``; keep it if it is the best."""
         fleet = self._fleet
         if uploads.astype(np.float64) @ fleet.samples < fleet.min_samples:
             return
-        sp = split_bandwidth(fleet, uploads[None], np.array([cap_s]), price)
+        sp = split_bandwidth(fleet, uploads[None], np.array([cap_s]))
         if not sp.feasible[0]:
             return
         value = float(_objectives(fleet, uploads[None], sp.upload_s)[0])
         if self.incumbent is None or value < self.incumbent.objective:
             self.incumbent = _Choice(uploads, sp.upload_s[0], sp.inverse_bandwidth[0], value)
+
+    def consider_relaxed(self, point: DualPoint) -> None:
+        """Turn a relaxed solution into a plan without a new split.
+
+        At the dual optimum the relaxed bandwidths of its upload set already satisfy the
+        split's optimality conditions; only the marginal coverage device may push Σ b over B,
+        which a uniform shrink of the free devices' bandwidth undoes. Budgets are re-checked.
+        """
+        fleet = self._fleet
+        up = point.uploads
+        if not up.any() or fleet.samples[up].sum() < fleet.min_samples:
+            return
+        b = np.where(up, fleet.a_hz / np.where(up, point.inverse_bandwidth, 1.0), 0.0)
+        free = up & point.free
+        held_hz = float(b[up & ~point.free].sum())
+        free_hz = float(b[free].sum())
+        if held_hz + free_hz > fleet.bandwidth_hz:
+            if held_hz >= fleet.bandwidth_hz or free_hz == 0.0:
+                return
+            b = np.where(free, b * ((fleet.bandwidth_hz - held_hz) / free_hz), b)
+        y = np.where(up, fleet.a_hz / np.where(up, b, 1.0), np.inf)
+        t = np.where(up, fleet.upload_time_s(np.where(up, y, 1.0)), 0.0)
+        if np.any(up & (t > fleet.budget_upload_s * (1.0 + 1e-12))):
+            return
+        value = float(_objectives(fleet, up[None], t[None])[0])
+        if self.incumbent is None or value < self.incumbent.objective:
+            self.incumbent = _Choice(up, t, y, value)
 
     def relax(self, cap_s: float, start_price: float) -> DualPoint:
         """Maximise the plain relaxation at ``cap_s``, remember it and try its upload set."""
@@ -370,9 +397,8 @@ class _LatencySearch:
         dual = relaxation.maximise(start_price)
         self.evaluations += 1
         self._points[cap_s] = (relaxation, dual)
-        estimate = dual.value + self._fleet.weight_latency * cap_s
-        if self.incumbent is None or estimate < self.incumbent.objective:
-            self.consider(dual.uploads, cap_s, dual.price)
+        if np.isfinite(dual.value):
+            self.consider_relaxed(dual)
         return dual
 
     def _price_near(self, cap_s: float) -> float:
@@ -386,12 +412,20 @@ class _LatencySearch:
         return self._fleet.weight_latency * left_s + self._points[right_s][1].value
 
     def priced_bound(self, interval: _Interval) -> float:
-        """Bound with the latency prices of an end point: ``(w_T − Σμ) left + D^μ(right)``."""
-        end = interval.left_s if interval.left_s in self._points else interval.right_s
-        relaxation, point = self._points[end]
-        if not np.isfinite(point.value):
+        """Bound with the latency prices of an end point: ``(w_T − Σμ) left + D^μ(right)``.
+
+        Of the two ends, the one whose prices sum closest to ``w_T`` (the value they have at
+        the optimum) lends its prices.
+        """
+        candidates = []
+        for end in (interval.left_s, interval.right_s):
+            if end in self._points and np.isfinite(self._points[end][1].value):
+                relaxation, point = self._points[end]
+                mu, total = relaxation.latency_prices(point)
+                candidates.append((abs(total - self._fleet.weight_latency), mu))
+        if not candidates:
             return -np.inf
-        mu = relaxation.latency_prices(point)
+        mu = min(candidates, key=lambda c: c[0])[1]
         priced = Relaxation(self._fleet, interval.right_s, interval.left_s, mu)
         self.evaluations += 1
         return priced.maximise(self._price_near(interval.right_s)).value
@@ -454,7 +488,7 @@ def _branch_and_bound(
             f"coverage and bandwidth: min_samples={problem.cell.min_samples} cannot be reached "
             f"within bandwidth_hz={fleet.bandwidth_hz:.6g} and the energy budgets"
         )
-    search.consider(free.uploads, np.inf, free.price)
+    search.consider_relaxed(free)
     if search.incumbent is None:
         # The relaxed set overshoots B (integrality); greedy covers are the fallback.
         for cover in _greedy_covers(fleet):
