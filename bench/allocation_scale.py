@@ -101,7 +101,7 @@ def main() -> int:
                     "cli_solve_s": med(r["solve_time_s"] for r in runs),
                     "solve_s": med(walls),
                     "solve_cpu_s": med(cpus),
-                    "gap": max(max(r["gap"] for r in runs), max(gaps)),
+                    "gap": max(*(r["gap"] for r in runs), *gaps),
                     "uploaders": plan.uploaders,
                 }
             )
