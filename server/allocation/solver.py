@@ -49,6 +49,9 @@ _GRID = 5
 _MIN_WIDTH = 1e-9
 """Relative width below which a latency interval is not split further."""
 
+_POLISH_RTOL = 1e-7
+"""Latency bracket of the final polish for K > 12, relative (objective error below 1e-7)."""
+
 _ENUMERABLE = 16
 """Most devices whose 2^K upload sets are ever enumerated."""
 
@@ -215,10 +218,10 @@ def _objectives(fleet: Fleet, masks: BoolArray, upload_s: FloatArray) -> FloatAr
 
 
 def _choose(
-    fleet: Fleet, masks: BoolArray, hint_s: FloatArray | None = None
+    fleet: Fleet, masks: BoolArray, hint_s: FloatArray | None = None, rtol: float = 1e-9
 ) -> tuple[_Choice | None, FloatArray, RoundPlan]:
     """Optimise the round latency of each set; return the best set, all values and rounds."""
-    rounds = optimise_round(fleet, masks, hint_s)
+    rounds = optimise_round(fleet, masks, hint_s, rtol)
     split = rounds.split
     values = np.where(split.feasible, _objectives(fleet, masks, split.upload_s), np.inf)
     best = int(np.argmin(values))
@@ -513,7 +516,7 @@ def _latencies(fleet: Fleet, choice: _Choice) -> FloatArray:
 def _polish(fleet: Fleet, choice: _Choice) -> _Choice:
     """Re-optimise the round latency of the chosen upload set (exact for that set)."""
     hint = np.array([float(np.max(_latencies(fleet, choice)))])
-    best, _, _ = _choose(fleet, choice.uploads[None], hint)
+    best, _, _ = _choose(fleet, choice.uploads[None], hint, _POLISH_RTOL)
     if best is None or best.objective >= choice.objective:
         return choice
     return best

@@ -40,6 +40,9 @@ _MAX_PRICE_STEPS = 100
 _MAX_ROUND_STEPS = 200
 """Iteration cap of the regula-falsi search for the round latency (typically 10 to 30)."""
 
+_HINT_STEP = 1e-3
+"""Relative step from a latency hint to its second probe."""
+
 _ROUND_RTOL = 1e-9
 """Relative width at which the round-latency bracket counts as converged."""
 
@@ -229,6 +232,7 @@ class _Bracket:
     active: BoolArray
     last_side: NDArray[np.int8]
     price: FloatArray  # λ of the latest feasible probe: the next probe's Newton start
+    rtol: float  # relative bracket width at which a set is done
 
     def step(self, fleet: Fleet, masks: BoolArray, at: FloatArray | None = None) -> None:
         """Probe one latency per active set (regula falsi, or ``at`` inside) and shrink."""
@@ -256,12 +260,17 @@ class _Bracket:
         self.f_hi[rows] = np.where(right, fx, np.where(last == -1, 0.5 * fb, fb))
         self.f_lo[rows] = np.where(right, np.where(last == 1, 0.5 * fa, fa), fx)
         self.last_side[rows] = np.where(right, 1, -1).astype(np.int8)
-        width_ok = self.hi[rows] - self.lo[rows] <= _ROUND_RTOL * self.hi[rows]
+        width_ok = self.hi[rows] - self.lo[rows] <= self.rtol * self.hi[rows]
         flat = self.slope_hi[rows] <= 1e-12 * fleet.weight_latency
         self.active[rows] = ~(width_ok | flat)
 
 
-def optimise_round(fleet: Fleet, masks: BoolArray, hint_s: FloatArray | None = None) -> RoundPlan:
+def optimise_round(
+    fleet: Fleet,
+    masks: BoolArray,
+    hint_s: FloatArray | None = None,
+    rtol: float = _ROUND_RTOL,
+) -> RoundPlan:
     """Minimise ``w_T T + V_U(T)`` over ``T`` for each upload set (exactly; convex in T).
 
     Non-uploaders pin ``T ≥ max T^ft``; uploaders need ``T > T^c + t_min``. The upper end of the
@@ -271,6 +280,8 @@ def optimise_round(fleet: Fleet, masks: BoolArray, hint_s: FloatArray | None = N
         fleet: Device arrays.
         masks: (S, K) upload sets.
         hint_s: (S,) optional latencies near the optimum, probed first.
+        rtol: Relative width of the final latency bracket (the objective's error is about
+            ``w_T T · rtol`` at a kink, far less at a smooth minimum).
     """
     s_rows = masks.shape[0]
     floor_s = np.where(masks, 0.0, fleet.finetune_s).max(axis=1, initial=0.0)
@@ -311,11 +322,19 @@ def optimise_round(fleet: Fleet, masks: BoolArray, hint_s: FloatArray | None = N
         active,
         np.zeros(s_rows, dtype=np.int8),
         inf_split.price.copy(),
+        rtol,
     )
     steps = 0
     while br.active.any() and steps < _MAX_ROUND_STEPS:
         steps += 1
-        br.step(fleet, masks, hint_s if steps == 1 else None)
+        at = None
+        if hint_s is not None and steps == 1:
+            at = hint_s
+        elif hint_s is not None and steps == 2:
+            # Bracket the optimum tightly: step a little past the hint, towards the optimum.
+            left_of_optimum = br.lo == hint_s
+            at = hint_s * np.where(left_of_optimum, 1.0 + _HINT_STEP, 1.0 - _HINT_STEP)
+        br.step(fleet, masks, at)
     logger.debug("round latency search: %d steps for %d sets", steps, s_rows)
     round_s = np.where(inf_split.feasible, br.hi, np.inf)
     final = split_bandwidth(fleet, masks, round_s, br.price)
