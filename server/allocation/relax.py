@@ -106,11 +106,6 @@ class Relaxation:
         self._y_held = np.where(self._up_ok, self._y_cap, np.inf)
         self._warm: tuple[FloatArray, FloatArray, FloatArray] | None = None
 
-    @property
-    def infeasible(self) -> bool:
-        """Some device can neither fine-tune nor upload within ``T̄`` and its budget."""
-        return self._infeasible
-
     def _inverse_bandwidth(self, price: float) -> tuple[FloatArray, FloatArray, BoolArray]:
         """Return y = a/b of every device at bandwidth price ``price`` (∞ where it cannot upload).
 
@@ -131,10 +126,6 @@ class Relaxation:
         slope[idx] = slope_free
         self._warm = (v, np.where(np.isfinite(y), y, 1.0), slope)
         return y, slope, free
-
-    def upload_inverse_bandwidth(self, price: float) -> FloatArray:
-        """Return y = a/b each device would upload at, at bandwidth price ``price``."""
-        return self._inverse_bandwidth(price)[0]
 
     def latency_prices(self, point: DualPoint) -> tuple[FloatArray, float]:
         """Multipliers of the latency caps ``τ_k ≤ T̄`` at ``point``, scaled to ``Σ ≤ w_T``.

@@ -399,6 +399,14 @@ class _LatencySearch:
         relaxation = Relaxation(self._fleet, cap_s, 0.0)
         dual = relaxation.maximise(start_price)
         self.evaluations += 1
+        logger.debug(
+            "relaxation at T=%.6gs: D=%.9g, λ=%.4g /Hz, ν=%.4g /sample, %d upload",
+            cap_s,
+            dual.value,
+            dual.price,
+            dual.coverage_price,
+            int(dual.uploads.sum()),
+        )
         self._points[cap_s] = (relaxation, dual)
         if np.isfinite(dual.value):
             self.consider_relaxed(dual)
