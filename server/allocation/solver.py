@@ -93,6 +93,8 @@ def solve(
         InfeasibleAllocationError: no plan meets the budgets, coverage and bandwidth; the
             message names the binding constraint and the devices involved.
     """
+    if not 0.0 <= target_gap < 1.0:
+        raise AllocationError(f"target_gap must be in [0, 1), got {target_gap!r}")
     start = time.perf_counter()
     # np.where evaluates both branches; masked-out lanes may divide by zero or overflow.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
