@@ -4,10 +4,13 @@
   :mod:`server.allocation.split`); the best is optimal, and the minimum over sets of each set's
   Lagrangian dual value is the lower bound.
 * Larger K: branch-and-bound over the round latency ``T``. Each evaluated cap ``T̄`` gives a
-  Lagrangian bound ``D(T̄)`` (:mod:`server.allocation.relax`) and a plan (the relaxed upload set,
-  split exactly at ``T̄``); ``w_T T_i + D(T_{i+1})`` bounds every plan with ``T ∈ [T_i, T_{i+1}]``.
-  The interval with the lowest bound is split until the gap closes; the best upload set is then
-  re-optimised over ``T`` and the latency prices of that optimum tighten the bound below it.
+  Lagrangian bound ``D(T̄)`` (:mod:`server.allocation.relax`) and a plan (the relaxed upload set
+  with its relaxed bandwidths); ``w_T T_i + D(T_{i+1})`` bounds every plan with
+  ``T ∈ [T_i, T_{i+1}]``, and pricing the latency constraints with the multipliers of an end
+  point tightens that bound. The interval with the lowest bound is priced, then split, until the
+  gap closes; the best upload set is finally re-optimised over ``T`` exactly.
+
+docs/allocation.md derives the bounds.
 """
 
 from __future__ import annotations
