@@ -349,8 +349,7 @@ class _Interval:
 class _LatencySearch:
     """Branch-and-bound over the round latency (see the module docstring)."""
 
-    def __init__(self, problem: AllocationProblem, fleet: Fleet) -> None:
-        self._problem = problem
+    def __init__(self, fleet: Fleet) -> None:
         self._fleet = fleet
         reach = np.where(fleet.can_upload, fleet.encode_s + fleet.t_min_s, np.inf)
         local = np.where(fleet.can_skip, fleet.finetune_s, np.inf)
@@ -497,7 +496,7 @@ class _LatencySearch:
 def _branch_and_bound(
     problem: AllocationProblem, fleet: Fleet, target_gap: float
 ) -> tuple[_Choice, float]:
-    search = _LatencySearch(problem, fleet)
+    search = _LatencySearch(fleet)
     free = Relaxation(fleet, np.inf, 0.0).maximise(_initial_price(fleet))
     if not np.isfinite(free.value):
         raise InfeasibleAllocationError(
