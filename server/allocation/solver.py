@@ -49,11 +49,17 @@ MAX_LATENCY_POINTS = 60
 _GRID = 5
 """Initial latency caps: the incumbent's latency and halvings of its distance to the floor."""
 
-_MIN_WIDTH = 1e-9
+_MIN_WIDTH = 1e-6
 """Relative width below which a latency interval is not split further."""
 
 _POLISH_RTOL = 1e-7
 """Latency bracket of the final polish for K > 12, relative (objective error below 1e-7)."""
+
+_FLIP_MAX_DEVICES = 200
+"""Largest fleet on which the 1-flip local search runs when the gap is still open."""
+
+_FLIP_MAX_ROUNDS = 10
+"""Most improving flips of the local search."""
 
 _ENUMERABLE = 16
 """Most devices whose 2^K upload sets are ever enumerated."""
@@ -514,15 +520,43 @@ def _branch_and_bound(
             f"bandwidth_hz={fleet.bandwidth_hz:.6g}; the knapsack bound does not rule one out, "
             "so the instance is not proven infeasible"
         )
-    if fleet.weight_latency == 0.0:
-        return _polish(fleet, search.incumbent), free.value
-    bound = search.run(free, target_gap)
+    bound = free.value if fleet.weight_latency == 0.0 else search.run(free, target_gap)
     best = _polish(fleet, search.incumbent)
+    if best.objective - bound > target_gap * best.objective:
+        best = _flip_descent(fleet, best)
     return best, min(bound, best.objective)
 
 
 def _latencies(fleet: Fleet, choice: _Choice) -> FloatArray:
     return np.where(choice.uploads, fleet.encode_s + choice.upload_s, fleet.finetune_s)
+
+
+def _flip_descent(fleet: Fleet, choice: _Choice) -> _Choice:
+    """1-flip local search for small fleets: add or drop one uploader while that helps.
+
+    All K neighbours are solved exactly in one batch (K × K arrays), so this runs only up to
+    ``_FLIP_MAX_DEVICES`` devices, where few devices share the bandwidth and rounding the
+    relaxation costs most.
+    """
+    k = fleet.size
+    if k > _FLIP_MAX_DEVICES:
+        return choice
+    for _ in range(_FLIP_MAX_ROUNDS):
+        masks = np.repeat(choice.uploads[None], k, axis=0)
+        masks[np.arange(k), np.arange(k)] ^= True
+        admissible = (
+            np.all(masks | fleet.can_skip, axis=1)
+            & np.all(~masks | fleet.can_upload, axis=1)
+            & (masks.astype(np.float64) @ fleet.samples >= fleet.min_samples)
+        )
+        if not admissible.any():
+            break
+        better, _, _ = _choose(fleet, masks[admissible])
+        if better is None or better.objective >= choice.objective * (1.0 - 1e-12):
+            break
+        logger.debug("flip descent: %.9g -> %.9g", choice.objective, better.objective)
+        choice = better
+    return choice
 
 
 def _polish(fleet: Fleet, choice: _Choice) -> _Choice:
@@ -551,7 +585,8 @@ def _plan(
     total_j = float(energy.sum())
     round_s = float(latency.max())
     objective = fleet.weight_energy * total_j + fleet.weight_latency * round_s
-    gap = max(0.0, (objective - bound) / objective) if objective > 0 else 0.0
+    bound = min(bound, objective)  # the plan itself bounds the optimum from above
+    gap = (objective - bound) / objective if objective > 0 else 0.0
     for arr in (up, bandwidth, energy, latency):
         arr.setflags(write=False)
     return AllocationPlan(
