@@ -137,7 +137,7 @@ def _run_solve(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from server.allocation.plot import plot_plan
 
-        plot_plan(problem, plan, args.plot)
+        plot_plan(problem, plan, args.plot, rng=np.random.default_rng(0))
         sys.stdout.write(f"  wrote {args.plot}\n")
     return 0
 

@@ -66,9 +66,9 @@ def plot_plan(
     plan: AllocationPlan,
     path: Path,
     *,
+    rng: np.random.Generator,
     points: int = 9,
     target_gap: float = 1e-3,
-    rng: np.random.Generator | None = None,
 ) -> list[ParetoPoint]:
     """Draw the Pareto front (with ``plan`` marked) and the decisions; save a PNG at ``path``.
 
@@ -105,8 +105,7 @@ def plot_plan(
     k = problem.size
     idx = np.arange(k)
     if k > MAX_SCATTER:
-        gen = rng if rng is not None else np.random.default_rng(0)
-        idx = np.sort(gen.choice(k, MAX_SCATTER, replace=False))
+        idx = np.sort(rng.choice(k, MAX_SCATTER, replace=False))
     gain = problem.column("channel_gain")[idx]
     up = plan.upload[idx]
     bw = plan.bandwidth_hz[idx]

@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 from numpy.typing import NDArray
@@ -129,37 +130,53 @@ class Cell:
             raise AllocationError(f"cell.min_samples must be an integer >= 0, got {m!r}")
 
 
-@dataclass(frozen=True, eq=False)
 class AllocationProblem:
-    """Devices (as columns) and the cell: everything one solve needs.
+    """Devices (held as columns) and the cell: everything one solve needs.
 
-    Build it with :meth:`from_devices` or :meth:`from_columns`; both validate every value and
-    name the offending device and column.
+    ``AllocationProblem(devices, cell)`` takes :class:`Device` rows; :meth:`from_columns` takes
+    one array per column (the fast path for 100,000 devices). Both validate every value and name
+    the offending device and column. Instances are immutable: the columns are read-only arrays.
     """
 
-    ids: tuple[str, ...]
-    """Device identifiers, in input order (unique)."""
-    columns: Mapping[str, FloatArray]
-    """One read-only float64 array of length K per name in ``DEVICE_COLUMNS``."""
-    cell: Cell
-    """The shared cell and objective weights."""
+    __slots__ = ("_cell", "_columns", "_ids")
 
-    def __post_init__(self) -> None:
-        k = len(self.ids)
+    def __init__(self, devices: Sequence[Device], cell: Cell) -> None:
+        columns = {
+            name: np.array([float(getattr(d, name)) for d in devices], dtype=np.float64)
+            for name in DEVICE_COLUMNS
+        }
+        self._set(tuple(d.id for d in devices), columns, cell)
+
+    @classmethod
+    def from_devices(cls, devices: Sequence[Device], cell: Cell) -> AllocationProblem:
+        """Same as ``AllocationProblem(devices, cell)``."""
+        return cls(devices, cell)
+
+    @classmethod
+    def from_columns(
+        cls, ids: Sequence[str], columns: Mapping[str, FloatArray], cell: Cell
+    ) -> AllocationProblem:
+        """Build the problem from one array per name in ``DEVICE_COLUMNS`` (validated here)."""
+        problem = cls.__new__(cls)
+        problem._set(tuple(ids), columns, cell)
+        return problem
+
+    def _set(self, ids: tuple[str, ...], columns: Mapping[str, FloatArray], cell: Cell) -> None:
+        k = len(ids)
         if k == 0:
             raise AllocationError("the problem has no devices; expected at least one")
-        if len(set(self.ids)) != k:
-            dup = next(i for i, count in Counter(self.ids).items() if count > 1)
+        if len(set(ids)) != k:
+            dup = next(i for i, count in Counter(ids).items() if count > 1)
             raise AllocationError(f"device id {dup!r} appears more than once; ids must be unique")
-        missing = [name for name in DEVICE_COLUMNS if name not in self.columns]
+        missing = [name for name in DEVICE_COLUMNS if name not in columns]
         if missing:
             raise AllocationError(f"missing device columns {missing}; expected {list(CSV_COLUMNS)}")
-        unknown = sorted(set(self.columns) - set(DEVICE_COLUMNS))
+        unknown = sorted(set(columns) - set(DEVICE_COLUMNS))
         if unknown:
             raise AllocationError(f"unknown device columns {unknown}; expected {list(CSV_COLUMNS)}")
         frozen: dict[str, FloatArray] = {}
         for name, rule in DEVICE_COLUMNS.items():
-            col = np.array(self.columns[name], dtype=np.float64)
+            col = np.array(columns[name], dtype=np.float64)
             if col.shape != (k,):
                 raise AllocationError(f"column {name} has shape {col.shape}; expected ({k},)")
             with np.errstate(invalid="ignore"):
@@ -171,37 +188,38 @@ class AllocationProblem:
             if bad.any():
                 row = int(np.argmax(bad))
                 raise AllocationError(
-                    f"device {self.ids[row]!r} (data row {row + 1}): {name} must be "
+                    f"device {ids[row]!r} (data row {row + 1}): {name} must be "
                     f"{rule.expected}, got {float(col[row])!r}"
                 )
             col.setflags(write=False)
             frozen[name] = col
-        object.__setattr__(self, "columns", frozen)
+        self._ids = ids
+        self._columns: Mapping[str, FloatArray] = MappingProxyType(frozen)
+        self._cell = cell
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Device identifiers, in input order (unique)."""
+        return self._ids
+
+    @property
+    def columns(self) -> Mapping[str, FloatArray]:
+        """One read-only float64 array of length K per name in ``DEVICE_COLUMNS``."""
+        return self._columns
+
+    @property
+    def cell(self) -> Cell:
+        """The shared cell and objective weights."""
+        return self._cell
 
     @property
     def size(self) -> int:
         """Number of devices K."""
-        return len(self.ids)
+        return len(self._ids)
 
     def column(self, name: str) -> FloatArray:
         """Return the read-only array of one device column."""
-        return self.columns[name]
-
-    @classmethod
-    def from_devices(cls, devices: Sequence[Device], cell: Cell) -> AllocationProblem:
-        """Build the columnar problem from validated :class:`Device` rows."""
-        columns = {
-            name: np.array([float(getattr(d, name)) for d in devices], dtype=np.float64)
-            for name in DEVICE_COLUMNS
-        }
-        return cls(ids=tuple(d.id for d in devices), columns=columns, cell=cell)
-
-    @classmethod
-    def from_columns(
-        cls, ids: Sequence[str], columns: Mapping[str, FloatArray], cell: Cell
-    ) -> AllocationProblem:
-        """Build the problem from one array per column (validated here, vectorised)."""
-        return cls(ids=tuple(ids), columns=dict(columns), cell=cell)
+        return self._columns[name]
 
     def devices(self) -> tuple[Device, ...]:
         """Return the devices as :class:`Device` rows (slow for large K; for tests and tools)."""
@@ -214,4 +232,4 @@ class AllocationProblem:
     def with_cell(self, **changes: float | int) -> AllocationProblem:
         """Return the same devices with some cell fields replaced (e.g. a Pareto sweep)."""
         cell = dataclasses.replace(self.cell, **changes)  # type: ignore[arg-type]
-        return AllocationProblem(ids=self.ids, columns=self.columns, cell=cell)
+        return AllocationProblem.from_columns(self.ids, self.columns, cell)

@@ -60,6 +60,10 @@ class DualPoint:
     """Σ_{uploaders} b_k − B: a supergradient of D in λ."""
     excess_slope: float
     """d excess / d ln λ with the upload set held fixed (≤ 0), Hz."""
+    inverse_bandwidth: FloatArray
+    """(K,) y = a/b each device would upload at (∞ where it cannot)."""
+    free: BoolArray
+    """(K,) devices not held at their cap at this price."""
 
 
 class Relaxation:
@@ -102,11 +106,6 @@ class Relaxation:
         self._y_held = np.where(self._up_ok, self._y_cap, np.inf)
         self._warm: tuple[FloatArray, FloatArray, FloatArray] | None = None
 
-    @property
-    def infeasible(self) -> bool:
-        """Some device can neither fine-tune nor upload within ``T̄`` and its budget."""
-        return self._infeasible
-
     def _inverse_bandwidth(self, price: float) -> tuple[FloatArray, FloatArray, BoolArray]:
         """Return y = a/b of every device at bandwidth price ``price`` (∞ where it cannot upload).
 
@@ -128,12 +127,10 @@ class Relaxation:
         self._warm = (v, np.where(np.isfinite(y), y, 1.0), slope)
         return y, slope, free
 
-    def upload_inverse_bandwidth(self, price: float) -> FloatArray:
-        """Return y = a/b each device would upload at, at bandwidth price ``price``."""
-        return self._inverse_bandwidth(price)[0]
-
-    def latency_prices(self, point: DualPoint) -> FloatArray:
+    def latency_prices(self, point: DualPoint) -> tuple[FloatArray, float]:
         """Multipliers of the latency caps ``τ_k ≤ T̄`` at ``point``, scaled to ``Σ ≤ w_T``.
+
+        Returns the multipliers and their sum before scaling.
 
         An uploader held at its latency cap would pay ``λ a/(t_min ψ(y_cap)) − ω_k`` per second
         the cap tightens; their sum is ``−dD/dT̄``. Used as ``μ`` for neighbouring intervals.
@@ -147,7 +144,7 @@ class Relaxation:
         total = float(mu.sum())
         if total > fleet.weight_latency:
             mu = mu * (fleet.weight_latency / total)
-        return mu
+        return mu, total
 
     def release_price(self, uploads: BoolArray) -> float:
         """Largest λ at which some uploader in ``uploads`` is not held at its cap."""
@@ -163,7 +160,8 @@ class Relaxation:
         """Evaluate D at ``λ = price`` with the best ``ν`` for it."""
         fleet = self._fleet
         if self._infeasible:
-            return DualPoint(np.inf, price, 0.0, np.zeros(fleet.size, dtype=bool), 0.0, 0.0)
+            none = np.zeros(fleet.size, dtype=bool)
+            return DualPoint(np.inf, price, 0.0, none, 0.0, 0.0, np.full(fleet.size, np.inf), none)
         y, psi_slope, free_all = self._inverse_bandwidth(price)
         y_safe = np.where(self._up_ok, y, 1.0)
         t = fleet.upload_time_s(y_safe)
@@ -187,7 +185,7 @@ class Relaxation:
             cum = covered + np.cumsum(n[order])
             j = int(np.searchsorted(cum, need))
             if j >= order.size:
-                return DualPoint(np.inf, price, np.inf, uploads, 0.0, 0.0)
+                return DualPoint(np.inf, price, np.inf, uploads, 0.0, 0.0, y, free_all)
             marginal = order[j]
             nu = float(premium[marginal])
             uploads = base.copy()
@@ -199,7 +197,7 @@ class Relaxation:
         value = self._constant - price * fleet.bandwidth_hz + nu * need + float(per_device.sum())
         free = uploads & free_all
         slope = -float((b[free] / psi_slope[free]).sum())
-        return DualPoint(value, price, nu, uploads, excess, slope)
+        return DualPoint(value, price, nu, uploads, excess, slope, y, free_all)
 
     def maximise(self, start_price: float) -> DualPoint:
         """Maximise D over ``λ`` from ``start_price``; return the best point evaluated.

@@ -4,10 +4,13 @@
   :mod:`server.allocation.split`); the best is optimal, and the minimum over sets of each set's
   Lagrangian dual value is the lower bound.
 * Larger K: branch-and-bound over the round latency ``T``. Each evaluated cap ``T̄`` gives a
-  Lagrangian bound ``D(T̄)`` (:mod:`server.allocation.relax`) and a plan (the relaxed upload set,
-  split exactly at ``T̄``); ``w_T T_i + D(T_{i+1})`` bounds every plan with ``T ∈ [T_i, T_{i+1}]``.
-  The interval with the lowest bound is split until the gap closes; the best upload set is then
-  re-optimised over ``T`` and the latency prices of that optimum tighten the bound below it.
+  Lagrangian bound ``D(T̄)`` (:mod:`server.allocation.relax`) and a plan (the relaxed upload set
+  with its relaxed bandwidths); ``w_T T_i + D(T_{i+1})`` bounds every plan with
+  ``T ∈ [T_i, T_{i+1}]``, and pricing the latency constraints with the multipliers of an end
+  point tightens that bound. The interval with the lowest bound is priced, then split, until the
+  gap closes; the best upload set is finally re-optimised over ``T`` exactly.
+
+docs/allocation.md derives the bounds.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import InfeasibleAllocationError
+from common.errors import AllocationError, InfeasibleAllocationError
 from server.allocation.fleet import (
     BoolArray,
     Fleet,
@@ -46,11 +49,27 @@ MAX_LATENCY_POINTS = 60
 _GRID = 5
 """Initial latency caps: the incumbent's latency and halvings of its distance to the floor."""
 
-_MIN_WIDTH = 1e-9
+_MIN_WIDTH = 1e-6
 """Relative width below which a latency interval is not split further."""
+
+_POLISH_RTOL = 1e-7
+"""Latency bracket of the final polish for K > 12, relative (objective error below 1e-7)."""
+
+_FLIP_MAX_DEVICES = 200
+"""Largest fleet on which the 1-flip local search runs when the gap is still open."""
+
+_FLIP_MAX_ROUNDS = 10
+"""Most improving flips of the local search."""
+
+_ENUMERABLE = 16
+"""Most devices whose 2^K upload sets are ever enumerated."""
 
 _NAMED = 8
 """Device ids quoted in an infeasibility message before '... and N more'."""
+
+
+class _NoPlanFoundError(AllocationError):
+    """The heuristic found no feasible plan, and none of the checks proves there is none."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,17 +102,24 @@ def solve(
         InfeasibleAllocationError: no plan meets the budgets, coverage and bandwidth; the
             message names the binding constraint and the devices involved.
     """
+    if not 0.0 <= target_gap < 1.0:
+        raise AllocationError(f"target_gap must be in [0, 1), got {target_gap!r}")
     start = time.perf_counter()
     # np.where evaluates both branches; masked-out lanes may divide by zero or overflow.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         fleet = Fleet.from_problem(problem)
         _check_feasible(problem, fleet)
-        if fleet.size <= min(exact_up_to, 16):
+        method = "enumeration" if fleet.size <= min(exact_up_to, _ENUMERABLE) else "lagrangian"
+        if method == "lagrangian":
+            try:
+                choice, bound = _branch_and_bound(problem, fleet, target_gap)
+            except _NoPlanFoundError:
+                if fleet.size > _ENUMERABLE:
+                    raise
+                logger.info("no plan from the relaxation; enumerating %d devices", fleet.size)
+                method = "enumeration"
+        if method == "enumeration":
             choice, bound = _enumerate(problem, fleet)
-            method = "enumeration"
-        else:
-            choice, bound = _branch_and_bound(problem, fleet, target_gap)
-            method = "lagrangian"
         plan = _plan(problem, fleet=fleet, choice=choice, bound=bound, method=method, start=start)
     logger.info(
         "allocation: K=%d objective=%.6g bound=%.6g gap=%.2e uploaders=%d T=%.4gs in %.3fs (%s)",
@@ -138,34 +164,59 @@ def _check_feasible(problem: AllocationProblem, fleet: Fleet) -> None:
             f"coverage: min_samples={problem.cell.min_samples} but all devices able to upload "
             f"hold only {int(reachable)} samples{who}"
         )
-    # Least bandwidth each uploader needs to stay within its energy budget (T unbounded).
-    y_e = cap_inverse_bandwidth(fleet, fleet.budget_upload_s, up)
-    need_hz = np.where(up, fleet.a_hz / y_e, np.inf)
+    need = _budget_bandwidth_hz(fleet)
     forced = np.flatnonzero(~fleet.can_skip)
-    forced_hz = float(need_hz[forced].sum())
-    if forced_hz >= fleet.bandwidth_hz:
+    forced_hz = float(need[forced].sum())
+    if forced.size and forced_hz >= fleet.bandwidth_hz:
         raise InfeasibleAllocationError(
             f"bandwidth: device(s) {_names(problem, forced)} must upload (fine-tuning exceeds "
-            f"their energy budgets) and need at least {forced_hz:.6g} Hz to do so within budget, "
-            f"but bandwidth_hz={fleet.bandwidth_hz:.6g}"
+            f"their energy budgets) and need at least {forced_hz:.6g} Hz to do so within "
+            f"budget, but bandwidth_hz={fleet.bandwidth_hz:.6g}"
         )
-    # Fractional knapsack: least bandwidth that reaches min_samples (a lower bound).
-    missing = fleet.min_samples - float(fleet.samples[forced].sum())
+    cover, least_hz = _greedy_cover(fleet, need, need / fleet.samples)
+    if least_hz >= fleet.bandwidth_hz:
+        raise InfeasibleAllocationError(
+            f"coverage and bandwidth: reaching min_samples={problem.cell.min_samples} needs "
+            f"at least {least_hz:.6g} Hz (uploads within the energy budgets of the cheapest "
+            f"devices {_names(problem, np.flatnonzero(cover))}), but "
+            f"bandwidth_hz={fleet.bandwidth_hz:.6g}"
+        )
+
+
+def _budget_bandwidth_hz(fleet: Fleet) -> FloatArray:
+    """``L_k^E``: least bandwidth keeping device k's upload within its budget (∞: cannot)."""
+    y_e = cap_inverse_bandwidth(fleet, fleet.budget_upload_s, fleet.can_upload)
+    need: FloatArray = np.where(fleet.can_upload, fleet.a_hz / y_e, np.inf)
+    return need
+
+
+def _greedy_cover(fleet: Fleet, need_hz: FloatArray, key: FloatArray) -> tuple[BoolArray, float]:
+    """Forced uploaders, then optional ones in ``key`` order until N_min; and its LP bandwidth.
+
+    With ``key = L^E/n`` the bandwidth, the last device counted fractionally, is the optimum of
+    the knapsack LP: no covering plan needs less (every uploader gets at least ``L^E``).
+    """
+    uploads = ~fleet.can_skip
+    least_hz = float(need_hz[uploads].sum())
+    missing = fleet.min_samples - float(fleet.samples[uploads].sum())
     if missing > 0:
-        optional = np.flatnonzero(fleet.can_skip & up)
-        order = optional[np.argsort(need_hz[optional] / fleet.samples[optional], kind="stable")]
+        optional = np.flatnonzero(fleet.can_skip & fleet.can_upload)
+        order = optional[np.argsort(key[optional], kind="stable")]
         cum = np.cumsum(fleet.samples[order])
-        j = int(np.searchsorted(cum, missing))
+        j = min(int(np.searchsorted(cum, missing)), order.size - 1)
         before = float(cum[j - 1]) if j > 0 else 0.0
         frac = (missing - before) / float(fleet.samples[order[j]])
-        least_hz = forced_hz + float(need_hz[order[:j]].sum()) + frac * float(need_hz[order[j]])
-        if least_hz >= fleet.bandwidth_hz:
-            involved = np.concatenate([forced, order[: j + 1]])
-            raise InfeasibleAllocationError(
-                f"coverage and bandwidth: reaching min_samples={problem.cell.min_samples} needs "
-                f"at least {least_hz:.6g} Hz (uploads within the energy budgets of the cheapest "
-                f"devices {_names(problem, involved)}), but bandwidth_hz={fleet.bandwidth_hz:.6g}"
-            )
+        least_hz += float(need_hz[order[:j]].sum()) + frac * float(need_hz[order[j]])
+        uploads = uploads.copy()
+        uploads[order[: j + 1]] = True
+    return uploads, least_hz
+
+
+def _greedy_covers(fleet: Fleet) -> list[BoolArray]:
+    """Greedy covering sets by three orders: L^E/n, L^E, and most samples first."""
+    need = _budget_bandwidth_hz(fleet)
+    keys = (need / fleet.samples, need, -fleet.samples)
+    return [_greedy_cover(fleet, need, key)[0] for key in keys]
 
 
 def _objectives(fleet: Fleet, masks: BoolArray, upload_s: FloatArray) -> FloatArray:
@@ -177,9 +228,11 @@ def _objectives(fleet: Fleet, masks: BoolArray, upload_s: FloatArray) -> FloatAr
     return out
 
 
-def _choose(fleet: Fleet, masks: BoolArray) -> tuple[_Choice | None, FloatArray, RoundPlan]:
+def _choose(
+    fleet: Fleet, masks: BoolArray, hint_s: FloatArray | None = None, rtol: float = 1e-9
+) -> tuple[_Choice | None, FloatArray, RoundPlan]:
     """Optimise the round latency of each set; return the best set, all values and rounds."""
-    rounds = optimise_round(fleet, masks)
+    rounds = optimise_round(fleet, masks, hint_s, rtol)
     split = rounds.split
     values = np.where(split.feasible, _objectives(fleet, masks, split.upload_s), np.inf)
     best = int(np.argmin(values))
@@ -302,8 +355,7 @@ class _Interval:
 class _LatencySearch:
     """Branch-and-bound over the round latency (see the module docstring)."""
 
-    def __init__(self, problem: AllocationProblem, fleet: Fleet) -> None:
-        self._problem = problem
+    def __init__(self, fleet: Fleet) -> None:
         self._fleet = fleet
         reach = np.where(fleet.can_upload, fleet.encode_s + fleet.t_min_s, np.inf)
         local = np.where(fleet.can_skip, fleet.finetune_s, np.inf)
@@ -313,27 +365,61 @@ class _LatencySearch:
         self.intervals: list[_Interval] = []
         self.evaluations = 0
 
-    def consider(self, uploads: BoolArray, cap_s: float, price: float | None = None) -> None:
+    def consider(self, uploads: BoolArray, cap_s: float) -> None:
         """Split the bandwidth for ``uploads`` at latency ``cap_s``; keep it if it is the best."""
         fleet = self._fleet
         if uploads.astype(np.float64) @ fleet.samples < fleet.min_samples:
             return
-        sp = split_bandwidth(fleet, uploads[None], np.array([cap_s]), price)
+        sp = split_bandwidth(fleet, uploads[None], np.array([cap_s]))
         if not sp.feasible[0]:
             return
         value = float(_objectives(fleet, uploads[None], sp.upload_s)[0])
         if self.incumbent is None or value < self.incumbent.objective:
             self.incumbent = _Choice(uploads, sp.upload_s[0], sp.inverse_bandwidth[0], value)
 
+    def consider_relaxed(self, point: DualPoint) -> None:
+        """Turn a relaxed solution into a plan without a new split.
+
+        At the dual optimum the relaxed bandwidths of its upload set already satisfy the
+        split's optimality conditions; only the marginal coverage device may push Σ b over B,
+        which a uniform shrink of the free devices' bandwidth undoes. Budgets are re-checked.
+        """
+        fleet = self._fleet
+        up = point.uploads
+        if not up.any() or fleet.samples[up].sum() < fleet.min_samples:
+            return
+        b = np.where(up, fleet.a_hz / np.where(up, point.inverse_bandwidth, 1.0), 0.0)
+        free = up & point.free
+        held_hz = float(b[up & ~point.free].sum())
+        free_hz = float(b[free].sum())
+        if held_hz + free_hz > fleet.bandwidth_hz:
+            if held_hz >= fleet.bandwidth_hz or free_hz == 0.0:
+                return
+            b = np.where(free, b * ((fleet.bandwidth_hz - held_hz) / free_hz), b)
+        y = np.where(up, fleet.a_hz / np.where(up, b, 1.0), np.inf)
+        t = np.where(up, fleet.upload_time_s(np.where(up, y, 1.0)), 0.0)
+        if np.any(up & (t > fleet.budget_upload_s * (1.0 + 1e-12))):
+            return
+        value = float(_objectives(fleet, up[None], t[None])[0])
+        if self.incumbent is None or value < self.incumbent.objective:
+            self.incumbent = _Choice(up, t, y, value)
+
     def relax(self, cap_s: float, start_price: float) -> DualPoint:
         """Maximise the plain relaxation at ``cap_s``, remember it and try its upload set."""
         relaxation = Relaxation(self._fleet, cap_s, 0.0)
         dual = relaxation.maximise(start_price)
         self.evaluations += 1
+        logger.debug(
+            "relaxation at T=%.6gs: D=%.9g, λ=%.4g /Hz, ν=%.4g /sample, %d upload",
+            cap_s,
+            dual.value,
+            dual.price,
+            dual.coverage_price,
+            int(dual.uploads.sum()),
+        )
         self._points[cap_s] = (relaxation, dual)
-        estimate = dual.value + self._fleet.weight_latency * cap_s
-        if self.incumbent is None or estimate < self.incumbent.objective:
-            self.consider(dual.uploads, cap_s, dual.price)
+        if np.isfinite(dual.value):
+            self.consider_relaxed(dual)
         return dual
 
     def _price_near(self, cap_s: float) -> float:
@@ -347,12 +433,20 @@ class _LatencySearch:
         return self._fleet.weight_latency * left_s + self._points[right_s][1].value
 
     def priced_bound(self, interval: _Interval) -> float:
-        """Bound with the latency prices of an end point: ``(w_T − Σμ) left + D^μ(right)``."""
-        end = interval.left_s if interval.left_s in self._points else interval.right_s
-        relaxation, point = self._points[end]
-        if not np.isfinite(point.value):
+        """Bound with the latency prices of an end point: ``(w_T − Σμ) left + D^μ(right)``.
+
+        Of the two ends, the one whose prices sum closest to ``w_T`` (the value they have at
+        the optimum) lends its prices.
+        """
+        candidates = []
+        for end in (interval.left_s, interval.right_s):
+            if end in self._points and np.isfinite(self._points[end][1].value):
+                relaxation, point = self._points[end]
+                mu, total = relaxation.latency_prices(point)
+                candidates.append((abs(total - self._fleet.weight_latency), mu))
+        if not candidates:
             return -np.inf
-        mu = relaxation.latency_prices(point)
+        mu = min(candidates, key=lambda c: c[0])[1]
         priced = Relaxation(self._fleet, interval.right_s, interval.left_s, mu)
         self.evaluations += 1
         return priced.maximise(self._price_near(interval.right_s)).value
@@ -408,23 +502,28 @@ class _LatencySearch:
 def _branch_and_bound(
     problem: AllocationProblem, fleet: Fleet, target_gap: float
 ) -> tuple[_Choice, float]:
-    search = _LatencySearch(problem, fleet)
+    search = _LatencySearch(fleet)
     free = Relaxation(fleet, np.inf, 0.0).maximise(_initial_price(fleet))
     if not np.isfinite(free.value):
         raise InfeasibleAllocationError(
             f"coverage and bandwidth: min_samples={problem.cell.min_samples} cannot be reached "
             f"within bandwidth_hz={fleet.bandwidth_hz:.6g} and the energy budgets"
         )
-    search.consider(free.uploads, np.inf, free.price)
+    search.consider_relaxed(free)
     if search.incumbent is None:
-        raise InfeasibleAllocationError(
-            f"coverage and bandwidth: no upload set found that reaches min_samples="
-            f"{problem.cell.min_samples} within bandwidth_hz={fleet.bandwidth_hz:.6g}"
+        # The relaxed set overshoots B (integrality); greedy covers are the fallback.
+        for cover in _greedy_covers(fleet):
+            search.consider(cover, np.inf)
+    if search.incumbent is None:
+        raise _NoPlanFoundError(
+            f"no upload set found that reaches min_samples={problem.cell.min_samples} within "
+            f"bandwidth_hz={fleet.bandwidth_hz:.6g}; the knapsack bound does not rule one out, "
+            "so the instance is not proven infeasible"
         )
-    if fleet.weight_latency == 0.0:
-        return _polish(fleet, search.incumbent), free.value
-    bound = search.run(free, target_gap)
+    bound = free.value if fleet.weight_latency == 0.0 else search.run(free, target_gap)
     best = _polish(fleet, search.incumbent)
+    if best.objective - bound > target_gap * best.objective:
+        best = _flip_descent(fleet, best)
     return best, min(bound, best.objective)
 
 
@@ -432,9 +531,38 @@ def _latencies(fleet: Fleet, choice: _Choice) -> FloatArray:
     return np.where(choice.uploads, fleet.encode_s + choice.upload_s, fleet.finetune_s)
 
 
+def _flip_descent(fleet: Fleet, choice: _Choice) -> _Choice:
+    """1-flip local search for small fleets: add or drop one uploader while that helps.
+
+    All K neighbours are solved exactly in one batch (K × K arrays), so this runs only up to
+    ``_FLIP_MAX_DEVICES`` devices, where few devices share the bandwidth and rounding the
+    relaxation costs most.
+    """
+    k = fleet.size
+    if k > _FLIP_MAX_DEVICES:
+        return choice
+    for _ in range(_FLIP_MAX_ROUNDS):
+        masks = np.repeat(choice.uploads[None], k, axis=0)
+        masks[np.arange(k), np.arange(k)] ^= True
+        admissible = (
+            np.all(masks | fleet.can_skip, axis=1)
+            & np.all(~masks | fleet.can_upload, axis=1)
+            & (masks.astype(np.float64) @ fleet.samples >= fleet.min_samples)
+        )
+        if not admissible.any():
+            break
+        better, _, _ = _choose(fleet, masks[admissible])
+        if better is None or better.objective >= choice.objective * (1.0 - 1e-12):
+            break
+        logger.debug("flip descent: %.9g -> %.9g", choice.objective, better.objective)
+        choice = better
+    return choice
+
+
 def _polish(fleet: Fleet, choice: _Choice) -> _Choice:
     """Re-optimise the round latency of the chosen upload set (exact for that set)."""
-    best, _, _ = _choose(fleet, choice.uploads[None])
+    hint = np.array([float(np.max(_latencies(fleet, choice)))])
+    best, _, _ = _choose(fleet, choice.uploads[None], hint, _POLISH_RTOL)
     if best is None or best.objective >= choice.objective:
         return choice
     return best
@@ -457,7 +585,8 @@ def _plan(
     total_j = float(energy.sum())
     round_s = float(latency.max())
     objective = fleet.weight_energy * total_j + fleet.weight_latency * round_s
-    gap = max(0.0, (objective - bound) / objective) if objective > 0 else 0.0
+    bound = min(bound, objective)  # the plan itself bounds the optimum from above
+    gap = (objective - bound) / objective if objective > 0 else 0.0
     for arr in (up, bandwidth, energy, latency):
         arr.setflags(write=False)
     return AllocationPlan(

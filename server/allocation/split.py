@@ -40,7 +40,10 @@ _MAX_PRICE_STEPS = 100
 _MAX_ROUND_STEPS = 200
 """Iteration cap of the regula-falsi search for the round latency (typically 10 to 30)."""
 
-_ROUND_RTOL = 1e-10
+_HINT_STEP = 1e-3
+"""Relative step from a latency hint to its second probe."""
+
+_ROUND_RTOL = 1e-9
 """Relative width at which the round-latency bracket counts as converged."""
 
 
@@ -74,7 +77,10 @@ class Split:
 
 
 def split_bandwidth(
-    fleet: Fleet, masks: BoolArray, round_s: FloatArray, price_guess: float | None = None
+    fleet: Fleet,
+    masks: BoolArray,
+    round_s: FloatArray,
+    price_guess: float | FloatArray | None = None,
 ) -> Split:
     """Solve the bandwidth subproblem of each upload set at its round latency.
 
@@ -82,8 +88,8 @@ def split_bandwidth(
         fleet: Device arrays.
         masks: (S, K) upload sets.
         round_s: (S,) round latency of each set, s (``inf`` leaves only the energy caps).
-        price_guess: A bandwidth price λ close to the answer (e.g. from a relaxation), to start
-            the Newton search from.
+        price_guess: A bandwidth price λ close to the answer (e.g. from a relaxation or a
+            nearby latency), one for all sets or one per set, to start the Newton search from.
 
     Returns:
         The split; rows whose caps exceed the bandwidth are marked infeasible.
@@ -109,7 +115,11 @@ def split_bandwidth(
     rows = np.flatnonzero(feasible & masks.any(axis=1))
     if rows.size:
         m = masks[rows]
-        lam, y = _solve_price(fleet, m, y_cap[rows], price_guess)
+        guess = None
+        if price_guess is not None:
+            guess = np.broadcast_to(np.asarray(price_guess, dtype=np.float64), (s_rows,))[rows]
+            guess = np.where(np.isfinite(guess) & (guess > 0), guess, np.nan)
+        lam, y = _solve_price(fleet, m, y_cap[rows], guess)
         price[rows] = lam
         y_all[rows] = y
         held = m & (y >= y_cap[rows]) & np.isfinite(y_cap[rows])
@@ -134,17 +144,16 @@ def split_bandwidth(
 
 
 def _solve_price(
-    fleet: Fleet, masks: BoolArray, y_cap: FloatArray, price_guess: float | None
+    fleet: Fleet, masks: BoolArray, y_cap: FloatArray, price_guess: FloatArray | None
 ) -> tuple[FloatArray, FloatArray]:
     """Find λ per row with Σ_k max(L_k, b̂_k(λ)) = B; return λ and the y = a/b of uploaders."""
     bandwidth = fleet.bandwidth_hz
     omega = fleet.weight_energy * fleet.power_w
-    if price_guess is None:
-        # From ψ(y) ≈ y²/2 (low SNR): Σ b̂ ≈ Σ sqrt(a ω t_min / 2λ) = B.
-        root = np.where(masks, np.sqrt(fleet.a_hz * omega * fleet.t_min_s / 2.0), 0.0)
-        x = 2.0 * np.log(root.sum(axis=1) / bandwidth)
-    else:
-        x = np.full(masks.shape[0], np.log(price_guess))
+    # From ψ(y) ≈ y²/2 (low SNR): Σ b̂ ≈ Σ sqrt(a ω t_min / 2λ) = B, unless a guess is given.
+    root = np.where(masks, np.sqrt(fleet.a_hz * omega * fleet.t_min_s / 2.0), 0.0)
+    x = 2.0 * np.log(root.sum(axis=1) / bandwidth)
+    if price_guess is not None:
+        x = np.where(np.isnan(price_guess), x, np.log(price_guess))
     lo = np.full_like(x, -np.inf)
     hi = np.full_like(x, np.inf)
     warm: tuple[FloatArray, FloatArray, FloatArray] | None = None
@@ -222,16 +231,21 @@ class _Bracket:
     proven: FloatArray  # largest latency shown infeasible (or a hard floor)
     active: BoolArray
     last_side: NDArray[np.int8]
+    price: FloatArray  # λ of the latest feasible probe: the next probe's Newton start
+    rtol: float  # relative bracket width at which a set is done
 
-    def step(self, fleet: Fleet, masks: BoolArray) -> None:
-        """Probe one latency per active set and shrink its bracket."""
+    def step(self, fleet: Fleet, masks: BoolArray, at: FloatArray | None = None) -> None:
+        """Probe one latency per active set (regula falsi, or ``at`` inside) and shrink."""
         rows = np.flatnonzero(self.active)
         a, b, fa, fb = self.lo[rows], self.hi[rows], self.f_lo[rows], self.f_hi[rows]
         with np.errstate(invalid="ignore"):
             secant = b - fb * (b - a) / (fb - fa)
         use_secant = np.isfinite(fa) & np.isfinite(secant) & (secant > a) & (secant < b)
         x = np.where(use_secant, secant, 0.5 * (a + b))
-        probe = split_bandwidth(fleet, masks[rows], x)
+        if at is not None:
+            x = np.where((at[rows] > a) & (at[rows] < b), at[rows], x)
+        probe = split_bandwidth(fleet, masks[rows], x, self.price[rows])
+        self.price[rows] = np.where(probe.feasible, probe.price, self.price[rows])
         fx = np.where(probe.feasible, probe.slope, -np.inf)
         self.proven[rows] = np.where(
             probe.feasible, self.proven[rows], np.maximum(self.proven[rows], x)
@@ -246,16 +260,28 @@ class _Bracket:
         self.f_hi[rows] = np.where(right, fx, np.where(last == -1, 0.5 * fb, fb))
         self.f_lo[rows] = np.where(right, np.where(last == 1, 0.5 * fa, fa), fx)
         self.last_side[rows] = np.where(right, 1, -1).astype(np.int8)
-        width_ok = self.hi[rows] - self.lo[rows] <= _ROUND_RTOL * self.hi[rows]
+        width_ok = self.hi[rows] - self.lo[rows] <= self.rtol * self.hi[rows]
         flat = self.slope_hi[rows] <= 1e-12 * fleet.weight_latency
         self.active[rows] = ~(width_ok | flat)
 
 
-def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
+def optimise_round(
+    fleet: Fleet,
+    masks: BoolArray,
+    hint_s: FloatArray | None = None,
+    rtol: float = _ROUND_RTOL,
+) -> RoundPlan:
     """Minimise ``w_T T + V_U(T)`` over ``T`` for each upload set (exactly; convex in T).
 
     Non-uploaders pin ``T ≥ max T^ft``; uploaders need ``T > T^c + t_min``. The upper end of the
     bracket is the latency the split reaches without latency caps, where the slope is ``w_T``.
+
+    Args:
+        fleet: Device arrays.
+        masks: (S, K) upload sets.
+        hint_s: (S,) optional latencies near the optimum, probed first.
+        rtol: Relative width of the final latency bracket (the objective's error is about
+            ``w_T T · rtol`` at a kink, far less at a smooth minimum).
     """
     s_rows = masks.shape[0]
     floor_s = np.where(masks, 0.0, fleet.finetune_s).max(axis=1, initial=0.0)
@@ -295,14 +321,23 @@ def optimise_round(fleet: Fleet, masks: BoolArray) -> RoundPlan:
         lo.copy(),
         active,
         np.zeros(s_rows, dtype=np.int8),
+        inf_split.price.copy(),
+        rtol,
     )
     steps = 0
     while br.active.any() and steps < _MAX_ROUND_STEPS:
         steps += 1
-        br.step(fleet, masks)
+        at = None
+        if hint_s is not None and steps == 1:
+            at = hint_s
+        elif hint_s is not None and steps == 2:
+            # Bracket the optimum tightly: step a little past the hint, towards the optimum.
+            left_of_optimum = br.lo == hint_s
+            at = hint_s * np.where(left_of_optimum, 1.0 + _HINT_STEP, 1.0 - _HINT_STEP)
+        br.step(fleet, masks, at)
     logger.debug("round latency search: %d steps for %d sets", steps, s_rows)
     round_s = np.where(inf_split.feasible, br.hi, np.inf)
-    final = split_bandwidth(fleet, masks, round_s)
+    final = split_bandwidth(fleet, masks, round_s, br.price)
     price, mu = _kink_prices(fleet, masks, br, final)
     return RoundPlan(
         round_s=round_s, proven_floor_s=br.proven, split=final, price=price, latency_price=mu

@@ -52,8 +52,14 @@ class OracleResult:
     uploads: tuple[bool, ...]
 
 
-def _solve_set(problem: AllocationProblem, up: np.ndarray) -> float:
-    """Optimal objective with upload set ``up`` fixed (inf if infeasible)."""
+def upload_set_program(
+    problem: AllocationProblem, up: np.ndarray
+) -> tuple[cp.Problem | None, float]:
+    """The bandwidth subproblem of upload set ``up`` as a cvxpy program, plus its constant.
+
+    Returns ``(None, inf)`` when a non-uploader cannot afford fine-tuning, and ``(None, value)``
+    when nobody uploads (nothing to optimise). Units: MHz, Mbit, s, J.
+    """
     col = problem.column
     cell = problem.cell
     n, s_bits = col("samples"), col("upload_bits")
@@ -63,12 +69,12 @@ def _solve_set(problem: AllocationProblem, up: np.ndarray) -> float:
     e_max, e_ft, t_ft = col("energy_budget_j"), col("finetune_energy_j"), col("finetune_latency_s")
     skip = ~up
     if np.any(e_ft[skip] > e_max[skip]):
-        return math.inf
+        return None, math.inf
     const = cell.weight_energy * float(e_ft[skip].sum() + enc_j[up].sum())
     floor = float(t_ft[skip].max()) if skip.any() else 0.0
     idx = np.flatnonzero(up)
     if idx.size == 0:
-        return const + cell.weight_latency * floor
+        return None, const + cell.weight_latency * floor
     a_mhz = p[idx] * g[idx] / cell.noise_psd_w_per_hz / MHZ
     s_mbit = s_bits[idx] / MHZ
     b = cp.Variable(idx.size, nonneg=True)
@@ -79,11 +85,18 @@ def _solve_set(problem: AllocationProblem, up: np.ndarray) -> float:
         rate >= cp.multiply(s_mbit, cp.inv_pos(t)),
         t + enc_s[idx] <= big_t,
         big_t >= floor,
-        enc_j[idx] + cp.multiply(p[idx], t) <= e_max[idx],
+        t <= (e_max[idx] - enc_j[idx]) / p[idx],  # energy budget: E^c + p t <= E^max
         cp.sum(b) <= cell.bandwidth_hz / MHZ,
     ]
     obj = cell.weight_energy * cp.sum(cp.multiply(p[idx], t)) + cell.weight_latency * big_t
-    prob = cp.Problem(cp.Minimize(obj), cons)
+    return cp.Problem(cp.Minimize(obj), cons), const
+
+
+def _solve_set(problem: AllocationProblem, up: np.ndarray) -> float:
+    """Optimal objective with upload set ``up`` fixed (inf if infeasible)."""
+    prob, const = upload_set_program(problem, up)
+    if prob is None:
+        return const
     with warnings.catch_warnings():
         # Clarabel flags "inaccurate" near its 1e-11 tolerances; 1e-9 is still far below the
         # 1e-6 the tests check, so an inaccurate-but-converged answer is used.

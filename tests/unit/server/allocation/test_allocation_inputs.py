@@ -84,6 +84,20 @@ def test_problem_rejects_duplicate_ids_and_names_bad_rows() -> None:
         AllocationProblem.from_columns(["x", "y", "z"], cols, CELL)
 
 
+def test_problem_from_device_rows_equals_columns_and_is_read_only() -> None:
+    devices = [Device(**{**GOOD, "id": name, "samples": 10 + i}) for i, name in enumerate("xyz")]  # type: ignore[arg-type]
+    problem = AllocationProblem(devices, CELL)
+    assert problem.devices() == tuple(devices)
+    assert problem.size == 3
+    np.testing.assert_array_equal(problem.column("samples"), [10, 11, 12])
+    with pytest.raises(ValueError, match="read-only"):
+        problem.column("tx_power_w")[0] = 1.0
+    with pytest.raises(TypeError):
+        problem.columns["kappa"] = np.zeros(3)  # type: ignore[index]
+    with pytest.raises(AllocationError, match=r"target_gap must be in \[0, 1\), got -1"):
+        solve(problem, target_gap=-1)
+
+
 def test_devices_round_trip_through_csv(tmp_path: Path) -> None:
     problem = small_problem(np.random.default_rng(0), 6)
     path = tmp_path / "devices.csv"
