@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from alloc_cases import brute_force, small_problem
 
 from server.allocation import solve
 from server.allocation.problem import AllocationProblem
+from tests.unit.server.allocation.alloc_cases import brute_force, small_problem
 
 
 def _check_against_oracle(problem: AllocationProblem) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from alloc_cases import small_problem
 
 from common.errors import InfeasibleAllocationError
 from server.allocation import AllocationProblem, solve
+from tests.unit.server.allocation.alloc_cases import small_problem
 
 
 def _with(problem: AllocationProblem, row: int, **values: float) -> AllocationProblem:

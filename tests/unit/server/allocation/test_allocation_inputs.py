@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from alloc_cases import small_problem
 
 from common.errors import AllocationError, ConfigError
 from server.allocation import AllocationProblem, Cell, Device, DeviceDecision, solve
@@ -21,6 +20,7 @@ from server.allocation.io import (
     write_scenario,
 )
 from server.allocation.problem import CSV_COLUMNS
+from tests.unit.server.allocation.alloc_cases import small_problem
 
 GOOD = dict(
     id="a",

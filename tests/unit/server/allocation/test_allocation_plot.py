@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from alloc_cases import small_problem
 
 from server.allocation import solve
 from server.allocation.plot import pareto_front, plot_plan
+from tests.unit.server.allocation.alloc_cases import small_problem
 
 
 def test_pareto_front_trades_latency_for_energy_monotonically() -> None:

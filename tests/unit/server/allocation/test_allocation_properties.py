@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from alloc_cases import small_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import InfeasibleAllocationError
 from server.allocation import AllocationPlan, AllocationProblem, solve
+from tests.unit.server.allocation.alloc_cases import small_problem
 
 instances = st.builds(
     lambda seed, k, bw, cov, wt: small_problem(
