@@ -105,3 +105,30 @@ def from_mapping(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+
+
+def read_tables(path: str | Path, tables: dict[str, type[Any]]) -> dict[str, Any]:
+    """Read a TOML file whose top-level tables each map to a dataclass.
+
+    Args:
+        path: The TOML file.
+        tables: Table name -> dataclass, e.g. ``{"edge": EdgeConfig, "profile": EnergyProfile}``.
+
+    Returns:
+        Table name -> dataclass instance, for the tables present in the file.
+
+    Raises:
+        ConfigError: unreadable file, a table not in ``tables``, or a bad key or value in one.
+    """
+    doc = read_toml(path)
+    unknown = sorted(set(doc) - set(tables))
+    if unknown:
+        expected = ", ".join(f"[{name}]" for name in tables)
+        raise ConfigError(f"unknown table(s) {unknown} in {str(path)!r}; expected {expected}")
+    out: dict[str, Any] = {}
+    for name, cls in tables.items():
+        if name in doc:
+            if not isinstance(doc[name], dict):
+                raise ConfigError(f"{name} in {str(path)!r} must be a table, got {doc[name]!r}")
+            out[name] = from_mapping(cls, doc[name], prefix=f"{name}.")
+    return out

@@ -7,6 +7,11 @@ Library code raises these; only ``cli.py`` modules map them to exit codes.
     ├── DataError                   missing/malformed dataset, shard or class filter
     ├── CodecError                  tensor bytes that do not decode to the stated dtype/shape
     ├── StoreError                  durable storage failed or is inconsistent
+    ├── RequestError                a request the server refuses (servicer maps to a status)
+    │   ├── InvalidRequestError     malformed field             -> INVALID_ARGUMENT
+    │   ├── NotFoundError           unknown node or object      -> NOT_FOUND
+    │   ├── ConflictError           state forbids it right now  -> FAILED_PRECONDITION
+    │   └── TooLargeError           over a size limit           -> RESOURCE_EXHAUSTED
     ├── UplinkError                 a gRPC call from an edge node failed for good
     │   └── ServerUnreachableError  retries with backoff ran out
     ├── ModelExportError            torch → ONNX export or its equivalence check failed
@@ -36,6 +41,26 @@ class CodecError(LatentEdgeError):
 
 class StoreError(LatentEdgeError):
     """The durable store failed or holds inconsistent state."""
+
+
+class RequestError(LatentEdgeError):
+    """A request the server refuses; the subclass decides the gRPC status code."""
+
+
+class InvalidRequestError(RequestError):
+    """A request field is malformed (INVALID_ARGUMENT)."""
+
+
+class NotFoundError(RequestError):
+    """The request names a node or object the server does not have (NOT_FOUND)."""
+
+
+class ConflictError(RequestError):
+    """The server's state forbids the request right now (FAILED_PRECONDITION)."""
+
+
+class TooLargeError(RequestError):
+    """The request exceeds a size limit (RESOURCE_EXHAUSTED)."""
 
 
 class UplinkError(LatentEdgeError):

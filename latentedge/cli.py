@@ -50,7 +50,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "server": ("server.cli", "run the gRPC server (stores latents, trains and serves classifiers)"),
     "edge": ("edge.cli", "run one edge node: train its autoencoder, upload latents, evaluate"),
-    "status": ("server.status_cli", "print a running server's state as JSON"),
+    "status": ("edge.status_cli", "print a running server's state as JSON"),
     "allocate": (
         "server.allocation.cli",
         "solve the joint energy/latency upload and bandwidth plan",
@@ -72,10 +72,11 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
-def _add_common_options(parser: argparse.ArgumentParser) -> None:
+def _add_common_options(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    # accepted before or after the subcommand; the subcommand's copy only overrides if given
     parser.add_argument(
         "--log-level",
-        default=os.environ.get(LOG_LEVEL_ENV, "INFO"),
+        default=os.environ.get(LOG_LEVEL_ENV, "INFO") if top else argparse.SUPPRESS,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help=f"logging level (default: ${LOG_LEVEL_ENV} or INFO)",
     )
@@ -89,6 +90,7 @@ def _build_parser(selected: str | None) -> tuple[argparse.ArgumentParser, _Subco
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"latentedge {__version__}")
+    _add_common_options(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     module: _SubcommandModule | None = None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -108,10 +110,13 @@ def _build_parser(selected: str | None) -> tuple[argparse.ArgumentParser, _Subco
 
 
 def _selected_command(argv: Sequence[str]) -> str | None:
-    for token in argv:
-        if token in SUBCOMMANDS:
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--log-level":
+            next(tokens, None)  # its value
+        elif token in SUBCOMMANDS:
             return token
-        if not token.startswith("-"):
+        elif not token.startswith("-"):
             return None
     return None
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import from_mapping, read_toml
+from common.config import from_mapping, read_tables, read_toml
 from common.errors import ConfigError
 
 
@@ -47,3 +47,26 @@ def test_read_toml_errors(tmp_path: Path) -> None:
     bad.write_text("a = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         read_toml(bad)
+
+
+@dataclass(frozen=True)
+class _Other:
+    x: float = 0.0
+
+
+def test_read_tables(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[main]\nepochs = 7\n[other]\nx = 2\n")
+    tables = read_tables(path, {"main": _Cfg, "other": _Other})
+    assert tables == {"main": _Cfg(epochs=7), "other": _Other(x=2.0)}
+    path.write_text("[main]\nepochs = 7\n[extra]\ny = 1\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown table\(s\) \['extra'\].*expected \[main\], \[other\]"
+    ):
+        read_tables(path, {"main": _Cfg, "other": _Other})
+    path.write_text("main = 3\n")
+    with pytest.raises(ConfigError, match=r"main .* must be a table"):
+        read_tables(path, {"main": _Cfg})
+    path.write_text("[other]\nx = 'a'\n")
+    with pytest.raises(ConfigError, match=r"other\.x must be a number"):
+        read_tables(path, {"other": _Other})

@@ -1,0 +1,795 @@
+"""Read an ONNX graph, find its analog weights and rewrite it for simulation.
+
+The analog tensors are the float initializers that reach the weight input of a Conv, Gemm or
+MatMul, directly or through Reshape/Transpose/Identity/Cast/Squeeze/Unsqueeze/Flatten.
+:func:`prepare` folds such chains (and, by default, a following BatchNormalization or per-channel
+Mul) into one initializer per layer, in the layout the layer consumes, so noise models see the
+weights as a crossbar would hold them. It also frees a batch dimension fixed to 1.
+:func:`add_io_quantization` wraps analog layers with DAC/ADC ops and :func:`replicate` builds a
+graph holding several copies, so one session evaluates several draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from common.errors import NoiseInjectionError
+from device_sim.noise import AdcConfig, DacConfig
+
+logger = logging.getLogger(__name__)
+
+ANALOG_OPS = ("Conv", "Gemm", "MatMul")
+"""Operators whose constant weight input is an analog tensor."""
+PASS_THROUGH_OPS = frozenset(
+    {"Reshape", "Transpose", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten"}
+)
+"""Operators a weight may pass through on its way to an analog operator."""
+QUANTIZED_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+    }
+)
+"""Operators of quantized graphs, which the simulator refuses."""
+_FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+)
+_TINY = 1e-20
+
+
+@dataclass(frozen=True)
+class AnalogTensor:
+    """One analog weight tensor, as the prepared graph feeds it to its layer."""
+
+    name: str
+    """Name of the original initializer (what ``--analog-include`` matches)."""
+    graph_name: str
+    """Name of the initializer the layer reads in the prepared graph."""
+    node: str
+    """Name of the consuming Conv/Gemm/MatMul node."""
+    op_type: str
+    """Operator type of the consuming node."""
+    weight_input: int
+    """Which input of the node the weight is (0 or 1)."""
+    channel_axis: int | None
+    """Axis of the weight indexing output channels (crossbar rows); None for a vector."""
+    folded: tuple[str, ...] = ()
+    """Nodes folded into these weights (``BatchNormalization 'bn1'``, ``Mul 'scale'``)."""
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedGraph:
+    """A graph ready for simulation plus what was found and changed in it."""
+
+    model: onnx.ModelProto
+    """The rewritten model (clean weights)."""
+    input_name: str
+    """The one data input."""
+    input_shape: tuple[int | str, ...]
+    """Shape of the data input (symbolic dims as strings)."""
+    input_dtype: np.dtype
+    """Element type of the data input."""
+    output_name: str
+    """The output whose argmax is the prediction."""
+    analog: tuple[AnalogTensor, ...]
+    """The analog tensors, in graph order."""
+    weights: dict[str, np.ndarray] = field(repr=False)
+    """Clean weights by ``AnalogTensor.graph_name``."""
+    batch_was_fixed: bool
+    """True when the data input's batch dimension was 1 and was made symbolic."""
+
+    @property
+    def folded_layers(self) -> tuple[str, ...]:
+        """One line per fold, ``"BatchNormalization 'bn' -> Conv 'conv'"``."""
+        return tuple(f"{f} -> {t.op_type} {t.node!r}" for t in self.analog for f in t.folded)
+
+
+@dataclass(frozen=True)
+class NoiseInput:
+    """A graph input that receives ADC output noise."""
+
+    name: str
+    """Graph input name."""
+    layer_output: str
+    """Name of the layer output in the clean graph whose per-sample shape the noise has."""
+    scale: float
+    """Std of the values to feed (output noise std in ADC steps)."""
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Load an ONNX file (with external data beside it).
+
+    Raises:
+        NoiseInjectionError: the file is missing or not an ONNX model.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise NoiseInjectionError(f"model file {str(p)!r} does not exist")
+    try:
+        return onnx.load(str(p))
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError...
+        raise NoiseInjectionError(
+            f"model file {str(p)!r} is not a readable ONNX model: {exc}"
+        ) from exc
+
+
+def _check_not_quantized(graph: onnx.GraphProto) -> None:
+    counts = Counter(n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS)
+    if counts:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
+        raise NoiseInjectionError(
+            f"quantized graph ({ops}): its int8 weights and requantisation are not simulated; "
+            "the simulator perturbs float Conv/Gemm/MatMul weights only, so give it the float model"
+        )
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Turn ``Constant`` nodes holding a tensor into initializers (weights may sit behind them)."""
+    keep = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    used = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def _constant_values(graph: onnx.GraphProto, inits: set[str]) -> set[str]:
+    """Names computable from initializers alone."""
+    const = set(inits)
+    for node in graph.node:
+        if all((not i) or i in const for i in node.input) and not any(
+            a.type == onnx.AttributeProto.GRAPH for a in node.attribute
+        ):
+            const.update(node.output)
+    return const
+
+
+def _unfix_batch(
+    graph: onnx.GraphProto, data_input: onnx.ValueInfoProto, inits: dict[str, onnx.TensorProto]
+) -> bool:
+    """Make a batch dimension fixed to 1 symbolic; return True when it was fixed."""
+    dims = data_input.type.tensor_type.shape.dim
+    if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
+        return False
+    dims[0].dim_param = "N"
+    for out in graph.output:
+        out_dims = out.type.tensor_type.shape.dim
+        if out_dims and out_dims[0].HasField("dim_value") and out_dims[0].dim_value == 1:
+            out_dims[0].dim_param = "N"
+    del graph.value_info[:]
+    const = _constant_values(graph, set(inits))
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[0] in const or node.input[1] not in inits:
+            continue
+        shape = numpy_helper.to_array(inits[node.input[1]]).copy()
+        allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
+        if shape.size == 0 or shape[0] != 1 or allowzero:
+            continue
+        shape[0] = 0  # copy the batch dimension from the data
+        name = f"{node.input[1]}/batch"
+        tensor = numpy_helper.from_array(shape, name)
+        graph.initializer.append(tensor)
+        inits[name] = tensor
+        node.input[1] = name
+    return True
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int | float) -> int | float:
+    for a in node.attribute:
+        if a.name == name:
+            return a.f if a.type == onnx.AttributeProto.FLOAT else a.i
+    return default
+
+
+def _channel_axis(node: onnx.NodeProto, index: int, ndim: int) -> int | None:
+    """Axis of the effective weight that indexes the layer's outputs."""
+    if ndim < 2:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        if index == 1:
+            return 0 if _attr(node, "transB", 0) else 1
+        return 1 if _attr(node, "transA", 0) else 0
+    return ndim - 1 if index == 1 else ndim - 2
+
+
+def _trace(
+    name: str, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]
+) -> tuple[str, list[onnx.NodeProto]] | None:
+    """Follow ``name`` back through pass-through ops to a float initializer."""
+    chain: list[onnx.NodeProto] = []
+    while name not in inits:
+        node = producers.get(name)
+        if (
+            node is None
+            or node.op_type not in PASS_THROUGH_OPS
+            or node.domain not in ("", "ai.onnx")
+        ):
+            return None
+        if any(i and i not in inits for i in node.input[1:]):
+            return None
+        chain.append(node)
+        name = node.input[0]
+    if inits[name].data_type not in _FLOAT_TYPES:
+        return None
+    return name, chain[::-1]
+
+
+def _evaluate_chain(
+    model: onnx.ModelProto,
+    source: str,
+    chain: list[onnx.NodeProto],
+    inits: dict[str, onnx.TensorProto],
+) -> np.ndarray:
+    """The value of the chain's last output, computed by the ONNX reference evaluator."""
+    if not chain:
+        return numpy_helper.to_array(inits[source])
+    needed = {source} | {i for n in chain for i in n.input[1:] if i}
+    out = chain[-1].output[0]
+    graph = helper.make_graph(
+        list(chain),
+        "chain",
+        [],
+        [helper.make_tensor_value_info(out, onnx.TensorProto.UNDEFINED, None)],
+        [inits[n] for n in sorted(needed)],
+    )
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
+    (value,) = ReferenceEvaluator(sub).run(None, {})
+    return np.asarray(value)
+
+
+def _per_channel(
+    values: np.ndarray, out_axis: int, channels: int, out_rank: int
+) -> np.ndarray | None:
+    """``values`` as a length-``channels`` vector if it broadcasts along ``out_axis`` only."""
+    if values.ndim > out_rank:
+        return None
+    padded = values.reshape((1,) * (out_rank - values.ndim) + values.shape)
+    axis = out_axis % out_rank
+    if any(s != 1 for i, s in enumerate(padded.shape) if i != axis):
+        return None
+    vector = padded.reshape(-1)
+    if vector.size == 1:
+        return np.full(channels, vector[0], dtype=np.float64)
+    return vector.astype(np.float64) if vector.size == channels else None
+
+
+@dataclass
+class _Layer:
+    node: onnx.NodeProto
+    index: int
+    source: str
+    chain: list[onnx.NodeProto]
+    weight: np.ndarray
+    axis: int | None
+    folded: list[str] = field(default_factory=list)
+
+
+class _Rewriter:
+    """Mutable state while one graph is prepared."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+
+    def producers(self) -> dict[str, onnx.NodeProto]:
+        return {o: n for n in self.graph.node for o in n.output}
+
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        out: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in set(node.input):
+                out.setdefault(name, []).append(node)
+        return out
+
+    def add_initializer(self, array: np.ndarray, name: str) -> str:
+        unique = name
+        while unique in self.inits or unique in {o for n in self.graph.node for o in n.output}:
+            unique += "'"
+        tensor = numpy_helper.from_array(array, unique)
+        self.graph.initializer.append(tensor)
+        self.inits[unique] = tensor
+        return unique
+
+    def find_layers(self, include: str | None, exclude: str | None) -> list[_Layer]:
+        producers = self.producers()
+        layers: list[_Layer] = []
+        skipped: list[str] = []
+        for node in self.graph.node:
+            if node.op_type not in ANALOG_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "Conv":
+                index = 1
+            else:
+                sides = [_trace(node.input[i], producers, self.inits) is not None for i in (0, 1)]
+                if sides[0] == sides[1]:
+                    continue  # no constant side, or both: nothing analog happens at run time
+                index = 1 if sides[1] else 0
+            found = (
+                _trace(node.input[index], producers, self.inits) if len(node.input) > 1 else None
+            )
+            if found is None:
+                continue
+            source, chain = found
+            if (include and not re.search(include, source)) or (
+                exclude and re.search(exclude, source)
+            ):
+                skipped.append(source)
+                continue
+            weight = _evaluate_chain(self.model, source, chain, self.inits)
+            axis = _channel_axis(node, index, weight.ndim)
+            layers.append(_Layer(node, index, source, chain, weight, axis))
+        if not layers:
+            if skipped:
+                raise NoiseInjectionError(
+                    f"no analog layers selected: none of the analog initializers {sorted(skipped)} "
+                    f"matches --analog-include {include!r} without matching "
+                    f"--analog-exclude {exclude!r}"
+                )
+            raise NoiseInjectionError(
+                "model has no analog layers: no Conv/Gemm/MatMul takes a float initializer as "
+                f"weight (directly or through {'/'.join(sorted(PASS_THROUGH_OPS))})"
+            )
+        return layers
+
+    def _bias_index(self, layer: _Layer) -> int | None:
+        op = layer.node.op_type
+        if op == "Conv":
+            return 2
+        plain_gemm = (
+            op == "Gemm"
+            and layer.index == 1
+            and not _attr(layer.node, "transA", 0)
+            and _attr(layer.node, "alpha", 1.0) == 1.0
+            and _attr(layer.node, "beta", 1.0) == 1.0
+        )
+        return 2 if plain_gemm else None
+
+    def fold_next(self, layer: _Layer, graph_outputs: set[str]) -> bool:
+        """Fold a BatchNormalization or per-channel Mul that follows ``layer``; True if folded."""
+        node, out = layer.node, layer.node.output[0]
+        users = self.consumers().get(out, [])
+        if layer.axis is None or out in graph_outputs or len(users) != 1:
+            return False
+        nxt = users[0]
+        channels = layer.weight.shape[layer.axis]
+        bias_index = self._bias_index(layer)
+        if (
+            nxt.op_type == "BatchNormalization"
+            and bias_index is not None
+            and nxt.input[0] == out
+            and all(i in self.inits for i in nxt.input[1:5])
+            and len([o for o in nxt.output if o]) == 1
+            and not _attr(nxt, "training_mode", 0)
+        ):
+            scale, beta, mean, var = (
+                numpy_helper.to_array(self.inits[i]).astype(np.float64) for i in nxt.input[1:5]
+            )
+            eps = float(_attr(nxt, "epsilon", 1e-5))
+            s = scale / np.sqrt(var + eps)
+            shift = beta - mean * s
+        elif nxt.op_type == "Mul":
+            other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
+            if other not in self.inits:
+                return False
+            values = numpy_helper.to_array(self.inits[other])
+            if node.op_type == "MatMul":
+                out_axis, rank = (-1 if layer.index == 1 else -2), max(2, values.ndim)
+            else:
+                out_axis, rank = (1 if layer.index == 1 else 0), layer.weight.ndim
+            vector = _per_channel(values, out_axis, channels, rank)
+            if vector is None:
+                return False
+            s, shift = vector, np.zeros(channels)
+        else:
+            return False
+        new_bias: np.ndarray | None = None
+        if bias_index is not None:
+            if len(node.input) > bias_index and node.input[bias_index]:
+                old = numpy_helper.to_array(self.inits[node.input[bias_index]])
+                if old.size not in (1, channels):
+                    return False
+                bias = np.broadcast_to(old.reshape(-1), (channels,)).astype(np.float64)
+            else:
+                bias = np.zeros(channels)
+            new_bias = (bias * s + shift).astype(layer.weight.dtype)
+        elif np.any(shift != 0):
+            return False
+        shape = [1] * layer.weight.ndim
+        shape[layer.axis] = channels
+        layer.weight = (layer.weight.astype(np.float64) * s.reshape(shape)).astype(
+            layer.weight.dtype
+        )
+        if bias_index is not None and new_bias is not None:
+            while len(node.input) <= bias_index:
+                node.input.append("")
+            node.input[bias_index] = self.add_initializer(new_bias, f"{node.name}/folded_bias")
+        node.output[0] = nxt.output[0]
+        self.graph.node.remove(nxt)
+        layer.folded.append(f"{nxt.op_type} {nxt.name!r}")
+        return True
+
+    def prune(self, keep_outputs: Iterable[str]) -> None:
+        """Drop nodes and initializers no longer reachable from the graph outputs."""
+        needed = set(keep_outputs)
+        kept: list[onnx.NodeProto] = []
+        for node in reversed(self.graph.node):
+            if any(o in needed for o in node.output) or any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for a in node.attribute
+            ):
+                kept.append(node)
+                needed.update(node.input)
+                needed.update(_subgraph_inputs(node))
+        del self.graph.node[:]
+        self.graph.node.extend(reversed(kept))
+        live = [t for t in self.graph.initializer if t.name in needed]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(live)
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.update(n.input)
+    return names
+
+
+def prepare(
+    model: onnx.ModelProto,
+    *,
+    output: str | None = None,
+    fold_affine: bool = True,
+    analog_include: str | None = None,
+    analog_exclude: str | None = None,
+) -> PreparedGraph:
+    """Find the analog tensors of ``model`` and rewrite it for simulation.
+
+    Args:
+        model: the model; it is not modified.
+        output: graph output whose argmax is the prediction; default the first output.
+        fold_affine: fold a BatchNormalization or per-channel Mul that follows an analog layer
+            into its weights (the analog array stores the folded weights).
+        analog_include: only initializers whose name matches this regex (``re.search``) are analog.
+        analog_exclude: initializers whose name matches this regex are not analog.
+
+    Returns:
+        The prepared graph; with no noise it computes what ``model`` computes.
+
+    Raises:
+        NoiseInjectionError: quantized graph, no analog layers, several data inputs, unknown output
+            or invalid regex.
+    """
+    for flag, pattern in (
+        ("--analog-include", analog_include),
+        ("--analog-exclude", analog_exclude),
+    ):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise NoiseInjectionError(
+                    f"{flag} {pattern!r} is not a valid regex: {exc}"
+                ) from exc
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    graph = work.graph
+    _check_not_quantized(graph)
+    _constants_to_initializers(graph)
+    _name_nodes(graph)
+    init_names = {t.name for t in graph.initializer}
+    data_inputs = [i for i in graph.input if i.name not in init_names]
+    if len(data_inputs) != 1:
+        raise NoiseInjectionError(
+            f"model must have exactly one data input, found {len(data_inputs)}: "
+            f"{[i.name for i in data_inputs]}"
+        )
+    kept_inputs = list(data_inputs)
+    del graph.input[:]
+    graph.input.extend(kept_inputs)  # initializers listed as inputs (IR < 4) become constants
+    outputs = [o.name for o in graph.output]
+    output_name = outputs[0] if output is None else output
+    if output_name not in outputs:
+        raise NoiseInjectionError(f"--output {output!r} is not a model output; outputs: {outputs}")
+    selected = [o for o in graph.output if o.name == output_name]
+    del graph.output[:]
+    graph.output.extend(selected)
+    rewriter = _Rewriter(work)
+    batch_was_fixed = _unfix_batch(graph, graph.input[0], rewriter.inits)
+    layers = rewriter.find_layers(analog_include, analog_exclude)
+    if fold_affine:
+        for layer in layers:
+            while rewriter.fold_next(layer, {output_name}):
+                pass
+    uses = Counter(i for n in graph.node for i in n.input)
+    analog: list[AnalogTensor] = []
+    weights: dict[str, np.ndarray] = {}
+    for layer in layers:
+        direct = not layer.chain and not layer.folded and uses[layer.source] == 1
+        graph_name = (
+            layer.source
+            if direct
+            else rewriter.add_initializer(layer.weight, f"{layer.source}::analog")
+        )
+        layer.node.input[layer.index] = graph_name
+        weights[graph_name] = layer.weight
+        analog.append(
+            AnalogTensor(
+                name=layer.source,
+                graph_name=graph_name,
+                node=layer.node.name,
+                op_type=layer.node.op_type,
+                weight_input=layer.index,
+                channel_axis=layer.axis,
+                folded=tuple(layer.folded),
+            )
+        )
+    rewriter.prune([output_name])
+    data = graph.input[0]
+    shape = tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in data.type.tensor_type.shape.dim
+    )
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(data.type.tensor_type.elem_type))
+    logger.info(
+        "analog tensors: %d (%s)%s%s",
+        len(analog),
+        ", ".join(t.name for t in analog[:6]) + (", ..." if len(analog) > 6 else ""),
+        "; batch dimension un-fixed" if batch_was_fixed else "",
+        f"; folded {sum(len(t.folded) for t in analog)} affine nodes"
+        if any(t.folded for t in analog)
+        else "",
+    )
+    return PreparedGraph(
+        model=work,
+        input_name=data.name,
+        input_shape=shape,
+        input_dtype=dtype,
+        output_name=output_name,
+        analog=tuple(analog),
+        weights=weights,
+        batch_was_fixed=batch_was_fixed,
+    )
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are ``names`` (types left for the runtime to infer)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return out
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def add_io_quantization(
+    prepared: PreparedGraph, dac: DacConfig | None, adc: AdcConfig | None
+) -> tuple[onnx.ModelProto, list[NoiseInput]]:
+    """Wrap each analog layer with input (DAC) and output (ADC) quantisation and output noise.
+
+    Per layer: s = max|x| over each input vector (per sample over C·H·W for Conv); the DAC rounds
+    x/s to 2^bits − 2 steps over [−1, 1]. The ADC normalises y by s · max|W|, adds the noise input,
+    clips to [−bound, bound], rounds to 2^bits − 2 steps over that range and scales back; the bias
+    is added after.
+
+    Returns:
+        The rewritten model and the noise inputs it expects (the runner feeds them).
+
+    Raises:
+        NoiseInjectionError: a layer whose weight is its left operand (no per-vector input range).
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(prepared.model)
+    graph = model.graph
+    opset = _opset(model)
+    by_name = {n.name: n for n in graph.node}
+    noise_inputs: list[NoiseInput] = []
+    for tensor in prepared.analog:
+        node = by_name[tensor.node]
+        if tensor.weight_input != 1 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+            raise NoiseInjectionError(
+                f"dac/adc: layer {node.name!r} ({node.op_type}) has its weight on the left; "
+                "only x·W layers get DAC/ADC simulation"
+            )
+        if node.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0:
+            raise NoiseInjectionError(f"dac/adc: Gemm {node.name!r} has alpha != 1")
+        w = prepared.weights[tensor.graph_name]
+        new_nodes, noise = _io_nodes(node, w, opset=opset, dac=dac, adc=adc, graph=graph)
+        if noise is not None:
+            noise_inputs.append(noise)
+        position = list(graph.node).index(node)
+        for offset, extra in enumerate(new_nodes):
+            graph.node.insert(position + 1 + offset, extra)
+    return model, noise_inputs
+
+
+def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula order
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    *,
+    opset: int,
+    dac: DacConfig | None,
+    adc: AdcConfig | None,
+    graph: onnx.GraphProto,
+) -> tuple[list[onnx.NodeProto], NoiseInput | None]:
+    """Insert the pre-layer nodes before ``node`` and return the post-layer ones."""
+    p = f"{node.name}/io/"
+    dtype = weight.dtype
+
+    made: set[str] = set()
+
+    def const(name: str, value: float | np.ndarray) -> str:
+        if p + name not in made:
+            made.add(p + name)
+            graph.initializer.append(
+                numpy_helper.from_array(np.asarray(value, dtype=dtype), p + name)
+            )
+        return p + name
+
+    x, out = node.input[0], node.output[0]
+    axes = list(range(1, weight.ndim)) if node.op_type == "Conv" else [-1]
+    pre = [helper.make_node("Abs", [x], [p + "abs"])]
+    if opset >= 18:
+        axes_name = p + "axes"
+        graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
+        pre.append(helper.make_node("ReduceMax", [p + "abs", axes_name], [p + "smax"], keepdims=1))
+    else:
+        pre.append(helper.make_node("ReduceMax", [p + "abs"], [p + "smax"], axes=axes, keepdims=1))
+    pre.append(helper.make_node("Max", [p + "smax", const("tiny", _TINY)], [p + "s"]))
+    if dac is not None:
+        # x_q = round(x · L/s) · s/L: the per-sample factors are tiny tensors, 3 full-size ops
+        levels = float(2 ** (dac.bits - 1) - 1)
+        pre += [
+            helper.make_node("Div", [const("dac_levels", levels), p + "s"], [p + "to_int"]),
+            helper.make_node("Div", [p + "s", const("dac_levels", levels)], [p + "to_x"]),
+            helper.make_node("Mul", [x, p + "to_int"], [p + "xl"]),
+            helper.make_node("Round", [p + "xl"], [p + "xr"]),
+            helper.make_node("Mul", [p + "xr", p + "to_x"], [p + "x"]),
+        ]
+        node.input[0] = p + "x"
+    position = list(graph.node).index(node)
+    for offset, extra in enumerate(pre):
+        graph.node.insert(position + offset, extra)
+    post: list[onnx.NodeProto] = []
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None:
+        node.input[2] = ""
+        del node.input[2:]
+    y = p + "y"
+    node.output[0] = y
+    noise: NoiseInput | None = None
+    if adc is not None:
+        w_max = float(np.max(np.abs(weight))) or 1.0
+        step = 2.0 * adc.bound / (2**adc.bits - 2)
+        # in ADC steps: y / (s·max|W|·step), + noise/step, clip to ±bound/step, round, scale back
+        post += [
+            helper.make_node("Mul", [p + "s", const("w_max_step", w_max * step)], [p + "unit"]),
+            helper.make_node("Reciprocal", [p + "unit"], [p + "per_unit"]),
+            helper.make_node("Mul", [y, p + "per_unit"], [p + "yn"]),
+        ]
+        yn = p + "yn"
+        if adc.noise > 0:
+            noise = NoiseInput(name=p + "adc_noise", layer_output=out, scale=adc.noise / step)
+            graph.input.append(
+                helper.make_tensor_value_info(
+                    noise.name, helper.np_dtype_to_tensor_dtype(dtype), None
+                )
+            )
+            post.append(helper.make_node("Add", [yn, noise.name], [p + "ynz"]))
+            yn = p + "ynz"
+        limit = adc.bound / step
+        post += [
+            helper.make_node("Clip", [yn, const("lo", -limit), const("hi", limit)], [p + "yc"]),
+            helper.make_node("Round", [p + "yc"], [p + "yr"]),
+            helper.make_node("Mul", [p + "yr", p + "unit"], [p + "yd"]),
+        ]
+        y = p + "yd"
+    if bias is not None:
+        b = numpy_helper.to_array(next(t for t in graph.initializer if t.name == bias))
+        if node.op_type == "Conv":
+            b = b.reshape((-1,) + (1,) * (weight.ndim - 2))
+        elif node.op_type == "Gemm":
+            b = b * float(_attr(node, "beta", 1.0))
+        post.append(helper.make_node("Add", [y, const("bias", b)], [out]))
+    else:
+        post.append(helper.make_node("Identity", [y], [out]))
+    return post, noise
+
+
+def replicate(
+    model: onnx.ModelProto, input_name: str, per_copy: Iterable[str], copies: int
+) -> onnx.ModelProto:
+    """A model with ``copies`` copies of ``model``'s graph sharing its data input.
+
+    Names in ``per_copy`` (weights, noise inputs) and every node output get the prefix ``c{k}/`` in
+    copy ``k``; other initializers are shared. Outputs are ``c{k}/<output>`` in copy order.
+    """
+    graph = model.graph
+    private = set(per_copy)
+    shared = {t.name for t in graph.initializer if t.name not in private} | {input_name}
+    nodes: list[onnx.NodeProto] = []
+    inputs = [i for i in graph.input if i.name == input_name]
+    outputs: list[onnx.ValueInfoProto] = []
+    initializers = [t for t in graph.initializer if t.name in shared]
+    for k in range(copies):
+
+        def rename(name: str, k: int = k) -> str:
+            return name if (not name or name in shared) else f"c{k}/{name}"
+
+        for i, node in enumerate(graph.node):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"c{k}/{node.name or node.op_type}#{i}"
+            copy.input[:] = [rename(i) for i in node.input]
+            copy.output[:] = [rename(o) for o in node.output]
+            nodes.append(copy)
+        for values, target in ((graph.input, inputs), (graph.output, outputs)):
+            for value in values:
+                if value.name == input_name:
+                    continue
+                renamed = onnx.ValueInfoProto()
+                renamed.CopyFrom(value)
+                renamed.name = rename(value.name)
+                target.append(renamed)
+        for tensor in graph.initializer:
+            if tensor.name in private:
+                renamed_tensor = onnx.TensorProto()
+                renamed_tensor.CopyFrom(tensor)
+                renamed_tensor.name = rename(tensor.name)
+                initializers.append(renamed_tensor)
+    out = helper.make_model(
+        helper.make_graph(nodes, graph.name or "replicated", inputs, outputs, initializers),
+        opset_imports=list(model.opset_import),
+    )
+    out.ir_version = model.ir_version
+    return out
+
+
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    """True when a node carries a subgraph (If/Loop/Scan), which :func:`replicate` cannot rename."""
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in model.graph.node
+        for a in n.attribute
+    )

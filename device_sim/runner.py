@@ -1,0 +1,525 @@
+"""Monte-Carlo evaluation of a prepared graph with onnxruntime.
+
+Draw ``d`` of a run with seed ``s`` takes the noise of analog tensor ``i`` from the stream
+``default_rng([s, d, 0, i])`` and the ADC output noise of layer ``j`` from
+``default_rng([s, d, 1, j])``, consumed in sample order; so a draw does not depend on the batch
+size, the thread count, how draws are grouped into sessions, or which other tensors are noisy.
+Several draws share one onnxruntime session: the graph is replicated ``draws_per_session`` times
+and each copy's weights are written into the serialized graph (the fastest correct option
+measured in ``bench/device_sim_throughput.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from common.errors import NoiseInjectionError
+from device_sim.graph import (
+    NoiseInput,
+    PreparedGraph,
+    add_io_quantization,
+    has_subgraphs,
+    load_model,
+    prepare,
+    replicate,
+    with_outputs,
+)
+from device_sim.noise import NoiseSpec, parse_noise_spec, parse_sweep
+from device_sim.report import LayerResult, PerLayerReport, SimulationReport, SweepReport
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_STREAM = 0
+_ADC_STREAM = 1
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How the simulator runs onnxruntime."""
+
+    batch_size: int = 256
+    """Samples per onnxruntime call (data stream in batches of this size)."""
+    draws_per_session: int = 8
+    """Draws evaluated by one session (graph copies); 1 rebuilds the session for every draw."""
+    threads: int = 0
+    """onnxruntime intra-op threads; 0 lets onnxruntime choose."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise NoiseInjectionError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.draws_per_session < 1:
+            raise NoiseInjectionError(
+                f"draws_per_session must be >= 1, got {self.draws_per_session}"
+            )
+        if self.threads < 0:
+            raise NoiseInjectionError(f"threads must be >= 0, got {self.threads}")
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # unused-initializer warnings are expected after rewriting
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _shape_text(shape: Sequence[object]) -> str:
+    inner = ", ".join(str(d) for d in shape)
+    return f"({inner},)" if len(shape) == 1 else f"({inner})"
+
+
+@dataclass(frozen=True, eq=False)
+class _Template:
+    """A (replicated) graph whose per-copy weight initializers are overwritten for each group."""
+
+    model: onnx.ModelProto
+    slots: dict[str, int]
+    noise_inputs: list[NoiseInput]
+
+
+class Simulator:
+    """A model prepared for analog simulation, ready to evaluate draws on data."""
+
+    def __init__(
+        self,
+        model: str | Path | onnx.ModelProto,
+        *,
+        output: str | None = None,
+        fold_affine: bool = True,
+        analog_include: str | None = None,
+        analog_exclude: str | None = None,
+        config: RunnerConfig | None = None,
+    ) -> None:
+        """Load and prepare ``model`` (see :func:`device_sim.graph.prepare` for the options)."""
+        proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+        self.name = str(model) if not isinstance(model, onnx.ModelProto) else proto.graph.name
+        self.config = config or RunnerConfig()
+        self.prepared: PreparedGraph = prepare(
+            proto,
+            output=output,
+            fold_affine=fold_affine,
+            analog_include=analog_include,
+            analog_exclude=analog_exclude,
+        )
+        self._clean = self._session(self.prepared.model.SerializeToString())
+        self._batch_size = self.config.batch_size
+        self._batch_checked = not self.prepared.batch_was_fixed
+        self._templates: dict[tuple[str, int], _Template] = {}
+        self._noise_shapes: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def analog_names(self) -> tuple[str, ...]:
+        """Original initializer names of the analog tensors."""
+        return tuple(t.name for t in self.prepared.analog)
+
+    def _session(self, model: bytes) -> ort.InferenceSession:
+        options = _session_options(self.config.threads)
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    def check_data(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        """Raise ``NoiseInjectionError`` unless ``x`` (and ``y``) fit the model's data input."""
+        want = self.prepared.input_shape
+        if x.ndim != len(want) or any(
+            isinstance(w, int) and w != h for w, h in zip(want[1:], x.shape[1:], strict=False)
+        ):
+            raise NoiseInjectionError(
+                f"data x has shape {_shape_text(x.shape)} but model input "
+                f"{self.prepared.input_name!r} expects {_shape_text(('N', *want[1:]))} "
+                f"(model shape {_shape_text(want)})"
+            )
+        if x.shape[0] == 0:
+            raise NoiseInjectionError("data x has no samples")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise NoiseInjectionError(f"data x has non-numeric dtype {x.dtype}")
+        if y is not None:
+            if y.ndim != 1 or y.shape[0] != x.shape[0]:
+                raise NoiseInjectionError(
+                    f"labels y have shape {_shape_text(y.shape)}, expected ({x.shape[0]},) "
+                    "to match x"
+                )
+            if not np.issubdtype(y.dtype, np.integer):
+                raise NoiseInjectionError(f"labels y must be integers, got dtype {y.dtype}")
+
+    def _batches(self, x: np.ndarray) -> Iterator[np.ndarray]:
+        if not self._batch_checked:
+            self._probe_batching(x)
+        step = self._batch_size
+        for start in range(0, x.shape[0], step):
+            yield np.ascontiguousarray(x[start : start + step], dtype=self.prepared.input_dtype)
+
+    def _probe_batching(self, x: np.ndarray) -> None:
+        """Check that the un-fixed batch dimension works; fall back to batch size 1 if not."""
+        self._batch_checked = True
+        if x.shape[0] < 2:
+            return
+        pair = np.ascontiguousarray(x[:2], dtype=self.prepared.input_dtype)
+        name, out = self.prepared.input_name, self.prepared.output_name
+        try:
+            (both,) = self._clean.run([out], {name: pair})
+            singles = [self._clean.run([out], {name: pair[i : i + 1]})[0] for i in (0, 1)]
+            works = both.shape[0] == 2 and np.allclose(
+                both, np.concatenate(singles), rtol=1e-4, atol=1e-5
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+            logger.debug("batched probe failed: %s", exc)
+            works = False
+        if not works:
+            logger.warning("model only runs one sample at a time (batch fixed to 1 inside)")
+            self._batch_size = 1
+
+    def clean_outputs(self, x: np.ndarray) -> np.ndarray:
+        """Outputs of the prepared graph without noise (equal to the original model's)."""
+        self.check_data(x)
+        name, out = self.prepared.input_name, self.prepared.output_name
+        return np.concatenate([self._clean.run([out], {name: b})[0] for b in self._batches(x)])
+
+    def draw_weights(
+        self, spec: NoiseSpec, seed: int, draw: int, tensors: Sequence[int] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Weights of draw ``draw`` by graph name (noisy only at indices ``tensors``, if given)."""
+        out: dict[str, np.ndarray] = {}
+        for i, tensor in enumerate(self.prepared.analog):
+            clean = self.prepared.weights[tensor.graph_name]
+            if tensors is not None and i not in tensors:
+                out[tensor.graph_name] = clean
+                continue
+            rng = np.random.default_rng([seed, draw, _WEIGHT_STREAM, i])
+            out[tensor.graph_name] = spec.perturb(clean, rng, tensor.channel_axis)
+        return out
+
+    def _template(self, spec: NoiseSpec, copies: int) -> _Template:
+        key = (f"{spec.dac}|{spec.adc}", copies)
+        if key not in self._templates:
+            if spec.dac is None and spec.adc is None:
+                base, noise = self.prepared.model, list[NoiseInput]()
+            else:
+                base, noise = add_io_quantization(self.prepared, spec.dac, spec.adc)
+            per_copy = list(self.prepared.weights) + [n.name for n in noise]
+            model = (
+                base
+                if copies == 1 and has_subgraphs(base)
+                else replicate(base, self.prepared.input_name, per_copy, copies)
+            )
+            slots = {t.name: i for i, t in enumerate(model.graph.initializer)}
+            self._templates[key] = _Template(model, slots, noise)
+        return self._templates[key]
+
+    def _noise_shape(self, noise: NoiseInput, x: np.ndarray) -> tuple[int, ...]:
+        if noise.layer_output not in self._noise_shapes:
+            probe = with_outputs(self.prepared.model, [noise.layer_output])
+            session = self._session(probe.SerializeToString())
+            sample = np.ascontiguousarray(x[:1], dtype=self.prepared.input_dtype)
+            (value,) = session.run([noise.layer_output], {self.prepared.input_name: sample})
+            self._noise_shapes[noise.layer_output] = tuple(value.shape[1:])
+        return self._noise_shapes[noise.layer_output]
+
+    def predictions(
+        self,
+        x: np.ndarray,
+        spec: NoiseSpec,
+        draws: Sequence[int],
+        seed: int,
+        tensors: Sequence[int] | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(draw, outputs)`` for each draw: the selected output on all of ``x``."""
+        self.check_data(x)
+        draws = list(draws)
+        group = self.config.draws_per_session
+        if has_subgraphs(self.prepared.model):
+            group = 1
+        for start in range(0, len(draws), group):
+            chunk = draws[start : start + group]
+            yield from zip(chunk, self._run_group(x, spec, chunk, seed, tensors), strict=True)
+
+    def _run_group(
+        self,
+        x: np.ndarray,
+        spec: NoiseSpec,
+        draws: list[int],
+        seed: int,
+        tensors: Sequence[int] | None,
+    ) -> list[np.ndarray]:
+        template = self._template(spec, len(draws))
+        noise_inputs = template.noise_inputs
+        replicated = not (len(draws) == 1 and has_subgraphs(self.prepared.model))
+
+        def name(k: int, n: str) -> str:
+            return f"c{k}/{n}" if replicated else n
+
+        # Weights are written into the serialized graph: SessionOptions.add_initializer overrides
+        # are silently ignored for Conv weights at ORT_ENABLE_ALL (the NCHWc layout transform).
+        initializers = template.model.graph.initializer
+        for k, draw in enumerate(draws):
+            for graph_name, value in self.draw_weights(spec, seed, draw, tensors).items():
+                slot = template.slots[name(k, graph_name)]
+                initializers[slot].CopyFrom(numpy_helper.from_array(value, name(k, graph_name)))
+        session = self._session(template.model.SerializeToString())
+        outputs = [name(k, self.prepared.output_name) for k in range(len(draws))]
+        streams = {
+            (k, j): np.random.default_rng([seed, draw, _ADC_STREAM, j])
+            for k, draw in enumerate(draws)
+            for j in range(len(noise_inputs))
+        }
+        shapes = [self._noise_shape(n, x) for n in noise_inputs]
+        dtype = self.prepared.input_dtype
+        results: list[list[np.ndarray]] = [[] for _ in draws]
+        for batch in self._batches(x):
+            feed: dict[str, np.ndarray] = {self.prepared.input_name: batch}
+            for (k, j), rng in streams.items():
+                sample = rng.standard_normal((batch.shape[0], *shapes[j]), dtype=np.float32)
+                sample *= noise_inputs[j].scale
+                feed[name(k, noise_inputs[j].name)] = sample.astype(dtype, copy=False)
+            for k, value in enumerate(session.run(outputs, feed)):
+                results[k].append(value)
+        return [np.concatenate(r) for r in results]
+
+
+def accuracy(outputs: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of ``outputs`` (N, classes, ...) flattened per sample against labels ``y``."""
+    predicted = outputs.reshape(outputs.shape[0], -1).argmax(axis=1)
+    return float(np.mean(predicted == y))
+
+
+def _accuracies(
+    sim: Simulator,
+    x: np.ndarray,
+    y: np.ndarray,
+    spec: NoiseSpec,
+    *,
+    draws: int,
+    seed: int,
+    clean: float,
+    tensors: Sequence[int] | None = None,
+) -> list[float]:
+    if draws < 1:
+        raise NoiseInjectionError(f"draws must be >= 1, got {draws}")
+    if spec.is_clean:
+        return [clean] * draws
+    if not spec.is_random:  # deterministic (quantisation only): every draw is the same
+        _, outputs = next(sim.predictions(x, spec, [0], seed, tensors))
+        return [accuracy(outputs, y)] * draws
+    result: list[float] = []
+    started = last = time.perf_counter()
+    for draw, outputs in sim.predictions(x, spec, range(draws), seed, tensors):
+        result.append(accuracy(outputs, y))
+        now = time.perf_counter()
+        if now - last > 2.0 or draw == draws - 1:
+            logger.info(
+                "%s: draw %d/%d, mean accuracy %.4f (%.1f s)",
+                spec.text,
+                draw + 1,
+                draws,
+                float(np.mean(result)),
+                now - started,
+            )
+            last = now
+    return result
+
+
+def _as_spec(noise: str | NoiseSpec) -> NoiseSpec:
+    return parse_noise_spec(noise) if isinstance(noise, str) else noise
+
+
+def simulate(  # noqa: PLR0917  # the demo calls simulate(model, x, y, spec, draws, seed)
+    model_path: str | Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    noise_spec: str | NoiseSpec,
+    draws: int = 10,
+    seed: int = 0,
+    *,
+    output: str | None = None,
+    analog_include: str | None = None,
+    analog_exclude: str | None = None,
+    fold_affine: bool = True,
+    config: RunnerConfig | None = None,
+) -> SimulationReport:
+    """Accuracy of ``model_path`` on ``(x, y)`` under ``noise_spec`` over Monte-Carlo draws.
+
+    Args:
+        model_path: ONNX model file.
+        x: inputs in the model's layout and scale, samples on axis 0.
+        y: integer labels, one per sample.
+        noise_spec: spec text (``"pcm:t=3600+adc:bits=8"``, ``"none"``) or a parsed spec.
+        draws: number of draws.
+        seed: base seed; draw d is reproducible from (seed, d).
+        output: model output whose argmax is the prediction (default: the first).
+        analog_include: regex; only matching initializer names are analog.
+        analog_exclude: regex; matching initializer names are not analog.
+        fold_affine: fold BatchNormalization/Mul following an analog layer into its weights.
+        config: batch size, draws per session and threads.
+
+    Returns:
+        The report (``to_json_dict()`` for JSON).
+
+    Raises:
+        NoiseInjectionError: bad spec, model or data (one-line message).
+    """
+    started = time.perf_counter()
+    spec = _as_spec(noise_spec)
+    sim = Simulator(
+        model_path,
+        output=output,
+        fold_affine=fold_affine,
+        analog_include=analog_include,
+        analog_exclude=analog_exclude,
+        config=config,
+    )
+    sim.check_data(x, y)
+    clean = accuracy(sim.clean_outputs(x), y)
+    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
+    per_draw = _accuracies(sim, x, y, spec, draws=draws, seed=seed, clean=clean)
+    return _report(
+        sim,
+        spec,
+        seed=seed,
+        x=x,
+        clean=clean,
+        per_draw=per_draw,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _report(
+    sim: Simulator,
+    spec: NoiseSpec,
+    *,
+    seed: int,
+    x: np.ndarray,
+    clean: float,
+    per_draw: list[float],
+    seconds: float,
+    tensors: Sequence[int] | None = None,
+) -> SimulationReport:
+    analog = sim.prepared.analog
+    chosen = analog if tensors is None else tuple(analog[i] for i in tensors)
+    return SimulationReport(
+        model=sim.name,
+        noise=spec.text,
+        draws=len(per_draw),
+        seed=seed,
+        samples=int(x.shape[0]),
+        clean_accuracy=clean,
+        per_draw=tuple(per_draw),
+        analog_tensors=tuple(t.name for t in chosen),
+        folded_layers=sim.prepared.folded_layers,
+        seconds=seconds,
+    )
+
+
+def simulate_sweep(  # noqa: PLR0917  # the demo calls simulate_sweep(model, x, y, spec, draws, seed)
+    model_path: str | Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    sweep: str,
+    draws: int = 10,
+    seed: int = 0,
+    *,
+    output: str | None = None,
+    analog_include: str | None = None,
+    analog_exclude: str | None = None,
+    fold_affine: bool = True,
+    config: RunnerConfig | None = None,
+) -> SweepReport:
+    """Run :func:`simulate` at each level of ``sweep`` (e.g. ``"awgn:snr_db=0,10,20"``).
+
+    The clean baseline is computed once; each level reuses the draws' seeds.
+    """
+    parameter, levels = parse_sweep(sweep)
+    sim = Simulator(
+        model_path,
+        output=output,
+        fold_affine=fold_affine,
+        analog_include=analog_include,
+        analog_exclude=analog_exclude,
+        config=config,
+    )
+    sim.check_data(x, y)
+    clean = accuracy(sim.clean_outputs(x), y)
+    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
+    reports = []
+    for level in levels:
+        started = time.perf_counter()
+        per_draw = _accuracies(sim, x, y, level.spec, draws=draws, seed=seed, clean=clean)
+        reports.append(
+            _report(
+                sim,
+                level.spec,
+                seed=seed,
+                x=x,
+                clean=clean,
+                per_draw=per_draw,
+                seconds=time.perf_counter() - started,
+            )
+        )
+    return SweepReport(
+        model=sim.name,
+        parameter=parameter,
+        values=tuple(level.value for level in levels),
+        levels=tuple(reports),
+    )
+
+
+def simulate_per_layer(  # noqa: PLR0917  # the demo calls simulate_per_layer(model, x, y, spec, draws, seed)
+    model_path: str | Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    noise_spec: str | NoiseSpec,
+    draws: int = 10,
+    seed: int = 0,
+    *,
+    output: str | None = None,
+    analog_include: str | None = None,
+    analog_exclude: str | None = None,
+    fold_affine: bool = True,
+    config: RunnerConfig | None = None,
+) -> PerLayerReport:
+    """Put the weight noise of ``noise_spec`` on one analog tensor at a time.
+
+    Raises:
+        NoiseInjectionError: as :func:`simulate`, or when the spec has DAC/ADC terms (they act on
+            every layer, not on one tensor).
+    """
+    spec = _as_spec(noise_spec)
+    if spec.dac is not None or spec.adc is not None:
+        raise NoiseInjectionError(
+            f"--per-layer takes weight noise only; remove the dac/adc terms from {spec.text!r}"
+        )
+    sim = Simulator(
+        model_path,
+        output=output,
+        fold_affine=fold_affine,
+        analog_include=analog_include,
+        analog_exclude=analog_exclude,
+        config=config,
+    )
+    sim.check_data(x, y)
+    clean = accuracy(sim.clean_outputs(x), y)
+    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
+    layers = []
+    for i, tensor in enumerate(sim.prepared.analog):
+        started = time.perf_counter()
+        per_draw = _accuracies(sim, x, y, spec, draws=draws, seed=seed, clean=clean, tensors=[i])
+        report = _report(
+            sim,
+            spec,
+            seed=seed,
+            x=x,
+            clean=clean,
+            per_draw=per_draw,
+            seconds=time.perf_counter() - started,
+            tensors=[i],
+        )
+        layers.append(LayerResult(name=tensor.name, report=report))
+    return PerLayerReport(
+        model=sim.name, noise=spec.text, clean_accuracy=clean, layers=tuple(layers)
+    )

@@ -1,0 +1,39 @@
+"""``latentedge status``: print a running server's state as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from common.constants import DEFAULT_LISTEN
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``status`` flags."""
+    parser.add_argument(
+        "--server", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})"
+    )
+    parser.add_argument(
+        "--retry-window-s",
+        type=float,
+        default=5.0,
+        help="retry an unreachable server this long (5 s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch the status and print it."""
+    from edge.uplink import RetryPolicy, UplinkClient
+
+    with UplinkClient(args.server, retry=RetryPolicy(window_s=args.retry_window_s)) as client:
+        status = client.status()
+    doc = {
+        "server": args.server,
+        "nodes": [asdict(n) for n in status.nodes],
+        "classifier": asdict(status.classifier),
+        "last_plan": json.loads(status.last_plan_json) if status.last_plan_json else None,
+    }
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    return 0

@@ -1,0 +1,136 @@
+"""``latentedge server``: run the gRPC server until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import FrameType
+
+from common.config import read_tables
+from common.constants import DEFAULT_LISTEN, MAX_UPLOAD_BYTES
+from common.errors import ConfigError
+from server.allocation import Cell
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one server process (TOML table ``[server]``)."""
+
+    listen: str = DEFAULT_LISTEN
+    """HOST:PORT to bind; port 0 picks a free port (printed on start)."""
+    db: str = "latentedge.db"
+    """SQLite database file (created when missing)."""
+    classifier_mode: str = "per_node"
+    """``per_node`` (one classifier per node) or ``shared`` (one, told the node identity)."""
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    """Largest upload payload (bytes) accepted; more is RESOURCE_EXHAUSTED."""
+    seed: int = 0
+    """Seed of classifier training."""
+    cell: Cell | None = None
+    """The radio cell for round scheduling (TOML table ``[cell]``); None = scheduling off."""
+
+    def __post_init__(self) -> None:
+        if ":" not in self.listen:
+            raise ConfigError(f"server.listen must be HOST:PORT, got {self.listen!r}")
+        if self.classifier_mode not in ("per_node", "shared"):
+            raise ConfigError(
+                "server.classifier_mode must be 'per_node' or 'shared', "
+                f"got {self.classifier_mode!r}"
+            )
+        if self.max_upload_bytes <= 0:
+            raise ConfigError(f"server.max_upload_bytes must be > 0, got {self.max_upload_bytes}")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``server`` flags."""
+    parser.add_argument("--config", type=Path, help="TOML file with a [server] table")
+    parser.add_argument(
+        "--listen", help=f"HOST:PORT to bind (default {DEFAULT_LISTEN}; port 0 = any)"
+    )
+    parser.add_argument("--db", help="SQLite database path (default latentedge.db)")
+    parser.add_argument(
+        "--classifier-mode", choices=["per_node", "shared"], help="classifier family"
+    )
+    parser.add_argument("--max-upload-bytes", type=int, help="largest accepted upload (bytes)")
+    parser.add_argument("--seed", type=int, help="classifier training seed")
+
+
+def load_config(args: argparse.Namespace) -> ServerConfig:
+    """Config file (if any) overlaid with the flags given."""
+    tables = read_tables(args.config, {"server": ServerConfig, "cell": Cell}) if args.config else {}
+    config: ServerConfig = tables.get("server", ServerConfig())
+    if "cell" in tables:
+        config = replace(config, cell=tables["cell"])
+    overrides = {
+        key: getattr(args, key)
+        for key in ("listen", "db", "classifier_mode", "max_upload_bytes", "seed")
+        if getattr(args, key) is not None
+    }
+    return replace(config, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM."""
+    config = load_config(args)
+    return run_server(config)
+
+
+def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
+    """Open the store, start the gRPC server and block until a stop signal."""
+    import torch
+
+    from common.models import ClassifierConfig
+    from server.classifier import ClassifierMode
+    from server.core import IngestLimits, SplitLearningServer
+    from server.grpc_app import create_server
+    from server.servicer import UplinkServicer
+    from server.store import open_store
+
+    # The classifier MLPs are tiny: one intra-op thread is several times faster than two
+    # when other processes (edge nodes on the same host) compete for the cores.
+    torch.set_num_threads(1)
+    store = open_store(config.db)
+    core = SplitLearningServer(
+        store,
+        limits=IngestLimits(max_upload_bytes=config.max_upload_bytes),
+        classifier_mode=ClassifierMode(config.classifier_mode),
+        classifier_config=ClassifierConfig(),
+        cell=config.cell,
+        seed=config.seed,
+    )
+    core.start()
+    try:
+        server, port, health = create_server(config.listen, UplinkServicer(core))
+    except ConfigError:
+        core.stop()
+        store.close()
+        raise
+    host = config.listen.rsplit(":", 1)[0]
+    sys.stdout.write(f"latentedge server listening on {host}:{port} (db {config.db})\n")
+    sys.stdout.flush()
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("signal %d: shutting down", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    if ready is not None:
+        ready.set()
+    try:
+        stop.wait()
+    finally:
+        health.enter_graceful_shutdown()
+        server.stop(grace=5.0).wait()
+        core.stop()
+        store.close()
+    return 0

@@ -1,0 +1,402 @@
+"""The server's domain logic, free of gRPC: registration, durable ingest, classification.
+
+:class:`SplitLearningServer` validates requests (raising the ``RequestError`` family, which the
+servicer maps to status codes), writes through a :class:`~server.store.Store`, and retrains
+the latent classifier in a background thread whenever committed latents change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.errors import (
+    CodecError,
+    ConflictError,
+    InvalidRequestError,
+    LatentEdgeError,
+    TooLargeError,
+)
+from common.models import ClassifierConfig
+from common.records import (
+    ClassifierStatus,
+    LatentChunk,
+    NodeRegistration,
+    Prediction,
+    Schedule,
+    ServerStatus,
+    UploadAck,
+)
+from common.tensors import WireTensor, from_wire
+from server.allocation import Cell
+from server.classifier import ClassifierMode, LatentClassifier, train_classifier
+from server.scheduler import RoundScheduler
+from server.store import Store
+
+logger = logging.getLogger(__name__)
+
+NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+UPLOAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+MAX_LATENT_DIM = 65536
+MAX_CLASSES = 65536
+MAX_CLASSIFY_ROWS = 1_000_000
+_LATENT_DTYPES = ("float32", "float16", "int8")
+_LABEL_DTYPES = ("uint8", "int16", "int32", "int64")
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Size limits of one upload."""
+
+    max_upload_bytes: int
+    """Largest payload (latents + labels, bytes) of one upload."""
+
+
+def _check_id(value: str, field: str, pattern: re.Pattern[str]) -> None:
+    if not pattern.match(value):
+        raise InvalidRequestError(
+            f"{field} must match {pattern.pattern} (letters, digits, '_', '.', '-'), got {value!r}"
+        )
+
+
+def validate_registration(reg: NodeRegistration) -> None:
+    """Check every field of a registration; raise InvalidRequestError naming the bad one."""
+    _check_id(reg.node_id, "node_id", NODE_ID_PATTERN)
+    if not 1 <= reg.latent_dim <= MAX_LATENT_DIM:
+        raise InvalidRequestError(
+            f"latent_dim must be in 1..{MAX_LATENT_DIM}, got {reg.latent_dim}"
+        )
+    if not 2 <= reg.num_classes <= MAX_CLASSES:
+        raise InvalidRequestError(f"num_classes must be in 2..{MAX_CLASSES}, got {reg.num_classes}")
+    if reg.profile is not None:
+        for name, value in vars(reg.profile).items():
+            if not math.isfinite(value) or value < 0:
+                raise InvalidRequestError(f"profile.{name} must be finite and >= 0, got {value}")
+
+
+def check_latents(latents: np.ndarray, latent_dim: int, field: str) -> None:
+    """Check decoded latents: 2-D, ``latent_dim`` columns, finite."""
+    if latents.ndim != 2 or latents.shape[1] != latent_dim:
+        raise InvalidRequestError(
+            f"{field}.shape must be (n, {latent_dim}) for this node, got {list(latents.shape)}"
+        )
+    if not np.all(np.isfinite(latents)):
+        bad = int(np.count_nonzero(~np.isfinite(latents)))
+        raise InvalidRequestError(f"{field} contains {bad} NaN/Inf value(s); all must be finite")
+
+
+class SplitLearningServer:
+    """Registration, durable ingest, classification and status over one store."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        limits: IngestLimits,
+        classifier_mode: ClassifierMode,
+        classifier_config: ClassifierConfig,
+        cell: Cell | None = None,
+        seed: int = 0,
+    ) -> None:
+        self._store = store
+        self._limits = limits
+        self._trainer = _ClassifierTrainer(store, classifier_mode, classifier_config, seed)
+        self._scheduler = RoundScheduler(store, cell)
+
+    @property
+    def store(self) -> Store:
+        """The durable store."""
+        return self._store
+
+    def start(self) -> None:
+        """Load the newest stored classifier and start the background trainer."""
+        self._trainer.start()
+
+    def stop(self) -> None:
+        """Stop the background trainer (waits for a running training to finish)."""
+        self._trainer.stop()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def register(self, reg: NodeRegistration) -> int:
+        """Register a node; return the samples already stored for it."""
+        validate_registration(reg)
+        stored = self._store.register_node(reg)
+        if reg.reset:
+            self._trainer.notify()
+        return stored
+
+    def ingest(self, chunks: Iterator[LatentChunk]) -> UploadAck:
+        """Validate and durably store one streamed upload; return its acknowledgement.
+
+        Nothing is visible (and nothing partial survives) unless the whole stream is valid
+        and ends with a chunk marked ``last``. A re-sent, already committed upload id is
+        drained and acknowledged with ``deduplicated=True``.
+        """
+        first = next(chunks, None)
+        if first is None:
+            raise InvalidRequestError("empty upload stream: expected chunks starting at seq 0")
+        _check_id(first.node_id, "node_id", NODE_ID_PATTERN)
+        _check_id(first.upload_id, "upload_id", UPLOAD_ID_PATTERN)
+        if first.seq != 0:
+            raise InvalidRequestError(f"seq of the first chunk must be 0, got {first.seq}")
+        node = self._store.get_node(first.node_id)
+        done = self._store.committed_ack(first.upload_id)
+        if done is not None:
+            for _ in chunks:  # drain the re-sent stream; nothing is stored twice
+                pass
+            logger.info(
+                "upload %s of %s already committed: deduplicated", first.upload_id, node.node_id
+            )
+            return done
+        self._store.begin_upload(first.upload_id, node.node_id, first.mode)
+        try:
+            ack = self._stage_and_commit(first, chunks, node)
+        except BaseException:
+            self._store.abort_upload(first.upload_id)
+            raise
+        self._trainer.notify()
+        self._scheduler.on_upload_committed(node.node_id)
+        return ack
+
+    def schedule(self, node_id: str) -> Schedule:
+        """This round's upload decision and bandwidth for ``node_id``."""
+        _check_id(node_id, "node_id", NODE_ID_PATTERN)
+        return self._scheduler.schedule(node_id)
+
+    def _stage_and_commit(
+        self, first: LatentChunk, chunks: Iterator[LatentChunk], node: NodeRegistration
+    ) -> UploadAck:
+        chunk: LatentChunk | None = first
+        seq = 0
+        samples = 0
+        payload = 0
+        while True:
+            assert chunk is not None
+            if chunk.node_id != first.node_id or chunk.upload_id != first.upload_id:
+                raise InvalidRequestError(
+                    f"chunk {seq}: node_id/upload_id changed mid-stream "
+                    f"({chunk.node_id!r}/{chunk.upload_id!r}, expected "
+                    f"{first.node_id!r}/{first.upload_id!r})"
+                )
+            if chunk.seq != seq:
+                raise InvalidRequestError(f"seq must be {seq} (chunks in order), got {chunk.seq}")
+            n = self._validate_chunk(chunk, node, seq)
+            payload += chunk.latents.nbytes + chunk.labels.nbytes
+            if payload > self._limits.max_upload_bytes:
+                raise TooLargeError(
+                    f"upload {first.upload_id!r} exceeds max_upload_bytes="
+                    f"{self._limits.max_upload_bytes} at chunk {seq}"
+                )
+            self._store.put_chunk(first.upload_id, seq, chunk.latents, chunk.labels, n)
+            samples += n
+            if chunk.last:
+                break
+            seq += 1
+            chunk = next(chunks, None)
+            if chunk is None:
+                raise InvalidRequestError(
+                    f"upload {first.upload_id!r} ended after {seq} chunk(s) without a chunk "
+                    "marked last (truncated stream); nothing was stored"
+                )
+        extra = next(chunks, None)
+        if extra is not None:
+            raise InvalidRequestError(f"chunk after the one marked last (seq {extra.seq})")
+        if first.total_samples and samples != first.total_samples:
+            raise InvalidRequestError(
+                f"total_samples declared {first.total_samples}, stream carried {samples}"
+            )
+        return self._store.commit_upload(first.upload_id, seq + 1)
+
+    def _validate_chunk(self, chunk: LatentChunk, node: NodeRegistration, seq: int) -> int:
+        if chunk.latents.dtype not in _LATENT_DTYPES:
+            raise InvalidRequestError(
+                f"chunk {seq}: latents.dtype must be one of {list(_LATENT_DTYPES)}, "
+                f"got {chunk.latents.dtype!r}"
+            )
+        if chunk.labels.dtype not in _LABEL_DTYPES:
+            raise InvalidRequestError(
+                f"chunk {seq}: labels.dtype must be one of {list(_LABEL_DTYPES)}, "
+                f"got {chunk.labels.dtype!r}"
+            )
+        try:
+            latents = from_wire(chunk.latents, "latents")
+            labels = from_wire(chunk.labels, "labels")
+        except CodecError as exc:
+            raise InvalidRequestError(f"chunk {seq}: {exc}") from exc
+        check_latents(latents, node.latent_dim, f"chunk {seq}: latents")
+        if labels.ndim != 1 or labels.shape[0] != latents.shape[0]:
+            raise InvalidRequestError(
+                f"chunk {seq}: labels.shape must be ({latents.shape[0]},) to match latents, "
+                f"got {list(labels.shape)}"
+            )
+        if labels.size and (labels.min() < 0 or labels.max() >= node.num_classes):
+            raise InvalidRequestError(
+                f"chunk {seq}: labels must be in [0, {node.num_classes}) for node "
+                f"{node.node_id!r}, got values in [{labels.min()}, {labels.max()}]"
+            )
+        return int(latents.shape[0])
+
+    def classify(self, node_id: str, latents_wire: WireTensor) -> Prediction:
+        """Classify latents from ``node_id``'s encoder with the current classifier."""
+        _check_id(node_id, "node_id", NODE_ID_PATTERN)
+        node = self._store.get_node(node_id)
+        if latents_wire.dtype not in _LATENT_DTYPES:
+            raise InvalidRequestError(
+                f"latents.dtype must be one of {list(_LATENT_DTYPES)}, got {latents_wire.dtype!r}"
+            )
+        try:
+            latents = from_wire(latents_wire, "latents")
+        except CodecError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        check_latents(latents, node.latent_dim, "latents")
+        if latents.shape[0] > MAX_CLASSIFY_ROWS:
+            raise TooLargeError(
+                f"latents has {latents.shape[0]} rows; at most {MAX_CLASSIFY_ROWS} per call"
+            )
+        version, classifier = self._trainer.current()
+        if classifier is None or node_id not in classifier.node_ids:
+            raise ConflictError(
+                f"no trained classifier covers node {node_id!r} yet; upload its latents and "
+                "wait until status shows it in classifier.nodes"
+            )
+        labels, probs = classifier.predict(node_id, latents.astype(np.float32, copy=False))
+        return Prediction(labels=labels, probabilities=probs, classifier_version=version)
+
+    def status(self) -> ServerStatus:
+        """Nodes, stored samples, classifier and the last plan."""
+        plan = self._store.last_plan()
+        return ServerStatus(
+            nodes=tuple(self._store.list_nodes()),
+            classifier=self._trainer.status(),
+            last_plan_json=plan[1] if plan else "",
+        )
+
+
+class _ClassifierTrainer:
+    """Retrains the classifier in a daemon thread whenever committed latents change."""
+
+    def __init__(
+        self, store: Store, mode: ClassifierMode, config: ClassifierConfig, seed: int
+    ) -> None:
+        self._store = store
+        self._mode = mode
+        self._config = config
+        self._seed = seed
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._pending = False
+        self._version = 0
+        self._classifier: LatentClassifier | None = None
+        self._meta: dict[str, object] = {}
+        self._trained_at = 0.0
+        self._trained_data_version = -1
+        self._thread = threading.Thread(target=self._loop, name="classifier-trainer", daemon=True)
+
+    def start(self) -> None:
+        latest = self._store.latest_classifier()
+        if latest is not None:
+            version, meta, blob, trained_at = latest
+            self._classifier = LatentClassifier.from_bytes(blob)
+            self._version, self._meta, self._trained_at = version, meta, trained_at
+            self._trained_data_version = int(str(meta.get("data_version", -1)))
+            logger.info("loaded classifier version %d (%s)", version, meta.get("mode"))
+        if self._store.data_version() != self._trained_data_version:
+            self.notify()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+
+    def notify(self) -> None:
+        with self._lock:
+            self._pending = True
+        self._wake.set()
+
+    def current(self) -> tuple[int, LatentClassifier | None]:
+        with self._lock:
+            return self._version, self._classifier
+
+    def status(self) -> ClassifierStatus:
+        with self._lock:
+            meta = self._meta
+            nodes = meta.get("nodes", [])
+            return ClassifierStatus(
+                version=self._version,
+                mode=str(meta.get("mode", "")),
+                nodes=tuple(str(n) for n in nodes) if isinstance(nodes, list) else (),
+                samples=int(str(meta.get("samples", 0))),
+                train_accuracy=float(str(meta.get("train_accuracy", 0.0))),
+                trained_at=self._trained_at,
+                training=self._pending,
+            )
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._train_once()
+            except LatentEdgeError:
+                logger.exception("classifier training failed; will retry on the next upload")
+                with self._lock:
+                    self._pending = False
+            except Exception:
+                logger.exception("unexpected error while training the classifier")
+                with self._lock:
+                    self._pending = False
+
+    def _train_once(self) -> None:
+        data_version = self._store.data_version()
+        data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        num_classes = 0
+        for node in self._store.list_nodes():
+            if node.samples > 0:
+                data[node.node_id] = self._store.node_data(node.node_id)
+                num_classes = max(num_classes, node.num_classes)
+        if not data:
+            with self._lock:
+                self._pending = self._store.data_version() != data_version
+            return
+        started = time.perf_counter()
+        classifier = train_classifier(data, num_classes, self._mode, self._config, seed=self._seed)
+        summary = classifier.summary()
+        meta: dict[str, object] = {
+            "mode": self._mode.value,
+            "nodes": sorted(data),
+            "samples": int(sum(len(v[1]) for v in data.values())),
+            "train_accuracy": float(summary.get("train_accuracy", 0.0)),
+            "data_version": data_version,
+        }
+        version = self._store.save_classifier(meta, classifier.to_bytes())
+        with self._lock:
+            self._classifier = classifier
+            self._version = version
+            self._meta = meta
+            self._trained_at = time.time()
+            self._trained_data_version = data_version
+            # more data arrived while training: go again
+            self._pending = self._store.data_version() != data_version
+            if self._pending:
+                self._wake.set()
+        logger.info(
+            "trained classifier v%d (%s) on %d samples from %d node(s) in %.2f s",
+            version,
+            self._mode.value,
+            meta["samples"],
+            len(data),
+            time.perf_counter() - started,
+        )

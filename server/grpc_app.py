@@ -1,0 +1,62 @@
+"""The one gRPC server factory."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.constants import MAX_MESSAGE_BYTES
+from common.errors import ConfigError
+from protos import uplink_pb2_grpc
+from server.servicer import UplinkServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "latentedge.v1.Uplink"
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    # one upload chunk (<= CHUNK_BYTES) plus protobuf framing must fit in a message
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # replies (predictions, status) are bounded the same way
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # SO_REUSEPORT off: a second server on a busy port must fail, not share it
+    ("grpc.so_reuseport", 0),
+    # no BDP probing: on loopback it grows each stream's flow-control window to tens of
+    # MB, so a slow consumer (durable ingest) buffers that much per upload in RSS
+    ("grpc.http2.bdp_probe", 0),
+]
+"""gRPC channel arguments of the server (bench/ingest.py gives its raw baseline the same)."""
+
+
+def create_server(
+    address: str, servicer: UplinkServicer, *, max_workers: int = 16
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build and start a gRPC server for ``servicer`` on ``address`` (port 0 picks a free port).
+
+    Returns:
+        The started server, the bound port, and its health servicer (SERVING).
+
+    Raises:
+        ConfigError: when the address cannot be bound.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=SERVER_OPTIONS,
+    )
+    uplink_pb2_grpc.add_UplinkServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address!r}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address!r} (address in use or invalid)")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("listening on %s (port %d)", address, port)
+    return server, port, health_servicer

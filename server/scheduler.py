@@ -1,0 +1,117 @@
+"""Per-round scheduling: which registered nodes upload, and with how much bandwidth.
+
+Each round the server solves the joint energy/latency allocation (``server.allocation``)
+over the registered nodes that reported an energy profile. A round's plan is made at the
+first schedule request, and a new round starts once every node selected to upload has
+committed an upload. A node that registers after its round's plan was made, once uploads of
+that round have begun, waits for the next round (``upload=False``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import asdict
+
+from common.errors import ConflictError, InfeasibleAllocationError
+from common.records import Schedule
+from server.allocation import AllocationPlan, AllocationProblem, Cell, Device, solve
+from server.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class RoundScheduler:
+    """Makes and serves one allocation plan per round."""
+
+    def __init__(self, store: Store, cell: Cell | None) -> None:
+        self._store = store
+        self._cell = cell
+        self._lock = threading.Lock()
+        last = store.last_plan()
+        self._round = last[0] if last else 0
+        self._plan: AllocationPlan | None = None
+        self._decisions: dict[str, Schedule] = {}
+        self._waiting: set[str] = set()
+        self._uploads_this_round = 0
+
+    def schedule(self, node_id: str) -> Schedule:
+        """This round's decision for ``node_id`` (making the round's plan when due).
+
+        Raises:
+            ConflictError: scheduling is off, the node has no profile, or the plan is infeasible.
+            NotFoundError: the node is not registered.
+        """
+        if self._cell is None:
+            raise ConflictError(
+                "scheduling is off: start the server with a [cell] table in its --config"
+            )
+        node = self._store.get_node(node_id)
+        if node.profile is None:
+            raise ConflictError(
+                f"node {node_id!r} registered without an energy profile; add a [profile] "
+                "table to its config to take part in scheduling"
+            )
+        with self._lock:
+            due = self._plan is None or not self._waiting
+            joined_late = node_id not in self._decisions and self._uploads_this_round == 0
+            if due or joined_late:
+                self._new_round(self._cell)
+            decision = self._decisions.get(node_id)
+            if decision is None:
+                assert self._plan is not None
+                return Schedule(
+                    round=self._round,
+                    upload=False,
+                    bandwidth_hz=0.0,
+                    energy_j=0.0,
+                    latency_s=0.0,
+                    round_latency_s=self._plan.round_latency_s,
+                )
+            return decision
+
+    def on_upload_committed(self, node_id: str) -> None:
+        """Count a committed upload towards closing the round."""
+        with self._lock:
+            self._uploads_this_round += 1
+            self._waiting.discard(node_id)
+
+    def _new_round(self, cell: Cell) -> None:
+        devices = []
+        for status in self._store.list_nodes():
+            reg = self._store.get_node(status.node_id)
+            if reg.profile is None:
+                continue
+            devices.append(Device(id=reg.node_id, samples=reg.samples, **asdict(reg.profile)))
+        try:
+            plan = solve(AllocationProblem.from_devices(devices, cell))
+        except InfeasibleAllocationError as exc:
+            raise ConflictError(f"this round's allocation is infeasible: {exc}") from exc
+        self._round += 1
+        doc = plan.to_json_dict()
+        doc["round"] = self._round
+        self._store.save_plan(self._round, json.dumps(doc))
+        self._plan = plan
+        self._decisions = {
+            d.id: Schedule(
+                round=self._round,
+                upload=d.upload,
+                bandwidth_hz=d.bandwidth_hz,
+                energy_j=d.energy_j,
+                latency_s=d.latency_s,
+                round_latency_s=plan.round_latency_s,
+            )
+            for d in plan.decisions()
+        }
+        self._waiting = {d.id for d in plan.decisions() if d.upload}
+        self._uploads_this_round = 0
+        logger.info(
+            "round %d: %d of %d node(s) upload; objective %.4g, gap %.2e, round latency %.3g s",
+            self._round,
+            len(self._waiting),
+            len(devices),
+            plan.objective,
+            plan.gap,
+            plan.round_latency_s,
+        )

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+MNIST_TINY = SHARED_DATA / "mnist" / "mnist_tiny.npz"
+
+
+def latentedge_cmd(*args: str) -> list[str]:
+    """The console script, run with this interpreter (works without the venv on PATH)."""
+    return [sys.executable, "-m", "latentedge", *args]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[str]
+    address: str
+    db: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server_process(db: Path, *extra: str, listen: str = "127.0.0.1:0") -> ServerProcess:
+    """Start `latentedge server` as an OS process and wait for its 'listening on' line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        latentedge_cmd("server", "--listen", listen, "--db", str(db), *extra),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "listening on" in line:
+            break
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+    match = re.search(r"listening on (\S+)", line)
+    assert match, f"no 'listening on' line, got {line!r}"
+    return ServerProcess(proc=proc, address=match.group(1), db=db)
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = start_server_process(tmp_path / "server.db")
+    yield server
+    server.stop()

@@ -1,0 +1,212 @@
+"""The console script as users run it: real subprocesses, real files, real gRPC on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from common.datasets import load_dataset, shard
+from tests.conftest import MNIST_TINY, ROOT, ServerProcess, latentedge_cmd, start_server_process
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        latentedge_cmd(*args),
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("latentedge ")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+
+
+def test_version_and_help() -> None:
+    assert _run("--version").stdout.startswith("latentedge ")
+    helptext = _run("--help").stdout
+    for command in ("demo", "server", "edge", "status", "allocate", "simulate"):
+        assert command in helptext
+
+
+def test_demo_on_digits_meets_targets(tmp_path: Path) -> None:
+    proc = _run("demo", "--out", str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in (
+        "dataset",
+        "nodes",
+        "latent_dim",
+        "compression_ratio",
+        "raw_bytes",
+        "uploaded_bytes",
+        "accuracy",
+        "baseline_accuracy",
+        "per_node",
+        "seconds",
+    ):
+        assert key in summary
+    assert summary["nodes"] == 3 and len(summary["per_node"]) == 3
+    assert summary["compression_ratio"] >= 4
+    assert summary["accuracy"] >= 0.90
+    assert summary["baseline_accuracy"] - summary["accuracy"] <= 0.03
+    assert summary["uploaded_bytes"] < summary["raw_bytes"]
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
+    assert "accuracy" in proc.stdout and "compression ratio" in proc.stdout
+
+
+def test_demo_on_mnist_tiny(tmp_path: Path) -> None:
+    proc = _run(
+        "demo",
+        "--dataset",
+        str(MNIST_TINY),
+        "--latent-dim",
+        "49",
+        "--epochs",
+        "8",
+        "--out",
+        str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["compression_ratio"] == pytest.approx(784 / 49)
+    assert summary["test_samples"] == 500  # the three test shards partition the test split
+    assert summary["train_samples"] == 1000
+    assert summary["accuracy"] > 0.6  # 1000 training images, 8 epochs: far above chance (0.1)
+    assert summary["uploaded_bytes"] == 1000 * (49 * 2 + 1)  # float16 latents + uint8 labels
+
+
+def test_server_and_edge_processes(server_process: ServerProcess, tmp_path: Path) -> None:
+    report = tmp_path / "n0.json"
+    proc = _run(
+        "edge",
+        "--server",
+        server_process.address,
+        "--node-id",
+        "n0",
+        "--data",
+        str(MNIST_TINY),
+        "--shard",
+        "1/2",
+        "--latent-dim",
+        "32",
+        "--epochs",
+        "5",
+        "--evaluate",
+        "--export",
+        str(tmp_path / "onnx"),
+        "--report",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test accuracy through the server" in proc.stdout
+    doc = json.loads(report.read_text())
+    expected = shard(load_dataset(str(MNIST_TINY)), 1, 2)
+    assert doc["samples"] == len(expected.y_train) and doc["test_samples"] == len(expected.y_test)
+    assert doc["onnx_max_abs_diff"] < 1e-4
+    model = onnx.load(str(tmp_path / "onnx" / "encoder_n0.onnx"))
+    onnx.checker.check_model(model)
+    test_split = np.load(tmp_path / "onnx" / "test_n0.npz")
+    np.testing.assert_array_equal(test_split["x"], expected.x_test)
+
+    status = _run("status", "--server", server_process.address)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["nodes"][0]["node_id"] == "n0"
+    assert doc["nodes"][0]["samples"] == len(expected.y_train)
+    assert doc["classifier"]["nodes"] == ["n0"]
+
+
+def test_edge_reads_deploy_example_config(server_process: ServerProcess, tmp_path: Path) -> None:
+    text = (ROOT / "deploy" / "edge.toml").read_text()
+    text = text.replace('"latentedge-server:50051"', f'"{server_process.address}"')
+    text = text.replace('"/data/local.npz"', f'"{MNIST_TINY}"')
+    text = text.replace("/var/lib/latentedge", str(tmp_path))
+    text = text.replace("epochs = 0", "epochs = 2")
+    config = tmp_path / "edge.toml"
+    config.write_text(text)
+    proc = _run("edge", "--config", str(config), "--shard", "0/4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "edge-report.json").exists()
+    status = json.loads(_run("status", "--server", server_process.address).stdout)
+    assert status["nodes"][0]["has_profile"] is True
+    assert status["nodes"][0]["samples"] == len(shard(load_dataset(str(MNIST_TINY)), 0, 4).y_train)
+
+
+def test_scheduled_edge_with_deploy_configs(tmp_path: Path) -> None:
+    server_toml = (ROOT / "deploy" / "server.toml").read_text()
+    server = start_server_process(
+        tmp_path / "s.db", "--config", str(_write(tmp_path / "server.toml", server_toml))
+    )
+    try:
+        text = (ROOT / "deploy" / "edge.toml").read_text()
+        text = text.replace('"latentedge-server:50051"', f'"{server.address}"')
+        text = text.replace('"/data/local.npz"', f'"{MNIST_TINY}"')
+        text = text.replace("/var/lib/latentedge", str(tmp_path))
+        text = text.replace("epochs = 0", "epochs = 2").replace(
+            "scheduled = false", "scheduled = true"
+        )
+        proc = _run("edge", "--config", str(_write(tmp_path / "edge.toml", text)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads((tmp_path / "edge-report.json").read_text())
+        assert report["schedule"]["round"] == 1
+        # a lone node must upload to reach min_samples, with the whole band
+        assert report["schedule"]["upload"] is True
+        assert report["schedule"]["bandwidth_hz"] == pytest.approx(2.0e7)
+        status = json.loads(_run("status", "--server", server.address).stdout)
+        assert status["last_plan"]["devices"][0]["id"] == "plant-a-camera-1"
+        assert status["nodes"][0]["samples"] == report["samples"] > 0
+    finally:
+        server.stop()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (
+            ("edge", "--server", "127.0.0.1:1", "--node-id", "a", "--data", "/no/such.npz"),
+            3,
+            "/no/such.npz",
+        ),
+        (("edge", "--server", "127.0.0.1:1", "--node-id", "a", "--shard", "5/3"), 3, "shard"),
+        (
+            ("edge", "--server", "127.0.0.1:1", "--node-id", "a", "--latent-dim", "0"),
+            3,
+            "latent_dim",
+        ),
+        (("edge", "--node-id", "a"), 3, "--server is required"),
+        (("server", "--config", "/no/such.toml"), 3, "does not exist"),
+        (("server", "--listen", "nonsense"), 3, "HOST:PORT"),
+        (("status", "--server", "127.0.0.1:1", "--retry-window-s", "0.5"), 4, "unreachable"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args: tuple[str, ...], code: int, needle: str) -> None:
+    _one_line_error(_run(*args, timeout=60), code, needle)
+
+
+def test_bad_flag_type_is_usage_error() -> None:
+    proc = _run("edge", "--latent-dim", "abc")
+    assert proc.returncode == 2 and "invalid int value" in proc.stderr
+
+
+def test_unknown_config_key_names_it(tmp_path: Path) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:0"\ndb_path = "x"\n')
+    _one_line_error(_run("server", "--config", str(config)), 3, "unknown key 'server.db_path'")

@@ -1,0 +1,136 @@
+"""Round scheduling over gRPC: nodes report profiles, the server solves, nodes get decisions."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.errors import UplinkError
+from common.records import EnergyProfile, NodeRegistration
+from edge.uplink import UplinkClient
+from server.allocation import Cell
+from tests.support_grpc import RunningServer, running_server
+
+CELL = Cell(
+    bandwidth_hz=2e6,
+    noise_psd_w_per_hz=4e-21,
+    min_samples=1000,
+    weight_energy=1.0,
+    weight_latency=0.5,
+)
+GAINS = (1e-9, 3e-10, 1e-10, 3e-11)
+
+
+def _profile(gain: float) -> EnergyProfile:
+    return EnergyProfile(
+        upload_bits=4e6,
+        cycles_per_sample=1e6,
+        cpu_hz=1.5e9,
+        kappa=1e-28,
+        tx_power_w=0.2,
+        channel_gain=gain,
+        energy_budget_j=20.0,
+        finetune_energy_j=1.5,
+        finetune_latency_s=6.0,
+    )
+
+
+@pytest.fixture
+def scheduling_server(tmp_path: Path) -> Iterator[RunningServer]:
+    yield from running_server(tmp_path, cell=CELL)
+
+
+def _register_fleet(client: UplinkClient) -> None:
+    for i, gain in enumerate(GAINS):
+        client.register(
+            NodeRegistration(
+                node_id=f"n{i}", latent_dim=4, num_classes=10, samples=600, profile=_profile(gain)
+            )
+        )
+
+
+def _device_cost(
+    upload: bool, bandwidth_hz: float, p: EnergyProfile, samples: int
+) -> tuple[float, float]:
+    """(energy J, time s) of one device, straight from DESIGN.md's equations."""
+    if not upload:
+        return p.finetune_energy_j, p.finetune_latency_s
+    snr = p.tx_power_w * p.channel_gain / (CELL.noise_psd_w_per_hz * bandwidth_hz)
+    rate = bandwidth_hz * math.log2(1 + snr)
+    t_up = p.upload_bits / rate
+    t_c = p.cycles_per_sample * samples / p.cpu_hz
+    e_c = p.kappa * p.cycles_per_sample * samples * p.cpu_hz**2
+    return e_c + p.tx_power_w * t_up, t_c + t_up
+
+
+def test_every_node_gets_a_consistent_decision(scheduling_server: RunningServer) -> None:
+    with UplinkClient(scheduling_server.address) as client:
+        _register_fleet(client)
+        schedules = [client.schedule(f"n{i}") for i in range(len(GAINS))]
+        status = client.status()
+    assert {s.round for s in schedules} == {1}
+    uploaders = [i for i, s in enumerate(schedules) if s.upload]
+    assert 600 * len(uploaders) >= CELL.min_samples  # coverage
+    assert sum(s.bandwidth_hz for s in schedules) <= CELL.bandwidth_hz * (1 + 1e-9)
+    assert all(s.bandwidth_hz == 0 for s in schedules if not s.upload)
+    # the reported energy/latency and the plan's objective follow the model's equations
+    energy = latency = 0.0
+    for i, s in enumerate(schedules):
+        e, t = _device_cost(s.upload, s.bandwidth_hz, _profile(GAINS[i]), 600)
+        assert s.energy_j == pytest.approx(e, rel=1e-6)
+        assert s.latency_s == pytest.approx(t, rel=1e-6)
+        energy, latency = energy + e, max(latency, t)
+    plan = json.loads(status.last_plan_json)
+    assert plan["round"] == 1
+    assert plan["objective"] == pytest.approx(
+        CELL.weight_energy * energy + CELL.weight_latency * latency, rel=1e-6
+    )
+    assert plan["lower_bound"] <= plan["objective"] * (1 + 1e-9)
+    assert [d["upload"] for d in plan["devices"]] == [s.upload for s in schedules]
+
+
+def test_round_advances_once_selected_nodes_uploaded(scheduling_server: RunningServer) -> None:
+    x = np.zeros((600, 4), np.float32)
+    y = np.zeros(600, np.int64)
+    with UplinkClient(scheduling_server.address) as client:
+        _register_fleet(client)
+        schedules = {f"n{i}": client.schedule(f"n{i}") for i in range(len(GAINS))}
+        selected = [n for n, s in schedules.items() if s.upload]
+        assert selected
+        for node in selected[:-1]:
+            client.push_latents(node, x, y, num_classes=10)
+            assert client.schedule(node).round == 1  # round still open
+        client.push_latents(selected[-1], x, y, num_classes=10)
+        assert client.schedule("n0").round == 2
+
+
+def test_scheduling_errors(scheduling_server: RunningServer, tmp_path: Path) -> None:
+    with UplinkClient(scheduling_server.address) as client:
+        client.register(NodeRegistration(node_id="plain", latent_dim=4, num_classes=10))
+        with pytest.raises(UplinkError, match=r"FAILED_PRECONDITION.*without an energy profile"):
+            client.schedule("plain")
+        with pytest.raises(UplinkError, match="NOT_FOUND"):
+            client.schedule("ghost")
+        # one node with 600 samples cannot cover min_samples=1000
+        client.register(
+            NodeRegistration(
+                node_id="n0", latent_dim=4, num_classes=10, samples=600, profile=_profile(1e-9)
+            )
+        )
+        with pytest.raises(UplinkError, match=r"FAILED_PRECONDITION.*infeasible"):
+            client.schedule("n0")
+
+
+def test_scheduling_off_without_cell(tmp_path: Path) -> None:
+    for server in running_server(tmp_path):
+        with UplinkClient(server.address) as client:
+            client.register(
+                NodeRegistration(node_id="n0", latent_dim=4, num_classes=10, profile=_profile(1e-9))
+            )
+            with pytest.raises(UplinkError, match=r"FAILED_PRECONDITION.*scheduling is off"):
+                client.schedule("n0")

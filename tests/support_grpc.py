@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from common.models import ClassifierConfig
+from server.allocation import Cell
+from server.classifier import ClassifierMode
+from server.core import IngestLimits, SplitLearningServer
+from server.grpc_app import create_server
+from server.servicer import UplinkServicer
+from server.store import SqliteStore
+
+
+@dataclass
+class RunningServer:
+    address: str
+    db: Path
+    core: SplitLearningServer
+    channel: grpc.Channel
+
+
+def running_server(tmp_path: Path, cell: Cell | None = None) -> Iterator[RunningServer]:
+    """A real gRPC server on 127.0.0.1:0 over a real SQLite file; small upload limit."""
+    db = tmp_path / "server.db"
+    store = SqliteStore(db)
+    core = SplitLearningServer(
+        store,
+        limits=IngestLimits(max_upload_bytes=1_000_000),
+        classifier_mode=ClassifierMode.PER_NODE,
+        classifier_config=ClassifierConfig(epochs=5),
+        cell=cell,
+    )
+    core.start()
+    server, port, _health = create_server("127.0.0.1:0", UplinkServicer(core))
+    address = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(address)
+    yield RunningServer(address=address, db=db, core=core, channel=channel)
+    channel.close()
+    server.stop(grace=None).wait()
+    core.stop()
+    store.close()

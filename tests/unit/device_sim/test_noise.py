@@ -1,0 +1,269 @@
+"""Noise models against their formulas, and the spec language."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from common.errors import NoiseInjectionError
+from device_sim.noise import (
+    NOISE_KINDS,
+    AdcConfig,
+    AwgnNoise,
+    DacConfig,
+    GaussianNoise,
+    MultiplicativeNoise,
+    NoiseModel,
+    PcmNoise,
+    QuantNoise,
+    StuckNoise,
+    parse_noise_spec,
+    parse_sweep,
+)
+from device_sim.report import summarize, t_quantile_975
+
+
+def _weights(shape: tuple[int, ...] = (400, 500), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.0, 0.3, shape).astype(np.float32)
+
+
+class NoiseContract:
+    """Properties every weight model must have (one subclass per model)."""
+
+    __test__ = False
+
+    def make(self) -> NoiseModel:
+        raise NotImplementedError
+
+    def test_keeps_shape_dtype_and_input(self) -> None:
+        w = _weights((20, 30))
+        before = w.copy()
+        out = self.make().apply(w, np.random.default_rng(0), 0)
+        assert out.shape == w.shape and out.dtype == w.dtype
+        np.testing.assert_array_equal(w, before)
+
+    def test_same_seed_same_draw(self) -> None:
+        w = _weights((20, 30))
+        a = self.make().apply(w, np.random.default_rng(5), 0)
+        b = self.make().apply(w, np.random.default_rng(5), 0)
+        np.testing.assert_array_equal(a, b)
+
+
+class TestAwgn(NoiseContract):
+    __test__ = True
+
+    def make(self) -> NoiseModel:
+        return AwgnNoise(snr_db=10.0)
+
+    @pytest.mark.parametrize("snr_db", [0.0, 10.0, 20.0])
+    def test_noise_std_follows_snr(self, snr_db: float) -> None:
+        w = _weights()
+        noise = AwgnNoise(snr_db).apply(w, np.random.default_rng(1)) - w
+        expected = w.std() / math.sqrt(10 ** (snr_db / 10))
+        assert noise.std() == pytest.approx(expected, rel=0.01)
+        assert abs(noise.mean()) < 4 * expected / math.sqrt(w.size)
+
+
+class TestGaussian(NoiseContract):
+    __test__ = True
+
+    def make(self) -> NoiseModel:
+        return GaussianNoise(std=0.05)
+
+    def test_per_tensor_sigma_is_std_times_max_abs(self) -> None:
+        w = _weights()
+        noise = GaussianNoise(0.05).apply(w, np.random.default_rng(2)) - w
+        assert noise.std() == pytest.approx(0.05 * np.abs(w).max(), rel=0.01)
+
+    def test_per_channel_sigma_uses_each_rows_max(self) -> None:
+        scales = np.array([0.1, 1.0, 10.0], dtype=np.float32)
+        w = _weights((3, 50000)) * scales[:, None]
+        noise = GaussianNoise(0.02, per="channel").apply(w, np.random.default_rng(3), 0) - w
+        for row in range(3):
+            expected = 0.02 * np.abs(w[row]).max()
+            assert noise[row].std() == pytest.approx(expected, rel=0.02)
+
+    def test_zero_std_is_identity(self) -> None:
+        w = _weights((10, 10))
+        np.testing.assert_array_equal(GaussianNoise(0.0).apply(w, np.random.default_rng(0)), w)
+
+
+class TestMultiplicative(NoiseContract):
+    __test__ = True
+
+    def make(self) -> NoiseModel:
+        return MultiplicativeNoise(std=0.1)
+
+    def test_relative_error_has_the_given_std(self) -> None:
+        w = _weights() + 1.0  # away from zero
+        ratio = MultiplicativeNoise(0.1).apply(w, np.random.default_rng(4)) / w - 1.0
+        assert ratio.std() == pytest.approx(0.1, rel=0.01)
+        assert abs(ratio.mean()) < 0.001
+
+
+class TestQuant(NoiseContract):
+    __test__ = True
+
+    def make(self) -> NoiseModel:
+        return QuantNoise(bits=4)
+
+    @pytest.mark.parametrize("bits", [2, 4, 8])
+    def test_matches_brute_force_nearest_level(self, bits: int) -> None:
+        w = _weights((30, 40))
+        levels = 2 ** (bits - 1) - 1
+        grid = np.arange(-levels, levels + 1) * (np.abs(w).max() / levels)
+        brute = grid[np.abs(w[..., None] - grid).argmin(axis=-1)]
+        out = QuantNoise(bits).apply(w, np.random.default_rng(0))
+        np.testing.assert_allclose(out, brute, rtol=0, atol=1e-6)
+        assert len(np.unique(out)) <= 2 * levels + 1
+
+    def test_per_channel_uses_each_columns_range(self) -> None:
+        w = _weights((50, 2)) * np.array([1.0, 100.0], dtype=np.float32)
+        out = QuantNoise(3, per="channel").apply(w, np.random.default_rng(0), channel_axis=1)
+        for col in range(2):
+            step = np.abs(w[:, col]).max() / 3
+            assert np.abs(out[:, col] - w[:, col]).max() <= step / 2 + 1e-4 * step
+
+
+class TestStuck(NoiseContract):
+    __test__ = True
+
+    def make(self) -> NoiseModel:
+        return StuckNoise(p=0.1)
+
+    def test_fraction_stuck_at_zero_is_p(self) -> None:
+        w = _weights()
+        out = StuckNoise(0.1).apply(w, np.random.default_rng(6))
+        changed = (out != w).mean()
+        sd = math.sqrt(0.1 * 0.9 / w.size)
+        assert abs(changed - 0.1) < 5 * sd
+        assert (out[out != w] == 0).all()
+
+    def test_stuck_at_max_takes_plus_or_minus_max(self) -> None:
+        w = _weights()
+        out = StuckNoise(0.2, at="max").apply(w, np.random.default_rng(7))
+        stuck = out[out != w]
+        np.testing.assert_allclose(np.abs(stuck), np.abs(w).max())
+        assert 0.45 < (stuck > 0).mean() < 0.55
+
+
+class TestPcm(NoiseContract):
+    __test__ = True
+
+    def make(self) -> NoiseModel:
+        return PcmNoise(t=3600.0)
+
+    def test_programming_only_moments_at_t0(self) -> None:
+        # every weight at +max|W|: g+ = g_max with σ_prog(g_max); g− = 0 gives max(0, σ_prog(0)·ξ)
+        model = PcmNoise(t=0.0)
+        w = np.ones(400_000, dtype=np.float64)
+        out = model.apply(w, np.random.default_rng(8))
+        c0, c1, c2 = model.prog_coeff
+        sigma_top, sigma_zero = c0 + c1 + c2, c0
+        g_max = model.g_max
+        mean = (g_max - sigma_zero / math.sqrt(2 * math.pi)) / g_max
+        var_minus = sigma_zero**2 * (0.5 - 1 / (2 * math.pi))
+        std = math.sqrt(sigma_top**2 + var_minus) / g_max
+        assert out.mean() == pytest.approx(mean, abs=4 * std / math.sqrt(w.size))
+        assert out.std() == pytest.approx(std, rel=0.01)
+
+    def test_drift_without_compensation_scales_by_median_power_law(self) -> None:
+        t = 1e6
+        w = np.ones(200_000)
+        out = PcmNoise(t=t, compensate=False).apply(w, np.random.default_rng(9))
+        # g_rel = 1: μ_ν = max(0.0244, 0.049) = 0.049, σ_ν = 0.008; read and programming noise are
+        # symmetric and small, so the median follows the median exponent
+        assert np.median(out) == pytest.approx(((t + 20.0) / 20.0) ** -0.049, rel=0.01)
+
+    def test_drift_compensation_restores_mean_output_scale(self) -> None:
+        w = _weights((64, 256))
+        ones = np.ones(256)
+        clean_scale = np.abs(w @ ones).mean()
+        raw = PcmNoise(t=1e6, compensate=False).apply(w, np.random.default_rng(10), 0)
+        fixed = PcmNoise(t=1e6, compensate=True).apply(w, np.random.default_rng(10), 0)
+        assert np.abs(raw @ ones).mean() / clean_scale < 0.7
+        assert np.abs(fixed @ ones).mean() / clean_scale == pytest.approx(1.0, abs=0.05)
+
+    def test_read_noise_formula(self) -> None:
+        model = PcmNoise(t=100.0)
+        q = min(0.0088 / max(0.5**0.65, 1e-3), 0.2)
+        expected = q * math.sqrt(math.log((120.0 + 250e-9) / (2 * 250e-9)))
+        assert float(model.read_sigma(np.array(12.5))) == pytest.approx(expected)
+
+    def test_drift_exponent_moments_clamped(self) -> None:
+        mu, sigma = PcmNoise(t=1.0).drift_moments(np.array([25.0, 1e-9, 2.5]))
+        np.testing.assert_allclose(mu, [0.049, 0.1, -0.0155 * math.log(0.1) + 0.0244])
+        np.testing.assert_allclose(sigma, [0.008, 0.045, -0.0125 * math.log(0.1) - 0.0059])
+
+
+def test_spec_composition_and_defaults() -> None:
+    spec = parse_noise_spec("pcm:t=3600+quant:bits=6,per=channel+dac:bits=7+adc:bits=9,noise=0.06")
+    assert spec.weight_models == (PcmNoise(t=3600.0), QuantNoise(bits=6, per="channel"))
+    assert spec.dac == DacConfig(bits=7)
+    assert spec.adc == AdcConfig(bits=9, noise=0.06, bound=12.0)
+    assert parse_noise_spec("pcm:t=0,compensate=false").weight_models == (
+        PcmNoise(t=0.0, compensate=False),
+    )
+    assert parse_noise_spec("none").is_clean
+    assert not parse_noise_spec("quant:bits=4").is_random
+
+
+def test_composed_models_apply_in_order() -> None:
+    w = _weights((10, 10))
+    spec = parse_noise_spec("multiplicative:std=0.1+quant:bits=3")
+    rng = np.random.default_rng(0)
+    expected = QuantNoise(3).apply(MultiplicativeNoise(0.1).apply(w, np.random.default_rng(0)), rng)
+    np.testing.assert_array_equal(spec.perturb(w, np.random.default_rng(0), 0), expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("foo:x=1", "unknown noise kind 'foo'; valid kinds: " + ", ".join(NOISE_KINDS)),
+        ("awgn:snr=3", "unknown parameter 'snr' for noise kind 'awgn'; valid parameters: snr_db"),
+        ("awgn", "needs parameter 'snr_db'"),
+        ("awgn:snr_db=abc", "awgn.snr_db must be a number, got 'abc'"),
+        ("gaussian:std=-1", "gaussian.std must be in"),
+        ("gaussian:std=0.1,per=row", "gaussian.per must be one of tensor, channel"),
+        ("quant:bits=1", "quant.bits must be in [2, 32]"),
+        ("awgn:snr_db=1,2", "use --sweep"),
+        ("stuck:p=2", "stuck.p must be in [0, 1]"),
+        ("", "noise spec is empty"),
+        ("dac:bits=8+dac:bits=6", "dac given twice"),
+    ],
+)
+def test_bad_specs_raise_one_line_errors(text: str, message: str) -> None:
+    with pytest.raises(NoiseInjectionError) as info:
+        parse_noise_spec(text)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_sweep_levels() -> None:
+    parameter, levels = parse_sweep("awgn:snr_db=0,5,10+adc:bits=8")
+    assert parameter == "awgn.snr_db"
+    assert [level.value for level in levels] == [0.0, 5.0, 10.0]
+    assert levels[1].spec.weight_models == (AwgnNoise(5.0),)
+    assert levels[1].spec.adc == AdcConfig(bits=8)
+    assert levels[1].spec.text == "awgn:snr_db=5+adc:bits=8"
+
+
+@pytest.mark.parametrize("text", ["awgn:snr_db=3", "awgn:snr_db=1,2+adc:bits=4,6"])
+def test_sweep_needs_exactly_one_list(text: str) -> None:
+    with pytest.raises(NoiseInjectionError, match="exactly one parameter"):
+        parse_sweep(text)
+
+
+def test_t_quantile_matches_scipy() -> None:
+    for dof in [1, 2, 5, 10, 29, 30, 31, 50, 100, 1000]:
+        assert t_quantile_975(dof) == pytest.approx(stats.t.ppf(0.975, dof), rel=2e-3)
+
+
+def test_summarize_ci_contains_mean_and_is_zero_width_for_constant() -> None:
+    mean, std, (lo, hi) = summarize([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
+    assert (hi - lo) / 2 == pytest.approx(stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3), rel=1e-3)
+    assert summarize([0.9, 0.9]) == (0.9, 0.0, (0.9, 0.9))

@@ -1,0 +1,201 @@
+"""Monte-Carlo runner: closed-form statistics, reproducibility, DAC/ADC oracle, data errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from common.errors import NoiseInjectionError
+from device_sim import RunnerConfig, Simulator, parse_noise_spec, simulate, simulate_per_layer
+from device_sim.noise import NoiseSpec
+from tests.unit.device_sim.conftest import make_model, rand
+
+W = rand(16, 5)
+B = rand(5, seed=1)
+
+
+def _linear() -> Simulator:
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"])], {"w": W, "b": B}, ["N", 16]
+    )
+    return Simulator(model, config=RunnerConfig(draws_per_session=50, batch_size=64))
+
+
+def _draws(sim: Simulator, x: np.ndarray, spec: str, draws: int, seed: int = 0) -> np.ndarray:
+    outputs = dict(sim.predictions(x, parse_noise_spec(spec), range(draws), seed))
+    return np.stack([outputs[d] for d in range(draws)])
+
+
+def test_awgn_output_variance_matches_closed_form() -> None:
+    # y_j = Σ_i x_i W_ij + b_j with W_ij + σ ξ_ij: Var(y_j) = σ² ‖x‖², σ = std(W)/sqrt(10^(snr/10))
+    sim = _linear()
+    x = rand(3, 16, seed=2)
+    draws = 400
+    out = _draws(sim, x, "awgn:snr_db=6", draws)
+    sigma = W.std() / math.sqrt(10**0.6)
+    expected = sigma**2 * (x.astype(np.float64) ** 2).sum(axis=1)
+    var = out.var(axis=0, ddof=1)  # (3, 5)
+    # the sample variance of 400 Gaussian draws has relative sd sqrt(2/399) ≈ 7%
+    ratio = var / expected[:, None]
+    assert np.all(np.abs(ratio - 1) < 0.3)
+    assert abs(ratio.mean() - 1) < 0.06
+    mean = out.mean(axis=0)
+    clean = x @ W + B
+    assert np.all(np.abs(mean - clean) < 4 * np.sqrt(expected[:, None] / draws))
+
+
+def test_clean_spec_gives_clean_outputs_and_zero_spread() -> None:
+    sim = _linear()
+    x = rand(10, 16, seed=3)
+    np.testing.assert_allclose(sim.clean_outputs(x), x @ W + B, rtol=1e-5, atol=1e-5)
+    out = _draws(sim, x, "gaussian:std=0", 3)
+    np.testing.assert_array_equal(out[0], sim.clean_outputs(x))
+    np.testing.assert_array_equal(out[1], out[2])
+
+
+def test_draw_is_independent_of_batch_size_threads_and_grouping() -> None:
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"])], {"w": W, "b": B}, ["N", 16]
+    )
+    x = rand(23, 16, seed=4)
+    spec = parse_noise_spec("pcm:t=100+adc:bits=10,noise=0.05")
+    results = []
+    for batch, threads, group in [(64, 1, 1), (5, 2, 3), (7, 0, 8)]:
+        sim = Simulator(
+            model, config=RunnerConfig(batch_size=batch, threads=threads, draws_per_session=group)
+        )
+        outputs = dict(sim.predictions(x, spec, [0, 1, 2, 7], seed=11))
+        results.append(outputs)
+    for other in results[1:]:
+        for draw in (0, 1, 2, 7):
+            np.testing.assert_allclose(other[draw], results[0][draw], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(results[0][0], results[0][1])
+
+
+def test_weights_depend_only_on_seed_draw_and_tensor() -> None:
+    sim = _linear()
+    spec = parse_noise_spec("awgn:snr_db=10")
+    a = sim.draw_weights(spec, 3, 5)["w"]
+    np.testing.assert_array_equal(a, sim.draw_weights(spec, 3, 5)["w"])
+    assert not np.array_equal(a, sim.draw_weights(spec, 3, 6)["w"])
+    assert not np.array_equal(a, sim.draw_weights(spec, 4, 5)["w"])
+
+
+def _io_oracle(x: np.ndarray, dac_bits: int, adc_bits: int, bound: float) -> np.ndarray:
+    x = x.astype(np.float64)
+    s = np.abs(x).max(axis=1, keepdims=True)
+    levels = 2 ** (dac_bits - 1) - 1
+    xq = np.round(x / s * levels) / levels * s
+    w_max = np.abs(W).max()
+    yn = np.clip((xq @ W) / (s * w_max), -bound, bound)
+    step = 2 * bound / (2**adc_bits - 2)
+    return np.round(yn / step) * step * s * w_max + B
+
+
+@pytest.mark.parametrize(("dac", "adc", "bound"), [(4, 6, 12.0), (7, 9, 1.0)])
+def test_dac_adc_match_numpy_oracle(dac: int, adc: int, bound: float) -> None:
+    sim = _linear()
+    x = rand(200, 16, seed=5)
+    out = _draws(sim, x, f"dac:bits={dac}+adc:bits={adc},bound={bound:g}", 1)[0]
+    expected = _io_oracle(x, dac, adc, bound)
+    step = 2 * bound / (2**adc - 2) * np.abs(x).max(axis=1, keepdims=True) * np.abs(W).max()
+    close = np.abs(out - expected) <= 1e-4 * (1 + np.abs(expected))
+    # float32 rounding may move a value that sits on a rounding boundary by one ADC step
+    assert close.mean() > 0.99
+    assert np.all(np.abs(out - expected) <= step * 1.001 + 1e-4)
+
+
+def test_adc_output_noise_has_the_given_std_in_normalised_units() -> None:
+    sim = _linear()
+    x = rand(400, 16, seed=6)
+    quiet = _draws(sim, x, "adc:bits=24,bound=1000", 1)[0]
+    noisy = _draws(sim, x, "adc:bits=24,bound=1000,noise=0.1", 1)[0]
+    unit = np.abs(x).max(axis=1, keepdims=True) * np.abs(W).max()
+    normalised = (noisy - quiet) / unit
+    assert normalised.std() == pytest.approx(0.1, rel=0.05)
+
+
+def test_data_shape_mismatch_names_both_shapes() -> None:
+    sim = _linear()
+    with pytest.raises(NoiseInjectionError) as info:
+        sim.check_data(np.zeros((4, 15), np.float32))
+    assert "(4, 15)" in str(info.value) and "(N, 16)" in str(info.value)
+    with pytest.raises(NoiseInjectionError, match=r"labels y have shape \(3,\), expected \(4,\)"):
+        sim.check_data(np.zeros((4, 16), np.float32), np.zeros(3, np.int64))
+    with pytest.raises(NoiseInjectionError, match="labels y must be integers"):
+        sim.check_data(np.zeros((4, 16), np.float32), np.zeros(4, np.float32))
+
+
+def test_simulate_report_fields(tmp_path: Path) -> None:
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"])], {"w": W, "b": B}, ["N", 16]
+    )
+    path = tmp_path / "linear.onnx"
+    onnx.save(model, str(path))
+    x = rand(300, 16, seed=7)
+    y = (x @ W + B).argmax(axis=1)
+    report = simulate(path, x, y, "gaussian:std=0.3", 6, 1)
+    assert report.clean_accuracy == 1.0
+    assert len(report.per_draw) == 6 and report.draws == 6
+    assert report.accuracy_mean == pytest.approx(np.mean(report.per_draw))
+    lo, hi = report.accuracy_ci95
+    assert lo < report.accuracy_mean < hi
+    assert report.normalized_accuracy == pytest.approx(report.accuracy_mean)
+    assert report.analog_tensors == ("w",)
+    doc = report.to_json_dict()
+    for key in (
+        "model", "noise", "draws", "seed", "clean_accuracy", "accuracy_mean", "accuracy_std",
+        "accuracy_ci95", "normalized_accuracy", "per_draw", "analog_tensors", "seconds",
+    ):  # fmt: skip
+        assert key in doc
+    again = simulate(path, x, y, "gaussian:std=0.3", 6, 1)
+    assert again.per_draw == report.per_draw
+    clean = simulate(path, x, y, NoiseSpec(text="none"), 3, 1)
+    assert clean.per_draw == (1.0, 1.0, 1.0) and clean.accuracy_std == 0.0
+
+
+def test_quantisation_only_is_deterministic_and_matches_numpy(tmp_path: Path) -> None:
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"])], {"w": W, "b": B}, ["N", 16]
+    )
+    path = tmp_path / "linear.onnx"
+    onnx.save(model, str(path))
+    x = rand(500, 16, seed=8)
+    y = (x @ W + B).argmax(axis=1)
+    step = np.abs(W).max() / 1  # 2 bits: levels −1, 0, +1 times max|W|
+    wq = np.round(W / step) * step
+    expected = float(np.mean((x @ wq + B).argmax(axis=1) == y))
+    report = simulate(path, x, y, "quant:bits=2", 4, 0)
+    assert report.per_draw == (expected,) * 4
+
+
+def test_per_layer_noise_touches_only_one_tensor(tmp_path: Path) -> None:
+    w2 = rand(5, 5, seed=9)
+    model = make_model(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"]),
+            helper.make_node("MatMul", ["h", "w2"], ["y"]),
+        ],
+        {"w": W, "b": B, "w2": w2},
+        ["N", 16],
+    )
+    sim = Simulator(model)
+    spec = parse_noise_spec("awgn:snr_db=0")
+    only_second = sim.draw_weights(spec, 0, 0, tensors=[1])
+    np.testing.assert_array_equal(only_second["w"], W)
+    both = sim.draw_weights(spec, 0, 0)
+    np.testing.assert_array_equal(only_second["w2"], both["w2"])  # same stream per tensor
+    assert not np.array_equal(only_second["w2"], w2)
+    path = tmp_path / "two.onnx"
+    onnx.save(model, str(path))
+    x = rand(200, 16, seed=10)
+    y = ((x @ W + B) @ w2).argmax(axis=1)
+    report = simulate_per_layer(path, x, y, "awgn:snr_db=0", 3, 0)
+    assert [layer.name for layer in report.layers] == ["w", "w2"]
+    assert all(0 < layer.accuracy_drop <= 1 for layer in report.layers)
+    assert report.layers[0].report.analog_tensors == ("w",)
