@@ -327,41 +327,57 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     return summary
 
 
-def _analog(config: DemoConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    """Each node's encoder on a simulated analog device, feeding the server's classifier.
+def build_pipelines(out: Path, nodes: list[str]) -> dict[str, Path]:
+    """Compose each node's exported encoder with the server's classifier for that node.
 
-    The server's classifier for each node is exported to ONNX and composed with the node's
-    exported encoder; only the encoder's weights (``^encoder/``) are analog, the classifier
-    stays digital on the server. Accuracy is pooled over the nodes' test splits.
+    Reads the server's newest classifier from ``out/server.db``, exports its network for each
+    node to ONNX (checked against torch on the node's stored latents) and writes
+    ``out/onnx/pipeline_<node>.onnx`` (image -> logits; encoder names prefixed ``encoder/``,
+    classifier names ``classifier/``).
+
+    Returns:
+        Node id -> composed pipeline path.
     """
-    import numpy as np
-
     from common.export import compose_pipeline, export_classifier
-    from device_sim import simulate_sweep
     from server.classifier import LatentClassifier
     from server.store import SqliteStore
 
-    onnx_dir = config.out / "onnx"
-    store = SqliteStore(config.out / "server.db")
+    onnx_dir = out / "onnx"
+    store = SqliteStore(out / "server.db")
     try:
         latest = store.latest_classifier()
         if latest is None:
-            raise LatentEdgeError("the server stored no classifier; see server.log")
+            raise LatentEdgeError(f"the server stored no classifier in {out / 'server.db'}")
         classifier = LatentClassifier.from_bytes(latest[2])
-        samples = {n: store.node_data(n)[0][:64] for n in summary["per_node"]}
+        samples = {n: store.node_data(n)[0][:64] for n in nodes}
     finally:
         store.close()
+    pipelines = {}
+    for node_id, latents in samples.items():
+        cls_path = onnx_dir / f"classifier_{node_id}.onnx"
+        export_classifier(classifier.node_network(node_id), cls_path, latents)
+        pipelines[node_id] = compose_pipeline(
+            onnx_dir / f"encoder_{node_id}.onnx", cls_path, onnx_dir / f"pipeline_{node_id}.onnx"
+        )
+    return pipelines
+
+
+def _analog(config: DemoConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Each node's encoder on a simulated analog device, feeding the server's classifier.
+
+    Only the encoder's weights (``^encoder/``) are analog; the classifier stays digital on
+    the server. Accuracy is pooled over the nodes' test splits.
+    """
+    import numpy as np
+
+    from device_sim import simulate_sweep
+
     means: list[np.ndarray] = []
     clean = 0.0
     values: tuple[float, ...] = ()
     weights = []
-    for node_id, latents in samples.items():
-        cls_path = onnx_dir / f"classifier_{node_id}.onnx"
-        export_classifier(classifier.node_network(node_id), cls_path, latents)
-        pipeline = compose_pipeline(
-            onnx_dir / f"encoder_{node_id}.onnx", cls_path, onnx_dir / f"pipeline_{node_id}.onnx"
-        )
-        test = np.load(onnx_dir / f"test_{node_id}.npz")
+    for node_id, pipeline in build_pipelines(config.out, list(summary["per_node"])).items():
+        test = np.load(config.out / "onnx" / f"test_{node_id}.npz")
         logger.info("%s: analog encoder sweep %s", node_id, config.analog_sweep)
         sweep = simulate_sweep(
             pipeline,
