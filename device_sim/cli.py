@@ -60,7 +60,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--no-fold", action="store_true", help="do not fold BatchNorm/Mul into analog weights"
     )
     parser.add_argument("--limit", type=int, help="use only the first N samples")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per run (256)")
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="samples in flight per onnxruntime call (256)"
+    )
     parser.add_argument(
         "--draws-per-session", type=int, default=8, help="draws per onnxruntime session (8)"
     )

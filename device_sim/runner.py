@@ -47,7 +47,7 @@ class RunnerConfig:
     """How the simulator runs onnxruntime."""
 
     batch_size: int = 256
-    """Samples per onnxruntime call (data stream in batches of this size)."""
+    """Samples in flight per onnxruntime call, shared by the draws of a session (memory bound)."""
     draws_per_session: int = 8
     """Draws evaluated by one session (graph copies); 1 rebuilds the session for every draw."""
     threads: int = 0
@@ -149,10 +149,11 @@ class Simulator:
             if not np.issubdtype(y.dtype, np.integer):
                 raise NoiseInjectionError(f"labels y must be integers, got dtype {y.dtype}")
 
-    def _batches(self, x: np.ndarray) -> Iterator[np.ndarray]:
+    def _batches(self, x: np.ndarray, copies: int = 1) -> Iterator[np.ndarray]:
+        """Slices of ``x`` so that ``copies`` graph copies hold at most ``batch_size`` samples."""
         if not self._batch_checked:
             self._probe_batching(x)
-        step = self._batch_size
+        step = max(1, self._batch_size // copies)
         for start in range(0, x.shape[0], step):
             yield np.ascontiguousarray(x[start : start + step], dtype=self.prepared.input_dtype)
 
@@ -272,7 +273,7 @@ class Simulator:
         shapes = [self._noise_shape(n, x) for n in noise_inputs]
         dtype = self.prepared.input_dtype
         results: list[list[np.ndarray]] = [[] for _ in draws]
-        for batch in self._batches(x):
+        for batch in self._batches(x, len(draws)):
             feed: dict[str, np.ndarray] = {self.prepared.input_name: batch}
             for (k, j), rng in streams.items():
                 sample = rng.standard_normal((batch.shape[0], *shapes[j]), dtype=np.float32)

@@ -199,3 +199,25 @@ def test_per_layer_noise_touches_only_one_tensor(tmp_path: Path) -> None:
     assert [layer.name for layer in report.layers] == ["w", "w2"]
     assert all(0 < layer.accuracy_drop <= 1 for layer in report.layers)
     assert report.layers[0].report.analog_tensors == ("w",)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_dac_adc_on_conv_scale_per_sample(opset: int) -> None:
+    w = rand(4, 3, 1, 1, seed=11)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"])],
+        {"w": w, "b": B[:4]},
+        ["N", 3, 2, 2],
+        opset=opset,
+    )
+    sim = Simulator(model)
+    x = rand(50, 3, 2, 2, seed=12)
+    out = _draws(sim, x, "dac:bits=5+adc:bits=7,bound=2", 1)[0]
+    s = np.abs(x.astype(np.float64)).max(axis=(1, 2, 3), keepdims=True)
+    xq = np.round(x / s * 15) / 15 * s
+    y = np.einsum("nchw,oc->nohw", xq, w[:, :, 0, 0])
+    unit = s * np.abs(w).max() * (4 / 126)
+    expected = np.round(np.clip(y / unit, -63, 63)) * unit + B[:4].reshape(1, 4, 1, 1)
+    close = np.abs(out - expected) <= 1e-4 * (1 + np.abs(expected))
+    assert close.mean() > 0.99
+    assert np.all(np.abs(out - expected) <= unit * 1.001 + 1e-4)
