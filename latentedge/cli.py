@@ -15,10 +15,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
+from common.config import read_toml
 from common.constants import LOG_LEVEL_ENV
 from common.errors import (
+    ConfigError,
     InfeasibleAllocationError,
     LatentEdgeError,
     UplinkError,
@@ -82,7 +85,9 @@ def _add_common_options(parser: argparse.ArgumentParser, *, top: bool = False) -
     )
 
 
-def _build_parser(selected: str | None) -> tuple[argparse.ArgumentParser, _SubcommandModule | None]:
+def _build_parser(
+    selected: str | None,
+) -> tuple[argparse.ArgumentParser, _SubcommandModule | None, argparse.ArgumentParser | None]:
     parser = argparse.ArgumentParser(
         prog="latentedge",
         description="Deploy and compress neural networks at the edge.",
@@ -93,6 +98,7 @@ def _build_parser(selected: str | None) -> tuple[argparse.ArgumentParser, _Subco
     _add_common_options(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     module: _SubcommandModule | None = None
+    selected_parser: argparse.ArgumentParser | None = None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(
             name,
@@ -106,7 +112,65 @@ def _build_parser(selected: str | None) -> tuple[argparse.ArgumentParser, _Subco
             assert module is not None
             module.configure_parser(sub)
             _add_common_options(sub)
-    return parser, module
+            if "--config" not in sub._option_string_actions:
+                sub.add_argument(
+                    "--config",
+                    dest="flag_defaults_file",
+                    type=Path,
+                    help=f"TOML file whose [{name}] table gives defaults for these flags",
+                )
+            selected_parser = sub
+    return parser, module, selected_parser
+
+
+def _config_path(argv: Sequence[str]) -> Path | None:
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if token.startswith("--config="):
+            return Path(token.split("=", 1)[1])
+    return None
+
+
+def _flag_defaults(path: Path, command: str, sub: argparse.ArgumentParser) -> dict[str, object]:
+    """Flag defaults from the ``[command]`` table of a TOML file, checked against the flags."""
+    doc = read_toml(path)
+    unknown_tables = sorted(set(doc) - {command})
+    if unknown_tables:
+        raise ConfigError(
+            f"unknown table(s) {unknown_tables} in {str(path)!r}; expected [{command}]"
+        )
+    actions = {
+        a.dest: a
+        for a in sub._actions
+        if a.option_strings and a.dest not in ("help", "log_level", "flag_defaults_file")
+    }
+    table = doc.get(command, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{command} in {str(path)!r} must be a table")
+    defaults: dict[str, object] = {}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            raise ConfigError(f"unknown key '{command}.{key}'; known keys: {sorted(actions)}")
+        expected: tuple[type, ...] = (str,)
+        if isinstance(action, argparse._StoreTrueAction):
+            expected = (bool,)
+        elif action.type in (int, float):
+            expected = (int,) if action.type is int else (int, float)
+        if isinstance(value, bool) != (bool in expected) or not isinstance(value, expected):
+            raise ConfigError(
+                f"{command}.{key} must be {' or '.join(t.__name__ for t in expected)}, "
+                f"got {value!r}"
+            )
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(
+                f"{command}.{key} must be one of {list(action.choices)}, got {value!r}"
+            )
+        defaults[dest] = Path(str(value)) if action.type is Path else value
+        action.required = False  # the file supplies it
+    return defaults
 
 
 def _selected_command(argv: Sequence[str]) -> str | None:
@@ -141,13 +205,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run one subcommand and return its exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     selected = _selected_command(args_list)
-    parser, module = _build_parser(selected)
+    parser, module, sub = _build_parser(selected)
+    defaults_file = _config_path(args_list)
+    if (
+        sub is not None
+        and selected is not None
+        and defaults_file is not None
+        and sub._option_string_actions["--config"].dest == "flag_defaults_file"
+    ):
+        try:  # before parsing, so the file can supply required flags; the command line wins
+            sub.set_defaults(**_flag_defaults(defaults_file, selected, sub))
+        except ConfigError as exc:
+            return _fail(selected, str(exc), EXIT_INPUT)
     args = parser.parse_args(args_list)
     if module is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    configure_logging(args.log_level)
     command = str(args.command)
+    configure_logging(args.log_level)
     try:
         return module.run(args)
     except KeyboardInterrupt:

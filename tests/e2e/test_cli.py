@@ -210,3 +210,38 @@ def test_unknown_config_key_names_it(tmp_path: Path) -> None:
     config = tmp_path / "s.toml"
     config.write_text('[server]\nlisten = "127.0.0.1:0"\ndb_path = "x"\n')
     _one_line_error(_run("server", "--config", str(config)), 3, "unknown key 'server.db_path'")
+
+
+def test_config_file_gives_flag_defaults_to_any_subcommand(tmp_path: Path) -> None:
+    scenario_dir = tmp_path / "alloc"
+    assert (
+        _run(
+            "allocate",
+            "generate",
+            "--devices",
+            "20",
+            "--seed",
+            "1",
+            "--out",
+            str(scenario_dir / "d.csv"),
+            "--scenario-out",
+            str(scenario_dir / "s.toml"),
+        ).returncode
+        == 0
+    )
+    config = _write(
+        tmp_path / "allocate.toml",
+        f'[allocate]\nscenario = "{scenario_dir / "s.toml"}"\nout = "{tmp_path / "plan.json"}"\n',
+    )
+    proc = _run("allocate", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "plan.json").read_text())["devices"]
+    # the command line wins over the file
+    proc = _run("allocate", "--config", str(config), "--out", str(tmp_path / "other.json"))
+    assert proc.returncode == 0 and (tmp_path / "other.json").exists()
+    _write(config, "[allocate]\nscenaro = 'x'\n")
+    _one_line_error(_run("allocate", "--config", str(config)), 3, "unknown key 'allocate.scenaro'")
+    _write(config, "[allocate]\nout = 3\n")
+    _one_line_error(_run("allocate", "--config", str(config)), 3, "allocate.out must be str, got 3")
+    _write(config, "[status]\nserver = 'x:1'\n")
+    _one_line_error(_run("allocate", "--config", str(config)), 3, "expected [allocate]")
