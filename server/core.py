@@ -267,6 +267,12 @@ class SplitLearningServer:
                 f"no trained classifier covers node {node_id!r} yet; upload its latents and "
                 "wait until status shows it in classifier.nodes"
             )
+        if classifier.latent_dim_of(node_id) != node.latent_dim:
+            raise ConflictError(
+                f"the classifier for node {node_id!r} was trained on latent_dim="
+                f"{classifier.latent_dim_of(node_id)}, the node now registers {node.latent_dim}; "
+                "upload latents of the new size first"
+            )
         labels, probs = classifier.predict(node_id, latents.astype(np.float32, copy=False))
         return Prediction(labels=labels, probabilities=probs, classifier_version=version)
 

@@ -305,11 +305,14 @@ def test_changing_latent_dim_with_stored_data_needs_reset(grpc_server: RunningSe
         client.push_latents("n0", x, y, num_classes=10)
         with pytest.raises(UplinkError, match=r"FAILED_PRECONDITION.*10 samples stored"):
             _register(client, dim=DIM * 2)
+        client.wait_for_classifier("n0", timeout_s=120)
         stored = client.register(
             NodeRegistration(node_id="n0", latent_dim=DIM * 2, num_classes=10, reset=True)
         )
         assert stored == 0
         assert client.status().nodes[0].latent_dim == DIM * 2
+        with pytest.raises(UplinkError, match=r"FAILED_PRECONDITION.*latent_dim"):
+            client.classify("n0", np.zeros((2, DIM * 2), np.float32))
 
 
 def test_classify_bad_input(grpc_server: RunningServer) -> None:
