@@ -330,6 +330,31 @@ def _as_spec(noise: str | NoiseSpec) -> NoiseSpec:
     return parse_noise_spec(noise) if isinstance(noise, str) else noise
 
 
+def _prepare(  # noqa: PLR0917  # the shared keyword set of the three entry points, in order
+    model_path: str | Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    output: str | None,
+    analog_include: str | None,
+    analog_exclude: str | None,
+    fold_affine: bool,
+    config: RunnerConfig | None,
+) -> tuple[Simulator, float]:
+    """Build the simulator, check the data against the model, and measure clean accuracy."""
+    sim = Simulator(
+        model_path,
+        output=output,
+        fold_affine=fold_affine,
+        analog_include=analog_include,
+        analog_exclude=analog_exclude,
+        config=config,
+    )
+    sim.check_data(x, y)
+    clean = accuracy(sim.clean_outputs(x), y)
+    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
+    return sim, clean
+
+
 def simulate(  # noqa: PLR0917  # the demo calls simulate(model, x, y, spec, draws, seed)
     model_path: str | Path,
     x: np.ndarray,
@@ -367,17 +392,9 @@ def simulate(  # noqa: PLR0917  # the demo calls simulate(model, x, y, spec, dra
     """
     started = time.perf_counter()
     spec = _as_spec(noise_spec)
-    sim = Simulator(
-        model_path,
-        output=output,
-        fold_affine=fold_affine,
-        analog_include=analog_include,
-        analog_exclude=analog_exclude,
-        config=config,
+    sim, clean = _prepare(
+        model_path, x, y, output, analog_include, analog_exclude, fold_affine, config
     )
-    sim.check_data(x, y)
-    clean = accuracy(sim.clean_outputs(x), y)
-    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
     per_draw = _accuracies(sim, x, y, spec, draws=draws, seed=seed, clean=clean)
     return _report(
         sim,
@@ -436,17 +453,9 @@ def simulate_sweep(  # noqa: PLR0917  # the demo calls simulate_sweep(model, x, 
     The clean baseline is computed once; each level reuses the draws' seeds.
     """
     parameter, levels = parse_sweep(sweep)
-    sim = Simulator(
-        model_path,
-        output=output,
-        fold_affine=fold_affine,
-        analog_include=analog_include,
-        analog_exclude=analog_exclude,
-        config=config,
+    sim, clean = _prepare(
+        model_path, x, y, output, analog_include, analog_exclude, fold_affine, config
     )
-    sim.check_data(x, y)
-    clean = accuracy(sim.clean_outputs(x), y)
-    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
     reports = []
     for level in levels:
         started = time.perf_counter()
@@ -495,17 +504,9 @@ def simulate_per_layer(  # noqa: PLR0917  # the demo calls simulate_per_layer(mo
         raise NoiseInjectionError(
             f"--per-layer takes weight noise only; remove the dac/adc terms from {spec.text!r}"
         )
-    sim = Simulator(
-        model_path,
-        output=output,
-        fold_affine=fold_affine,
-        analog_include=analog_include,
-        analog_exclude=analog_exclude,
-        config=config,
+    sim, clean = _prepare(
+        model_path, x, y, output, analog_include, analog_exclude, fold_affine, config
     )
-    sim.check_data(x, y)
-    clean = accuracy(sim.clean_outputs(x), y)
-    logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
     layers = []
     for i, tensor in enumerate(sim.prepared.analog):
         started = time.perf_counter()
