@@ -31,7 +31,7 @@ from server.classifier import ClassifierMode, train_baseline, train_classifier
 
 logger = logging.getLogger("split_mnist_paper")
 
-MNIST = "/work/shared/data/mnist/mnist.npz"
+MNIST = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist.npz")
 
 
 def run_ratio(

@@ -21,7 +21,9 @@ from common.models import AutoencoderConfig, ClassifierConfig, ConvAutoencoder
 from edge.trainer import TrainConfig, encode, train_autoencoder
 from server.classifier import ClassifierMode, LatentClassifier, train_classifier
 
-MNIST_TINY = "/work/shared/data/mnist/mnist_tiny.npz"
+MNIST_TINY = str(
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist" / "mnist_tiny.npz"
+)
 
 
 @pytest.fixture(scope="module")

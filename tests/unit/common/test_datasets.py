@@ -22,7 +22,7 @@ from common.datasets import (
 )
 from common.errors import ConfigError, DataError
 
-MNIST = Path("/work/shared/data/mnist")
+MNIST = Path(__file__).resolve().parents[4] / "shared" / "data" / "mnist"
 DIGITS_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # sklearn digits per class
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # official t10k
 
