@@ -11,7 +11,9 @@ Library code raises these; only ``cli.py`` modules map them to exit codes.
     │   ├── InvalidRequestError     malformed field             -> INVALID_ARGUMENT
     │   ├── NotFoundError           unknown node or object      -> NOT_FOUND
     │   ├── ConflictError           state forbids it right now  -> FAILED_PRECONDITION
-    │   └── TooLargeError           over a size limit           -> RESOURCE_EXHAUSTED
+    │   ├── TooLargeError           over a size limit           -> RESOURCE_EXHAUSTED
+    │   ├── BusyError               try again shortly           -> UNAVAILABLE
+    │   └── StreamAbortedError      the client went away        -> CANCELLED
     ├── UplinkError                 a gRPC call from an edge node failed for good
     │   └── ServerUnreachableError  retries with backoff ran out
     ├── ModelExportError            torch → ONNX export or its equivalence check failed
@@ -61,6 +63,14 @@ class ConflictError(RequestError):
 
 class TooLargeError(RequestError):
     """The request exceeds a size limit (RESOURCE_EXHAUSTED)."""
+
+
+class BusyError(RequestError):
+    """The server cannot take the request right now; the client retries (UNAVAILABLE)."""
+
+
+class StreamAbortedError(RequestError):
+    """The client cancelled or dropped a stream before it ended (CANCELLED)."""
 
 
 class UplinkError(LatentEdgeError):

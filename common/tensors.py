@@ -16,6 +16,9 @@ from common.errors import CodecError
 WIRE_DTYPES: tuple[str, ...] = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64")
 """dtype names accepted on the wire."""
 
+MAX_DIMS = 32
+"""Most dimensions a wire tensor may have (numpy's own limit is 64)."""
+
 FLOAT_ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8")
 """Encodings a float tensor (latents, deltas) may travel in."""
 
@@ -90,8 +93,11 @@ def from_wire(tensor: WireTensor, field: str = "tensor") -> np.ndarray:
     """
     if tensor.dtype not in WIRE_DTYPES:
         raise CodecError(f"{field}.dtype must be one of {list(WIRE_DTYPES)}, got {tensor.dtype!r}")
-    if any(d < 0 for d in tensor.shape):
-        raise CodecError(f"{field}.shape must be non-negative, got {list(tensor.shape)}")
+    if any(d < 0 for d in tensor.shape) or len(tensor.shape) > MAX_DIMS:
+        raise CodecError(
+            f"{field}.shape must have at most {MAX_DIMS} non-negative dimensions, "
+            f"got {list(tensor.shape)}"
+        )
     dtype = np.dtype(tensor.dtype).newbyteorder("<")
     expected = math.prod(tensor.shape) * dtype.itemsize
     if len(tensor.data) != expected:
@@ -99,12 +105,12 @@ def from_wire(tensor: WireTensor, field: str = "tensor") -> np.ndarray:
             f"{field}.data has {len(tensor.data)} bytes, expected {expected} for "
             f"{tensor.dtype} {list(tensor.shape)}"
         )
-    # a writable array that owns its memory (frombuffer views are read-only)
-    arr = (
-        np.frombuffer(tensor.data, dtype=dtype)
-        .reshape(tensor.shape)
-        .astype(dtype.newbyteorder("="))
-    )
+    try:
+        # a writable array that owns its memory (frombuffer views are read-only)
+        arr = np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
+    except ValueError as exc:
+        raise CodecError(f"{field}.shape {list(tensor.shape)} is not usable: {exc}") from exc
+    arr = arr.astype(dtype.newbyteorder("="))
     if tensor.dtype == "int8" and tensor.scale != 0.0:
         if not math.isfinite(tensor.scale) or tensor.scale < 0:
             raise CodecError(f"{field}.scale must be finite and > 0, got {tensor.scale}")

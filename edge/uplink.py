@@ -157,7 +157,7 @@ class UplinkClient:
     # -- retry --------------------------------------------------------------------------------
 
     def _call(self, method: str, attempt: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self._retry.window_s
+        deadline: float | None = None  # the window opens at the first retryable failure
         backoff = self._retry.initial_backoff_s
         tries = 0
         while True:
@@ -176,6 +176,8 @@ class UplinkClient:
                         time.perf_counter() - started,
                     )
                     raise UplinkError(f"{method} failed: {code.name}: {details}") from exc
+                if deadline is None:
+                    deadline = time.monotonic() + self._retry.window_s
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ServerUnreachableError(
@@ -238,13 +240,22 @@ class UplinkClient:
                 f"latents must be (n, d) and labels (n,), got {latents.shape} and {labels.shape}"
             )
         uid = upload_id or uuid.uuid4().hex
-        per_row = max(1, latents.shape[1] * np.dtype(np.float32).itemsize)
-        rows = max(1, chunk_bytes // per_row)
         label_dtype = label_dtype_for(num_classes)
+        per_row = latents.shape[1] * np.dtype(np.float32).itemsize + label_dtype.itemsize
+        rows = max(1, chunk_bytes // per_row)
         n = latents.shape[0]
         count = max(1, math.ceil(n / rows))
 
+        local_errors: list[BaseException] = []
+
         def chunks() -> Iterator[uplink_pb2.LatentChunk]:
+            try:
+                yield from encoded()
+            except BaseException as exc:  # gRPC would hide it behind "Exception iterating requests"
+                local_errors.append(exc)
+                raise
+
+        def encoded() -> Iterator[uplink_pb2.LatentChunk]:
             for i in range(count):
                 sl = slice(i * rows, min(n, (i + 1) * rows))
                 yield latent_chunk_to_proto(
@@ -261,10 +272,15 @@ class UplinkClient:
                 )
 
         started = time.perf_counter()
-        reply = self._call(
-            "PushLatents",
-            lambda: self.stub.PushLatents(chunks(), timeout=self._upload_timeout_s),
-        )
+        try:
+            reply = self._call(
+                "PushLatents",
+                lambda: self.stub.PushLatents(chunks(), timeout=self._upload_timeout_s),
+            )
+        except UplinkError:
+            if local_errors:  # encoding failed here, not on the server
+                raise local_errors[-1] from None
+            raise
         ack = upload_ack_from_proto(reply)
         logger.info(
             "[Uplink.PushLatents] %s: %d samples in %d chunk(s), %d bytes%s, %.3f s",

@@ -123,6 +123,23 @@ def _build_parser(
     return parser, module, selected_parser
 
 
+def _drop_overridden_alternatives(
+    sub: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    file_defaults: dict[str, object],
+    originals: dict[str, object],
+) -> None:
+    """A flag given on the command line beats the file's value for a mutually exclusive twin."""
+    given = {opt.split("=", 1)[0] for opt in argv if opt.startswith("--")}
+    for group in sub._mutually_exclusive_groups:
+        members = group._group_actions
+        if any(given & set(a.option_strings) for a in members):
+            for action in members:
+                if not given & set(action.option_strings) and action.dest in file_defaults:
+                    setattr(args, action.dest, originals[action.dest])
+
+
 def _config_path(argv: Sequence[str]) -> Path | None:
     for i, token in enumerate(argv):
         if token == "--config" and i + 1 < len(argv):
@@ -207,17 +224,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = _selected_command(args_list)
     parser, module, sub = _build_parser(selected)
     defaults_file = _config_path(args_list)
+    file_defaults: dict[str, object] = {}
     if (
         sub is not None
         and selected is not None
         and defaults_file is not None
         and sub._option_string_actions["--config"].dest == "flag_defaults_file"
     ):
+        originals = {a.dest: a.default for a in sub._actions}
         try:  # before parsing, so the file can supply required flags; the command line wins
-            sub.set_defaults(**_flag_defaults(defaults_file, selected, sub))
+            file_defaults = _flag_defaults(defaults_file, selected, sub)
         except ConfigError as exc:
             return _fail(selected, str(exc), EXIT_INPUT)
+        sub.set_defaults(**file_defaults)
     args = parser.parse_args(args_list)
+    if sub is not None and file_defaults:
+        _drop_overridden_alternatives(sub, args, args_list, file_defaults, originals)
     if module is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -3,7 +3,7 @@
 Starts one ``latentedge server`` and N ``latentedge edge`` processes talking gRPC on
 127.0.0.1. Each node trains its own autoencoder on its (non-IID) shard without labels,
 uploads latents + labels, and classifies its held-out test split through the server. The
-demo meanwhile trains the same classifier family centrally on raw pixels as the baseline,
+demo then trains the same classifier family centrally on raw pixels as the baseline,
 then writes ``summary.json`` and ``summary.png`` into ``--out``.
 """
 
@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,27 +268,24 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         logger.info("server listening on %s", server.address)
         edges = _start_edges(config, server.address)
         logger.info("started %d edge node processes", len(edges))
-        baseline: list[float] = []
-
-        def _baseline() -> None:
-            baseline.append(
-                train_baseline(
-                    data.x_train,
-                    data.y_train,
-                    data.x_test,
-                    data.y_test,
-                    num_classes=data.num_classes,
-                    seed=config.seed,
-                )
-            )
-            logger.info("centralised raw-pixel baseline accuracy %.4f", baseline[0])
-
-        thread = threading.Thread(target=_baseline, name="baseline")
-        thread.start()
-        _wait_edges(edges)
-        thread.join()
+        try:
+            _wait_edges(edges)
+        finally:  # on an error or Ctrl-C, no node outlives the demo
+            for _, proc, _ in edges:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=30)
     finally:
         server.stop()
+    baseline = train_baseline(
+        data.x_train,
+        data.y_train,
+        data.x_test,
+        data.y_test,
+        num_classes=data.num_classes,
+        seed=config.seed,
+    )
+    logger.info("centralised raw-pixel baseline accuracy %.4f", baseline)
     reports = [json.loads((config.out / f"node-{i}.json").read_text()) for i in range(config.nodes)]
     correct = sum(r["correct"] for r in reports)
     tested = sum(r["test_samples"] for r in reports)
@@ -305,7 +301,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "raw_bytes": sum(r["raw_bytes"] for r in reports),
         "uploaded_bytes": sum(r["uploaded_bytes"] for r in reports),
         "accuracy": correct / tested,
-        "baseline_accuracy": baseline[0],
+        "baseline_accuracy": baseline,
         "per_node": {
             r["node_id"]: {
                 "accuracy": r["accuracy"],

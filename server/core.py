@@ -7,17 +7,20 @@ the latent classifier in a background thread whenever committed latents change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from common.errors import (
+    AllocationError,
+    BusyError,
     CodecError,
     ConflictError,
     InvalidRequestError,
@@ -35,7 +38,7 @@ from common.records import (
     UploadAck,
 )
 from common.tensors import WireTensor, from_wire
-from server.allocation import Cell
+from server.allocation import Cell, Device
 from server.classifier import ClassifierMode, LatentClassifier, train_classifier
 from server.scheduler import RoundScheduler
 from server.store import Store
@@ -47,6 +50,8 @@ UPLOAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_LATENT_DIM = 65536
 MAX_CLASSES = 65536
 MAX_CLASSIFY_ROWS = 1_000_000
+UPLOAD_LOCK_WAIT_S = 30.0
+"""How long a stream waits for another stream of the same upload_id before UNAVAILABLE."""
 _LATENT_DTYPES = ("float32", "float16", "int8")
 _LABEL_DTYPES = ("uint8", "int16", "int32", "int64")
 
@@ -79,6 +84,10 @@ def validate_registration(reg: NodeRegistration) -> None:
         for name, value in vars(reg.profile).items():
             if not math.isfinite(value) or value < 0:
                 raise InvalidRequestError(f"profile.{name} must be finite and >= 0, got {value}")
+        try:  # the scheduler's own rules (e.g. channel_gain > 0), checked before storing it
+            Device(id=reg.node_id, samples=reg.samples, **asdict(reg.profile))
+        except AllocationError as exc:
+            raise InvalidRequestError(f"profile: {exc}") from exc
 
 
 def check_latents(latents: np.ndarray, latent_dim: int, field: str) -> None:
@@ -109,6 +118,8 @@ class SplitLearningServer:
         self._limits = limits
         self._trainer = _ClassifierTrainer(store, classifier_mode, classifier_config, seed)
         self._scheduler = RoundScheduler(store, cell)
+        self._upload_locks: dict[str, tuple[threading.Lock, int]] = {}
+        self._upload_locks_guard = threading.Lock()
 
     @property
     def store(self) -> Store:
@@ -148,23 +159,55 @@ class SplitLearningServer:
         if first.seq != 0:
             raise InvalidRequestError(f"seq of the first chunk must be 0, got {first.seq}")
         node = self._store.get_node(first.node_id)
-        done = self._store.committed_ack(first.upload_id)
-        if done is not None:
-            for _ in chunks:  # drain the re-sent stream; nothing is stored twice
-                pass
-            logger.info(
-                "upload %s of %s already committed: deduplicated", first.upload_id, node.node_id
-            )
-            return done
-        self._store.begin_upload(first.upload_id, node.node_id, first.mode)
-        try:
-            ack = self._stage_and_commit(first, chunks, node)
-        except BaseException:
-            self._store.abort_upload(first.upload_id)
-            raise
+        # One stream per upload_id at a time: a client retry that overlaps its own earlier
+        # attempt waits for it, then finds it committed (dedupe) or aborted (stores it).
+        with self._upload_lock(first.upload_id):
+            done = self._store.committed_ack(first.upload_id)
+            if done is not None:
+                owner, ack = done
+                if owner != node.node_id:
+                    raise ConflictError(
+                        f"upload_id {first.upload_id!r} belongs to node {owner!r}; "
+                        "choose a new upload_id"
+                    )
+                for _ in chunks:  # drain the re-sent stream; nothing is stored twice
+                    pass
+                logger.info(
+                    "upload %s of %s already committed: deduplicated", first.upload_id, owner
+                )
+                return ack
+            self._store.begin_upload(first.upload_id, node.node_id, first.mode)
+            try:
+                ack = self._stage_and_commit(first, chunks, node)
+            except BaseException:
+                self._store.abort_upload(first.upload_id)
+                raise
         self._trainer.notify()
         self._scheduler.on_upload_committed(node.node_id)
         return ack
+
+    @contextlib.contextmanager
+    def _upload_lock(self, upload_id: str) -> Iterator[None]:
+        with self._upload_locks_guard:
+            lock, users = self._upload_locks.get(upload_id, (threading.Lock(), 0))
+            self._upload_locks[upload_id] = (lock, users + 1)
+        try:
+            if not lock.acquire(timeout=UPLOAD_LOCK_WAIT_S):
+                raise BusyError(
+                    f"upload_id {upload_id!r} is still being received on another stream; "
+                    "retry shortly"
+                )
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            with self._upload_locks_guard:
+                lock, users = self._upload_locks[upload_id]
+                if users == 1:
+                    del self._upload_locks[upload_id]
+                else:
+                    self._upload_locks[upload_id] = (lock, users - 1)
 
     def schedule(self, node_id: str) -> Schedule:
         """This round's upload decision and bandwidth for ``node_id``."""

@@ -3,8 +3,9 @@
 Each round the server solves the joint energy/latency allocation (``server.allocation``)
 over the registered nodes that reported an energy profile. A round's plan is made at the
 first schedule request, and a new round starts once every node selected to upload has
-committed an upload. A node that registers after its round's plan was made, once uploads of
-that round have begun, waits for the next round (``upload=False``).
+committed an upload. A node that registers after its round's plan was made waits for the next
+round (``upload=False``): a plan, once handed out, is never changed under the nodes holding it.
+A round that selects no uploader stays current.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class RoundScheduler:
         self._plan: AllocationPlan | None = None
         self._decisions: dict[str, Schedule] = {}
         self._waiting: set[str] = set()
-        self._uploads_this_round = 0
+        self._closed = False
 
     def schedule(self, node_id: str) -> Schedule:
         """This round's decision for ``node_id`` (making the round's plan when due).
@@ -54,9 +55,7 @@ class RoundScheduler:
                 "table to its config to take part in scheduling"
             )
         with self._lock:
-            due = self._plan is None or not self._waiting
-            joined_late = node_id not in self._decisions and self._uploads_this_round == 0
-            if due or joined_late:
+            if self._plan is None or self._closed:
                 self._new_round(self._cell)
             decision = self._decisions.get(node_id)
             if decision is None:
@@ -74,8 +73,9 @@ class RoundScheduler:
     def on_upload_committed(self, node_id: str) -> None:
         """Count a committed upload towards closing the round."""
         with self._lock:
-            self._uploads_this_round += 1
-            self._waiting.discard(node_id)
+            if node_id in self._waiting:
+                self._waiting.discard(node_id)
+                self._closed = not self._waiting
 
     def _new_round(self, cell: Cell) -> None:
         devices = []
@@ -105,7 +105,7 @@ class RoundScheduler:
             for d in plan.decisions()
         }
         self._waiting = {d.id for d in plan.decisions() if d.upload}
-        self._uploads_this_round = 0
+        self._closed = False
         logger.info(
             "round %d: %d of %d node(s) upload; objective %.4g, gap %.2e, round latency %.3g s",
             self._round,

@@ -10,12 +10,15 @@ from typing import NoReturn
 import grpc
 
 from common.errors import (
+    AllocationError,
+    BusyError,
     CodecError,
     ConflictError,
     InvalidRequestError,
     LatentEdgeError,
     NotFoundError,
     StoreError,
+    StreamAbortedError,
     TooLargeError,
 )
 from common.records import LatentChunk
@@ -39,6 +42,9 @@ _STATUS_OF: tuple[tuple[type[LatentEdgeError], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (TooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BusyError, grpc.StatusCode.UNAVAILABLE),
+    (StreamAbortedError, grpc.StatusCode.CANCELLED),
+    (AllocationError, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreError, grpc.StatusCode.INTERNAL),
 )
 
@@ -59,8 +65,11 @@ def _abort(context: grpc.ServicerContext, method: str, exc: LatentEdgeError) -> 
 
 
 def _chunks_from(request_iterator: Iterator[uplink_pb2.LatentChunk]) -> Iterator[LatentChunk]:
-    for msg in request_iterator:
-        yield latent_chunk_from_proto(msg)
+    try:
+        for msg in request_iterator:
+            yield latent_chunk_from_proto(msg)
+    except grpc.RpcError as exc:  # the client cancelled or the connection dropped
+        raise StreamAbortedError("the client ended the stream before its last chunk") from exc
 
 
 class UplinkServicer(uplink_pb2_grpc.UplinkServicer):

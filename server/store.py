@@ -78,6 +78,11 @@ CREATE TABLE IF NOT EXISTS classifiers (
     blob BLOB NOT NULL,
     trained_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('data_version', 0);
 CREATE TABLE IF NOT EXISTS plans (
     round INTEGER PRIMARY KEY,
     plan_json TEXT NOT NULL,
@@ -107,8 +112,8 @@ class Store(abc.ABC):
         """All registered nodes with what is stored for each, by node id."""
 
     @abc.abstractmethod
-    def committed_ack(self, upload_id: str) -> UploadAck | None:
-        """The acknowledgement of an already committed upload (for deduplication), else None."""
+    def committed_ack(self, upload_id: str) -> tuple[str, UploadAck] | None:
+        """(node id, acknowledgement) of an already committed upload (for dedupe), else None."""
 
     @abc.abstractmethod
     def begin_upload(self, upload_id: str, node_id: str, mode: UploadMode) -> None:
@@ -134,7 +139,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def data_version(self) -> int:
-        """A number that changes whenever committed latents change."""
+        """A durable counter that grows whenever committed latents change (across restarts too)."""
 
     @abc.abstractmethod
     def save_classifier(self, meta: dict[str, object], blob: bytes) -> int:
@@ -167,7 +172,6 @@ class SqliteStore(Store):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._version_lock = threading.Lock()
         # One writer at a time in this process: threads queue here instead of polling
         # SQLite's busy handler, which sleeps up to 100 ms and leaves the write lock idle.
         self._write_lock = threading.Lock()
@@ -179,7 +183,6 @@ class SqliteStore(Store):
         swept = self._sweep_open_uploads()
         if swept:
             logger.info("discarded %d unfinished upload(s) left by an earlier run", swept)
-        self._data_version = self._count_commits()
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -215,10 +218,6 @@ class SqliteStore(Store):
             c.execute("DELETE FROM uploads WHERE state = 'open'")
         return len(ids)
 
-    def _count_commits(self) -> int:
-        row = self._conn().execute("SELECT COUNT(*) FROM uploads WHERE state != 'open'").fetchone()
-        return int(row[0])
-
     def _stored_samples(self, c: sqlite3.Connection, node_id: str) -> int:
         row = c.execute(
             "SELECT COALESCE(SUM(samples), 0) FROM uploads "
@@ -238,6 +237,7 @@ class SqliteStore(Store):
             ).fetchone()
             if reg.reset:
                 self._drop_node_latents(c, reg.node_id)
+                _bump_data_version(c)
             stored = self._stored_samples(c, reg.node_id)
             if (
                 row is not None
@@ -269,8 +269,6 @@ class SqliteStore(Store):
                     time.time(),
                 ),
             )
-        if reg.reset:
-            self._bump_version()
         return stored
 
     def _drop_node_latents(self, c: sqlite3.Connection, node_id: str) -> None:
@@ -336,7 +334,7 @@ class SqliteStore(Store):
     # -- uploads ------------------------------------------------------------------------------
 
     @override
-    def committed_ack(self, upload_id: str) -> UploadAck | None:
+    def committed_ack(self, upload_id: str) -> tuple[str, UploadAck] | None:
         c = self._conn()
         row = c.execute(
             "SELECT node_id, samples, payload_bytes FROM uploads "
@@ -345,7 +343,7 @@ class SqliteStore(Store):
         ).fetchone()
         if row is None:
             return None
-        return UploadAck(
+        return str(row[0]), UploadAck(
             upload_id=upload_id,
             samples=int(row[1]),
             payload_bytes=int(row[2]),
@@ -357,10 +355,14 @@ class SqliteStore(Store):
     def begin_upload(self, upload_id: str, node_id: str, mode: UploadMode) -> None:
         with self._write() as c:
             row = c.execute(
-                "SELECT state FROM uploads WHERE upload_id = ?", (upload_id,)
+                "SELECT state, node_id FROM uploads WHERE upload_id = ?", (upload_id,)
             ).fetchone()
             if row is not None and row[0] != "open":
                 raise ConflictError(f"upload_id {upload_id!r} is already committed")
+            if row is not None and row[1] != node_id:
+                raise ConflictError(
+                    f"upload_id {upload_id!r} is in use by node {row[1]!r}; choose a new upload_id"
+                )
             c.execute("DELETE FROM chunks WHERE upload_id = ?", (upload_id,))
             c.execute(
                 "INSERT OR REPLACE INTO uploads (upload_id, node_id, mode, state, created_at) "
@@ -409,15 +411,25 @@ class SqliteStore(Store):
                 raise InvalidRequestError(
                     f"upload {upload_id!r} has {have[0]} chunks staged, expected {chunks}"
                 )
+            (mismatched,) = c.execute(
+                "SELECT COUNT(*) FROM chunks WHERE upload_id = ? AND latent_dim != "
+                "(SELECT latent_dim FROM nodes WHERE node_id = ?)",
+                (upload_id, node_id),
+            ).fetchone()
+            if mismatched:
+                raise ConflictError(
+                    f"node {node_id!r} changed its latent_dim while upload {upload_id!r} was "
+                    "streaming; re-send the upload with latents of the registered size"
+                )
             if mode is UploadMode.REPLACE:
                 self._drop_node_latents(c, node_id)
+            _bump_data_version(c)
             c.execute(
                 "UPDATE uploads SET state = 'committed', samples = ?, payload_bytes = ?, "
                 "committed_at = ? WHERE upload_id = ?",
                 (int(have[1]), int(have[2]), time.time(), upload_id),
             )
             stored = self._stored_samples(c, node_id)
-        self._bump_version()
         return UploadAck(
             upload_id=upload_id,
             samples=int(have[1]),
@@ -429,7 +441,12 @@ class SqliteStore(Store):
     @override
     def abort_upload(self, upload_id: str) -> None:
         with self._write() as c:
-            c.execute("DELETE FROM chunks WHERE upload_id = ?", (upload_id,))
+            # never touch a committed upload's chunks (a concurrent attempt may have committed it)
+            c.execute(
+                "DELETE FROM chunks WHERE upload_id = ? AND EXISTS (SELECT 1 FROM uploads "
+                "WHERE upload_id = ? AND state = 'open')",
+                (upload_id, upload_id),
+            )
             c.execute("DELETE FROM uploads WHERE upload_id = ? AND state = 'open'", (upload_id,))
 
     def _node_chunks(self, node_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -454,12 +471,8 @@ class SqliteStore(Store):
 
     @override
     def data_version(self) -> int:
-        with self._version_lock:
-            return self._data_version
-
-    def _bump_version(self) -> None:
-        with self._version_lock:
-            self._data_version += 1
+        row = self._conn().execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()
+        return int(row[0])
 
     # -- classifiers and plans ----------------------------------------------------------------
 
@@ -513,6 +526,10 @@ class SqliteStore(Store):
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+def _bump_data_version(c: sqlite3.Connection) -> None:
+    c.execute("UPDATE meta SET value = value + 1 WHERE key = 'data_version'")
 
 
 class _Transaction:

@@ -11,7 +11,14 @@ import onnx
 import pytest
 
 from common.datasets import load_dataset, shard
-from tests.conftest import MNIST_TINY, ROOT, ServerProcess, latentedge_cmd, start_server_process
+from tests.conftest import (
+    MNIST_TINY,
+    ROOT,
+    SHARED_DATA,
+    ServerProcess,
+    latentedge_cmd,
+    start_server_process,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -245,3 +252,26 @@ def test_config_file_gives_flag_defaults_to_any_subcommand(tmp_path: Path) -> No
     _one_line_error(_run("allocate", "--config", str(config)), 3, "allocate.out must be str, got 3")
     _write(config, "[status]\nserver = 'x:1'\n")
     _one_line_error(_run("allocate", "--config", str(config)), 3, "expected [allocate]")
+
+
+def test_command_line_flag_beats_its_exclusive_twin_from_the_file(tmp_path: Path) -> None:
+    tiny = np.load(MNIST_TINY)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=(tiny["x_test"][:40, None] / 255).astype(np.float32), y=tiny["y_test"][:40])
+    model = SHARED_DATA / "onnx_mnist12" / "mnist-12.onnx"
+    config = _write(
+        tmp_path / "s.toml", f'[simulate]\ndata = "{data}"\nsweep = "awgn:snr_db=0,10"\ndraws = 2\n'
+    )
+    report = tmp_path / "r.json"
+    proc = _run(
+        "simulate",
+        str(model),
+        "--config",
+        str(config),
+        "--noise",
+        "awgn:snr_db=20",
+        "--out",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["noise"] == "awgn:snr_db=20"

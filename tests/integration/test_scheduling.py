@@ -26,7 +26,7 @@ CELL = Cell(
 GAINS = (1e-9, 3e-10, 1e-10, 3e-11)
 
 
-def _profile(gain: float) -> EnergyProfile:
+def _profile(gain: float, finetune_energy_j: float = 1.5) -> EnergyProfile:
     return EnergyProfile(
         upload_bits=4e6,
         cycles_per_sample=1e6,
@@ -35,7 +35,7 @@ def _profile(gain: float) -> EnergyProfile:
         tx_power_w=0.2,
         channel_gain=gain,
         energy_budget_j=20.0,
-        finetune_energy_j=1.5,
+        finetune_energy_j=finetune_energy_j,
         finetune_latency_s=6.0,
     )
 
@@ -130,7 +130,45 @@ def test_scheduling_off_without_cell(tmp_path: Path) -> None:
     for server in running_server(tmp_path):
         with UplinkClient(server.address) as client:
             client.register(
-                NodeRegistration(node_id="n0", latent_dim=4, num_classes=10, profile=_profile(1e-9))
+                NodeRegistration(
+                    node_id="n0", latent_dim=4, num_classes=10, samples=5, profile=_profile(1e-9)
+                )
             )
             with pytest.raises(UplinkError, match=r"FAILED_PRECONDITION.*scheduling is off"):
                 client.schedule("n0")
+
+
+def test_plan_is_stable_for_late_joiners_and_idle_rounds(tmp_path: Path) -> None:
+    idle = Cell(
+        bandwidth_hz=2e6,
+        noise_psd_w_per_hz=4e-21,
+        min_samples=0,
+        weight_energy=1.0,
+        weight_latency=0.0,
+    )
+    for server in running_server(tmp_path, cell=idle):
+        with UplinkClient(server.address) as client:
+            client.register(
+                NodeRegistration(
+                    node_id="n0",
+                    latent_dim=4,
+                    num_classes=10,
+                    samples=600,
+                    profile=_profile(1e-9, 1e-3),
+                )
+            )
+            first = client.schedule("n0")
+            assert not first.upload  # fine-tuning locally is cheaper and nothing must be covered
+            assert client.schedule("n0").round == first.round  # an idle round stays current
+            client.register(
+                NodeRegistration(
+                    node_id="n1",
+                    latent_dim=4,
+                    num_classes=10,
+                    samples=600,
+                    profile=_profile(1e-9, 1e-3),
+                )
+            )
+            late = client.schedule("n1")
+            assert (late.round, late.upload, late.bandwidth_hz) == (first.round, False, 0.0)
+            assert client.schedule("n0") == first  # the plan handed out is not changed

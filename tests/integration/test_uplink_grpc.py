@@ -45,7 +45,7 @@ def test_upload_roundtrip_is_exact_and_durable(grpc_server: RunningServer) -> No
     x, y = _data(1000)
     with UplinkClient(grpc_server.address) as client:
         _register(client)
-        ack = client.push_latents("n0", x, y, num_classes=10, chunk_bytes=DIM * 4 * 64)
+        ack = client.push_latents("n0", x, y, num_classes=10, chunk_bytes=(DIM * 4 + 1) * 64)
     assert ack.samples == 1000 and not ack.deduplicated and ack.stored_samples == 1000
     assert ack.payload_bytes == x.nbytes + y.size  # float32 latents + uint8 labels
     got_x, got_y = _stored(grpc_server)

@@ -84,7 +84,7 @@ def test_int8_of_zeros_and_empty() -> None:
     [
         (WireTensor(b"\x00" * 7, "float32", (2,)), "latents.data has 7 bytes, expected 8"),
         (WireTensor(b"", "complex64", (0,)), "latents.dtype must be one of"),
-        (WireTensor(b"", "float32", (-1,)), "latents.shape must be non-negative"),
+        (WireTensor(b"", "float32", (-1,)), "latents.shape must have at most 32 non-negative"),
         (WireTensor(b"\x01", "int8", (1,), scale=float("nan")), "latents.scale"),
     ],
 )
