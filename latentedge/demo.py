@@ -53,7 +53,7 @@ class DemoConfig:
     """Noise sweep for the encoders on a simulated analog device ("" = skip that step)."""
     analog_draws: int = 20
     """Monte-Carlo draws per sweep level."""
-    out: Path = Path("latentedge-demo")
+    out: Path = Path("runs/demo")
     """Output directory."""
 
     def __post_init__(self) -> None:
