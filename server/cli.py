@@ -33,6 +33,8 @@ class ServerConfig:
     """Largest upload payload (bytes) accepted; more is RESOURCE_EXHAUSTED."""
     seed: int = 0
     """Seed of classifier training."""
+    round_timeout_s: float = 600.0
+    """A scheduling round closes after this many seconds even if a selected node never uploaded."""
     cell: Cell | None = None
     """The radio cell for round scheduling (TOML table ``[cell]``); None = scheduling off."""
 
@@ -44,6 +46,8 @@ class ServerConfig:
                 "server.classifier_mode must be 'per_node' or 'shared', "
                 f"got {self.classifier_mode!r}"
             )
+        if self.round_timeout_s <= 0:
+            raise ConfigError(f"server.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.max_upload_bytes <= 0:
             raise ConfigError(f"server.max_upload_bytes must be > 0, got {self.max_upload_bytes}")
 
@@ -103,6 +107,7 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
         classifier_mode=ClassifierMode(config.classifier_mode),
         classifier_config=ClassifierConfig(),
         cell=config.cell,
+        round_timeout_s=config.round_timeout_s,
         seed=config.seed,
     )
     core.start()

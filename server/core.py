@@ -112,12 +112,13 @@ class SplitLearningServer:
         classifier_mode: ClassifierMode,
         classifier_config: ClassifierConfig,
         cell: Cell | None = None,
+        round_timeout_s: float = 600.0,
         seed: int = 0,
     ) -> None:
         self._store = store
         self._limits = limits
         self._trainer = _ClassifierTrainer(store, classifier_mode, classifier_config, seed)
-        self._scheduler = RoundScheduler(store, cell)
+        self._scheduler = RoundScheduler(store, cell, round_timeout_s=round_timeout_s)
         self._upload_locks: dict[str, tuple[threading.Lock, int]] = {}
         self._upload_locks_guard = threading.Lock()
 

@@ -5,7 +5,8 @@ over the registered nodes that reported an energy profile. A round's plan is mad
 first schedule request, and a new round starts once every node selected to upload has
 committed an upload. A node that registers after its round's plan was made waits for the next
 round (``upload=False``): a plan, once handed out, is never changed under the nodes holding it.
-A round that selects no uploader stays current.
+A round that selects no uploader stays current; a round whose selected nodes have not all
+uploaded within ``round_timeout_s`` is closed anyway, so one silent node cannot stall the cell.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import asdict
 
 from common.errors import ConflictError, InfeasibleAllocationError
@@ -26,9 +28,11 @@ logger = logging.getLogger(__name__)
 class RoundScheduler:
     """Makes and serves one allocation plan per round."""
 
-    def __init__(self, store: Store, cell: Cell | None) -> None:
+    def __init__(self, store: Store, cell: Cell | None, *, round_timeout_s: float = 600.0) -> None:
         self._store = store
         self._cell = cell
+        self._round_timeout_s = round_timeout_s
+        self._opened_at = 0.0
         self._lock = threading.Lock()
         last = store.last_plan()
         self._round = last[0] if last else 0
@@ -55,7 +59,14 @@ class RoundScheduler:
                 "table to its config to take part in scheduling"
             )
         with self._lock:
-            if self._plan is None or self._closed:
+            overdue = (
+                bool(self._waiting) and time.monotonic() - self._opened_at > self._round_timeout_s
+            )
+            if overdue:
+                logger.warning(
+                    "round %d timed out waiting for %s", self._round, sorted(self._waiting)
+                )
+            if self._plan is None or self._closed or overdue:
                 self._new_round(self._cell)
             decision = self._decisions.get(node_id)
             if decision is None:
@@ -106,6 +117,7 @@ class RoundScheduler:
         }
         self._waiting = {d.id for d in plan.decisions() if d.upload}
         self._closed = False
+        self._opened_at = time.monotonic()
         logger.info(
             "round %d: %d of %d node(s) upload; objective %.4g, gap %.2e, round latency %.3g s",
             self._round,

@@ -23,7 +23,9 @@ class RunningServer:
     channel: grpc.Channel
 
 
-def running_server(tmp_path: Path, cell: Cell | None = None) -> Iterator[RunningServer]:
+def running_server(
+    tmp_path: Path, cell: Cell | None = None, round_timeout_s: float = 600.0
+) -> Iterator[RunningServer]:
     """A real gRPC server on 127.0.0.1:0 over a real SQLite file; small upload limit."""
     db = tmp_path / "server.db"
     store = SqliteStore(db)
@@ -33,6 +35,7 @@ def running_server(tmp_path: Path, cell: Cell | None = None) -> Iterator[Running
         classifier_mode=ClassifierMode.PER_NODE,
         classifier_config=ClassifierConfig(epochs=5),
         cell=cell,
+        round_timeout_s=round_timeout_s,
     )
     core.start()
     server, port, _health = create_server("127.0.0.1:0", UplinkServicer(core))

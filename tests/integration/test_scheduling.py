@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,3 +173,13 @@ def test_plan_is_stable_for_late_joiners_and_idle_rounds(tmp_path: Path) -> None
             late = client.schedule("n1")
             assert (late.round, late.upload, late.bandwidth_hz) == (first.round, False, 0.0)
             assert client.schedule("n0") == first  # the plan handed out is not changed
+
+
+def test_round_closes_after_its_timeout_when_a_node_stays_silent(tmp_path: Path) -> None:
+    for server in running_server(tmp_path, cell=CELL, round_timeout_s=0.3):
+        with UplinkClient(server.address) as client:
+            _register_fleet(client)
+            first = client.schedule("n0")
+            assert client.schedule("n0").round == first.round
+            time.sleep(0.5)  # nobody uploaded
+            assert client.schedule("n0").round == first.round + 1
