@@ -104,6 +104,17 @@ class Dataset:
                 f"{self.x_test.shape[1:]} (C, H, W)"
             )
 
+    def subset(self, name: str, train: AnyArray, test: AnyArray) -> Dataset:
+        """The samples selected by ``train``/``test`` (boolean masks or indices), same classes."""
+        return Dataset(
+            name=name,
+            x_train=self.x_train[train],
+            y_train=self.y_train[train],
+            x_test=self.x_test[test],
+            y_test=self.y_test[test],
+            num_classes=self.num_classes,
+        )
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Shape ``(C, H, W)`` of one image."""
@@ -171,14 +182,7 @@ def filter_classes(ds: Dataset, classes: Sequence[int]) -> Dataset:
     keep = np.asarray(sorted(set(classes)), dtype=np.int64)
     train = np.isin(ds.y_train, keep)
     test = np.isin(ds.y_test, keep)
-    return Dataset(
-        name=f"{ds.name}[classes {','.join(str(c) for c in keep)}]",
-        x_train=ds.x_train[train],
-        y_train=ds.y_train[train],
-        x_test=ds.x_test[test],
-        y_test=ds.y_test[test],
-        num_classes=ds.num_classes,
-    )
+    return ds.subset(f"{ds.name}[classes {','.join(str(c) for c in keep)}]", train, test)
 
 
 def shard(ds: Dataset, index: int, count: int, *, skew: float = 0.0, seed: int = 0) -> Dataset:
@@ -212,14 +216,7 @@ def shard(ds: Dataset, index: int, count: int, *, skew: float = 0.0, seed: int =
         raise DataError(f"shard skew must be in [0, 1), got {skew}")
     train = _shard_indices(ds.y_train, index, count, skew, np.random.default_rng([seed, 0]))
     test = _shard_indices(ds.y_test, index, count, skew, np.random.default_rng([seed, 1]))
-    return Dataset(
-        name=f"{ds.name}[shard {index}/{count}]",
-        x_train=ds.x_train[train],
-        y_train=ds.y_train[train],
-        x_test=ds.x_test[test],
-        y_test=ds.y_test[test],
-        num_classes=ds.num_classes,
-    )
+    return ds.subset(f"{ds.name}[shard {index}/{count}]", train, test)
 
 
 def shard_fractions(cls: int, count: int, skew: float) -> list[float]:

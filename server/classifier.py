@@ -77,6 +77,15 @@ class NodeInfo:
     std: FloatArray
     """Per-feature std of the node's training latents (1 where below MIN_STD), float32."""
 
+    def describe(self) -> dict[str, Any]:
+        """The JSON-able fields (no arrays), for summaries and the serialized header."""
+        return {
+            "node_id": self.node_id,
+            "latent_dim": self.latent_dim,
+            "samples": self.samples,
+            "train_accuracy": self.train_accuracy,
+        }
+
 
 class LatentClassifier:
     """A trained per-node or shared classifier over nodes' latents."""
@@ -160,15 +169,7 @@ class LatentClassifier:
             "hidden_units": list(self.config.hidden_units),
             "train_samples": total,
             "train_accuracy": correct / total if total else 0.0,
-            "nodes": [
-                {
-                    "node_id": info.node_id,
-                    "latent_dim": info.latent_dim,
-                    "samples": info.samples,
-                    "train_accuracy": info.train_accuracy,
-                }
-                for info in self._infos
-            ],
+            "nodes": [info.describe() for info in self._infos],
         }
 
     def to_bytes(self) -> bytes:
@@ -179,15 +180,7 @@ class LatentClassifier:
             "mode": self.mode.value,
             "num_classes": self.num_classes,
             "config": dataclasses.asdict(self.config),
-            "nodes": [
-                {
-                    "node_id": info.node_id,
-                    "latent_dim": info.latent_dim,
-                    "samples": info.samples,
-                    "train_accuracy": info.train_accuracy,
-                }
-                for info in self._infos
-            ],
+            "nodes": [info.describe() for info in self._infos],
             "in_features": [net.in_features for net in self._networks],
         }
         arrays: dict[str, AnyArray] = {
