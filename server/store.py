@@ -212,11 +212,12 @@ class SqliteStore(Store):
 
     def _sweep_open_uploads(self) -> int:
         with self._write() as c:
-            ids = [r[0] for r in c.execute("SELECT upload_id FROM uploads WHERE state = 'open'")]
-            for upload_id in ids:
-                c.execute("DELETE FROM chunks WHERE upload_id = ?", (upload_id,))
-            c.execute("DELETE FROM uploads WHERE state = 'open'")
-        return len(ids)
+            c.execute(
+                "DELETE FROM chunks WHERE upload_id IN "
+                "(SELECT upload_id FROM uploads WHERE state = 'open')"
+            )
+            swept = c.execute("DELETE FROM uploads WHERE state = 'open'").rowcount
+        return int(swept)
 
     def _stored_samples(self, c: sqlite3.Connection, node_id: str) -> int:
         row = c.execute(
