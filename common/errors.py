@@ -76,6 +76,11 @@ class StreamAbortedError(RequestError):
 class UplinkError(LatentEdgeError):
     """A gRPC call from an edge node failed and will not be retried."""
 
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        """The gRPC status code name (e.g. ``NOT_FOUND``) when the server refused the call."""
+
 
 class ServerUnreachableError(UplinkError):
     """The server stayed unreachable for the whole retry window."""

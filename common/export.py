@@ -117,6 +117,30 @@ def export_classifier(
     return _export(network, Path(path), sample, (LATENT, LOGITS), exporter)
 
 
+def export_network(
+    network: nn.Module,
+    path: str | Path,
+    sample: FloatArray,
+    *,
+    exporter: Exporter = Exporter.AUTO,
+) -> float:
+    """Export a whole network (images ``image`` -> class scores ``logits``) and check it.
+
+    Args:
+        network: E.g. a zoo network (``common.zoo``), a base model or a fine-tuned one.
+        path: Where to write the ``.onnx`` file.
+        sample: Real images, float32 ``(N, C, H, W)``, N >= 1.
+        exporter: Which torch exporter to use.
+
+    Returns:
+        max |onnxruntime - torch| over ``sample`` (within the tolerance of the module docstring).
+
+    Raises:
+        ModelExportError: the export fails, or disagrees with torch by more than that tolerance.
+    """
+    return _export(network, Path(path), sample, (ENCODER_INPUT, LOGITS), exporter)
+
+
 def compose_pipeline(
     encoder_onnx: str | Path, classifier_onnx: str | Path, out_path: str | Path
 ) -> Path:

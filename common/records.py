@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.delta import DeltaEntry
 from common.tensors import WireTensor
 
 
@@ -19,12 +20,13 @@ class UploadMode(enum.Enum):
 
 @dataclass(frozen=True)
 class EnergyProfile:
-    """A node's energy/radio profile for the round scheduler (see docs/allocation.md)."""
+    """A node's energy/radio profile for the round scheduler (see docs/allocation.md).
 
-    upload_bits: float
-    """Bits the node sends if it uploads this round."""
-    cycles_per_sample: float
-    """CPU cycles to encode one sample."""
+    The fields a node can know from its own model and data (``upload_bits``,
+    ``cycles_per_sample``, ``finetune_energy_j``, ``finetune_latency_s``, ``delta_bits``)
+    may be left at 0: an edge node derives them before it registers.
+    """
+
     cpu_hz: float
     """CPU frequency (Hz)."""
     kappa: float
@@ -35,10 +37,17 @@ class EnergyProfile:
     """Channel power gain (dimensionless)."""
     energy_budget_j: float
     """Energy budget for the round (J)."""
-    finetune_energy_j: float
-    """Energy (J) spent when the node only fine-tunes locally."""
-    finetune_latency_s: float
-    """Time (s) the node needs when it only fine-tunes locally."""
+    upload_bits: float = field(default=0.0, kw_only=True)
+    """Bits the node sends if it uploads this round (0 = derived on the node)."""
+    cycles_per_sample: float = field(default=0.0, kw_only=True)
+    """CPU cycles to encode one sample (0 = derived on the node)."""
+    finetune_energy_j: float = field(default=0.0, kw_only=True)
+    """Energy (J) spent when the node only fine-tunes locally (0 = derived on the node)."""
+    finetune_latency_s: float = field(default=0.0, kw_only=True)
+    """Time (s) the node needs when it only fine-tunes locally (0 = derived on the node)."""
+    delta_bits: float = field(default=0.0, kw_only=True)
+    """Bits of the fine-tuning delta sent instead of latents; the scheduler adds its air time
+    to the fine-tuning energy and latency (0 = no delta, or derived on the node)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,12 @@ class NodeStatus:
     uploads: int
     payload_bytes: int
     has_profile: bool
+    deltas: int = 0
+    """Committed fine-tuning deltas."""
+    delta_bytes: int = 0
+    """Payload bytes of the newest delta."""
+    delta_base_version: int = 0
+    """Base version the newest delta was computed against (0 = none)."""
 
 
 @dataclass(frozen=True)
@@ -143,3 +158,66 @@ class ServerStatus:
     classifier: ClassifierStatus
     last_plan_json: str = ""
     """The last allocation plan as JSON; empty when none."""
+    models: tuple[ModelVersion, ...] = ()
+    """Every base model version, oldest first."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of the served base model."""
+
+    version: int
+    hash: str
+    """SHA-256 hex of the model file."""
+    parent_version: int = 0
+    """The version it was aggregated from (0 = loaded from a file)."""
+    nodes: tuple[str, ...] = ()
+    """Nodes whose deltas were averaged into it."""
+    samples: int = 0
+    """Their training samples (the weights of the average)."""
+    source: str = ""
+    """``file:PATH`` or ``aggregate``."""
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeltaChunk:
+    """One streamed piece of a delta upload."""
+
+    node_id: str
+    upload_id: str
+    seq: int
+    last: bool
+    tensors: tuple[DeltaEntry, ...]
+    base_version: int = 0
+    """Read from seq 0 only (as are the fields below)."""
+    base_hash: str = ""
+    samples: int = 0
+    """Training samples behind the delta (its aggregation weight)."""
+    trainable: str = ""
+    total_tensors: int = 0
+
+
+@dataclass(frozen=True)
+class DeltaAck:
+    """The server's acknowledgement of a durably committed delta."""
+
+    upload_id: str
+    tensors: int
+    params: int
+    payload_bytes: int
+    deduplicated: bool
+    base_version: int
+    current_version: int = 0
+    """The base version after this upload (newer when it triggered an aggregation)."""
+
+
+@dataclass(frozen=True)
+class StoredDelta:
+    """A committed delta as the server keeps it."""
+
+    upload_id: str
+    node_id: str
+    base_version: int
+    samples: int
+    entries: tuple[DeltaEntry, ...]

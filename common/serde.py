@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from common.delta import DeltaEntry, DeltaKind
 from common.errors import CodecError
 from common.records import (
     ClassifierStatus,
+    DeltaAck,
+    DeltaChunk,
     EnergyProfile,
     LatentChunk,
+    ModelVersion,
     NodeRegistration,
     NodeStatus,
     Prediction,
@@ -58,6 +62,7 @@ def profile_to_proto(profile: EnergyProfile) -> uplink_pb2.EnergyProfile:
         energy_budget_j=profile.energy_budget_j,
         finetune_energy_j=profile.finetune_energy_j,
         finetune_latency_s=profile.finetune_latency_s,
+        delta_bits=profile.delta_bits,
     )
 
 
@@ -73,6 +78,7 @@ def profile_from_proto(msg: uplink_pb2.EnergyProfile) -> EnergyProfile:
         energy_budget_j=msg.energy_budget_j,
         finetune_energy_j=msg.finetune_energy_j,
         finetune_latency_s=msg.finetune_latency_s,
+        delta_bits=msg.delta_bits,
     )
 
 
@@ -214,6 +220,9 @@ def status_to_proto(status: ServerStatus) -> uplink_pb2.GetStatusReply:
                 uploads=n.uploads,
                 payload_bytes=n.payload_bytes,
                 has_profile=n.has_profile,
+                deltas=n.deltas,
+                delta_bytes=n.delta_bytes,
+                delta_base_version=n.delta_base_version,
             )
             for n in status.nodes
         ],
@@ -227,6 +236,7 @@ def status_to_proto(status: ServerStatus) -> uplink_pb2.GetStatusReply:
             training=c.training,
         ),
         last_plan_json=status.last_plan_json,
+        models=[model_version_to_proto(m) for m in status.models],
     )
 
 
@@ -243,6 +253,9 @@ def status_from_proto(msg: uplink_pb2.GetStatusReply) -> ServerStatus:
                 uploads=n.uploads,
                 payload_bytes=n.payload_bytes,
                 has_profile=n.has_profile,
+                deltas=n.deltas,
+                delta_bytes=n.delta_bytes,
+                delta_base_version=n.delta_base_version,
             )
             for n in msg.nodes
         ),
@@ -256,4 +269,126 @@ def status_from_proto(msg: uplink_pb2.GetStatusReply) -> ServerStatus:
             training=c.training,
         ),
         last_plan_json=msg.last_plan_json,
+        models=tuple(model_version_from_proto(m) for m in msg.models),
+    )
+
+
+def model_version_to_proto(m: ModelVersion) -> uplink_pb2.ModelVersion:
+    """Base model version -> proto."""
+    return uplink_pb2.ModelVersion(
+        version=m.version,
+        hash=m.hash,
+        parent_version=m.parent_version,
+        nodes=list(m.nodes),
+        samples=m.samples,
+        source=m.source,
+        created_at=m.created_at,
+    )
+
+
+def model_version_from_proto(msg: uplink_pb2.ModelVersion) -> ModelVersion:
+    """Proto -> base model version."""
+    return ModelVersion(
+        version=msg.version,
+        hash=msg.hash,
+        parent_version=msg.parent_version,
+        nodes=tuple(msg.nodes),
+        samples=msg.samples,
+        source=msg.source,
+        created_at=msg.created_at,
+    )
+
+
+_KIND_TO_PROTO = {
+    DeltaKind.DENSE: uplink_pb2.DELTA_KIND_DENSE,
+    DeltaKind.SPARSE_INDEX: uplink_pb2.DELTA_KIND_SPARSE_INDEX,
+    DeltaKind.SPARSE_BITMAP: uplink_pb2.DELTA_KIND_SPARSE_BITMAP,
+    DeltaKind.LOW_RANK: uplink_pb2.DELTA_KIND_LOW_RANK,
+}
+_KIND_FROM_PROTO: dict[int, DeltaKind] = {int(v): k for k, v in _KIND_TO_PROTO.items()}
+
+
+def delta_entry_to_proto(entry: DeltaEntry) -> uplink_pb2.DeltaTensor:
+    """Delta entry -> proto."""
+    msg = uplink_pb2.DeltaTensor(
+        name=entry.name, kind=_KIND_TO_PROTO[entry.kind], values=tensor_to_proto(entry.values)
+    )
+    if entry.positions is not None:
+        msg.positions.CopyFrom(tensor_to_proto(entry.positions))
+    if entry.right is not None:
+        msg.right.CopyFrom(tensor_to_proto(entry.right))
+    return msg
+
+
+def delta_entry_from_proto(msg: uplink_pb2.DeltaTensor) -> DeltaEntry:
+    """Proto -> delta entry (shapes and values are checked later, against the base)."""
+    kind = _KIND_FROM_PROTO.get(int(msg.kind))
+    if kind is None:
+        raise CodecError(
+            f"tensor {msg.name!r}: kind must be one of {sorted(_KIND_FROM_PROTO)}, got {msg.kind}"
+        )
+    return DeltaEntry(
+        name=msg.name,
+        kind=kind,
+        values=tensor_from_proto(msg.values),
+        positions=tensor_from_proto(msg.positions) if msg.HasField("positions") else None,
+        right=tensor_from_proto(msg.right) if msg.HasField("right") else None,
+    )
+
+
+def delta_chunk_to_proto(chunk: DeltaChunk) -> uplink_pb2.DeltaChunk:
+    """Delta chunk -> proto."""
+    return uplink_pb2.DeltaChunk(
+        node_id=chunk.node_id,
+        upload_id=chunk.upload_id,
+        seq=chunk.seq,
+        last=chunk.last,
+        base_version=chunk.base_version,
+        base_hash=chunk.base_hash,
+        samples=chunk.samples,
+        trainable=chunk.trainable,
+        total_tensors=chunk.total_tensors,
+        tensors=[delta_entry_to_proto(e) for e in chunk.tensors],
+    )
+
+
+def delta_chunk_from_proto(msg: uplink_pb2.DeltaChunk) -> DeltaChunk:
+    """Proto -> delta chunk."""
+    return DeltaChunk(
+        node_id=msg.node_id,
+        upload_id=msg.upload_id,
+        seq=msg.seq,
+        last=msg.last,
+        tensors=tuple(delta_entry_from_proto(t) for t in msg.tensors),
+        base_version=msg.base_version,
+        base_hash=msg.base_hash,
+        samples=msg.samples,
+        trainable=msg.trainable,
+        total_tensors=msg.total_tensors,
+    )
+
+
+def delta_ack_to_proto(ack: DeltaAck) -> uplink_pb2.PushDeltaReply:
+    """Delta acknowledgement -> proto."""
+    return uplink_pb2.PushDeltaReply(
+        upload_id=ack.upload_id,
+        tensors=ack.tensors,
+        params=ack.params,
+        payload_bytes=ack.payload_bytes,
+        deduplicated=ack.deduplicated,
+        base_version=ack.base_version,
+        current_version=ack.current_version,
+    )
+
+
+def delta_ack_from_proto(msg: uplink_pb2.PushDeltaReply) -> DeltaAck:
+    """Proto -> delta acknowledgement."""
+    return DeltaAck(
+        upload_id=msg.upload_id,
+        tensors=msg.tensors,
+        params=msg.params,
+        payload_bytes=msg.payload_bytes,
+        deduplicated=msg.deduplicated,
+        base_version=msg.base_version,
+        current_version=msg.current_version,
     )

@@ -13,14 +13,24 @@ import numpy as np
 
 from common.errors import CodecError
 
-WIRE_DTYPES: tuple[str, ...] = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64")
+WIRE_DTYPES: tuple[str, ...] = (
+    "float32",
+    "float16",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+)
 """dtype names accepted on the wire."""
 
 MAX_DIMS = 32
 """Most dimensions a wire tensor may have (numpy's own limit is 64)."""
 
 FLOAT_ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8")
-"""Encodings a float tensor (latents, deltas) may travel in."""
+"""Encodings a float tensor (latents, delta values) may travel in."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """``latentedge edge``: one edge node's whole run.
 
-Load and shard the local data, register with the server, train the autoencoder without
-labels, upload latents + labels, wait for the durable acknowledgement and (with
-``--evaluate``) classify the node's test split through the server. Raw images never leave.
+Load and shard the local data and register with the server. Then, in ``--mode latents`` (the
+default): train the autoencoder without labels, upload latents + labels, wait for the durable
+acknowledgement and (with ``--evaluate``) classify the node's test split through the server.
+In ``--mode finetune``: download the server's base model, fine-tune part of it on the labelled
+shard, upload the compressed delta and classify the test split locally with the fine-tuned
+model (``edge/transfer.py``). With ``--scheduled`` the round's plan picks the branch: a node
+told to upload sends latents, the others fine-tune. Raw images never leave the node.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import numpy as np
 
 from common.config import read_tables
 from common.constants import RETRY_WINDOW_S
-from common.errors import ConfigError
+from common.errors import ConfigError, UplinkError
 from common.records import EnergyProfile, NodeRegistration
 
 if TYPE_CHECKING:
     from common.datasets import Dataset
-    from common.models import ConvAutoencoder
+    from common.modelfile import ModelFile
+    from common.models import AutoencoderConfig, ConvAutoencoder
+    from edge.transfer import FinetuneConfig
+    from edge.uplink import DownloadedModel, UplinkClient
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +73,32 @@ class EdgeConfig:
     """Ask the server's round schedule first and upload only when selected."""
     retry_window_s: float = RETRY_WINDOW_S
     """Seconds to keep retrying an unreachable server before failing."""
+    mode: str = "latents"
+    """``latents`` (train an autoencoder, upload latents) or ``finetune`` (fine-tune the base
+    model, upload a delta)."""
+    trainable: str = "head"
+    """What fine-tuning changes: ``head``, ``last-block``, ``bn``, ``all`` or ``adapters:RANK``."""
+    delta_encoding: str = "fp16"
+    """``fp32``, ``fp16``, ``int8`` or ``topk:FRACTION[+fp32|+fp16|+int8]``."""
+    finetune_epochs: int = 0
+    """Fine-tuning epochs (0 = 100)."""
+    finetune_lr: float = 0.0
+    """Fine-tuning step size (0 = 3e-2 for head, 3e-3 otherwise)."""
+    model_cache: str = ""
+    """Folder of downloaded models, named by hash (empty = ~/.cache/latentedge/models)."""
+    cycles_per_mac: float = 1.0
+    """CPU cycles per multiply-accumulate, to derive profile fields left at 0."""
 
     def __post_init__(self) -> None:
+        if self.mode not in ("latents", "finetune"):
+            raise ConfigError(f"edge.mode must be latents or finetune, got {self.mode!r}")
+        if self.finetune_epochs < 0 or self.finetune_lr < 0:
+            raise ConfigError(
+                f"edge.finetune_epochs and edge.finetune_lr must be >= 0, got "
+                f"{self.finetune_epochs} and {self.finetune_lr}"
+            )
+        if not self.cycles_per_mac > 0:
+            raise ConfigError(f"edge.cycles_per_mac must be > 0, got {self.cycles_per_mac}")
         if self.latent_dtype not in ("float32", "float16", "int8"):
             raise ConfigError(
                 f"edge.latent_dtype must be float32, float16 or int8, got {self.latent_dtype!r}"
@@ -94,6 +125,13 @@ _FLAG_KEYS = (
     "export",
     "report",
     "retry_window_s",
+    "mode",
+    "trainable",
+    "delta_encoding",
+    "finetune_epochs",
+    "finetune_lr",
+    "model_cache",
+    "cycles_per_mac",
 )
 _BOOL_KEYS = ("evaluate", "reset", "scheduled")
 
@@ -123,6 +161,32 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retry-window-s", dest="retry_window_s", type=float, help="retry window (60 s)"
     )
+    parser.add_argument(
+        "--mode", choices=["latents", "finetune"], help="upload latents (default) or a delta"
+    )
+    parser.add_argument(
+        "--trainable", help="finetune: head (default) | last-block | bn | all | adapters:RANK"
+    )
+    parser.add_argument(
+        "--delta-encoding",
+        dest="delta_encoding",
+        help="finetune: fp32 | fp16 (default) | int8 | topk:FRACTION[+fp16|+int8|+fp32]",
+    )
+    parser.add_argument(
+        "--finetune-epochs", dest="finetune_epochs", type=int, help="fine-tuning epochs (100)"
+    )
+    parser.add_argument(
+        "--finetune-lr", dest="finetune_lr", type=float, help="fine-tuning step size"
+    )
+    parser.add_argument(
+        "--model-cache", dest="model_cache", help="downloaded models (~/.cache/latentedge/models)"
+    )
+    parser.add_argument(
+        "--cycles-per-mac",
+        dest="cycles_per_mac",
+        type=float,
+        help="CPU cycles per multiply-accumulate (profile fields left at 0 are derived; 1.0)",
+    )
 
 
 def load_config(args: argparse.Namespace) -> tuple[EdgeConfig, EnergyProfile | None]:
@@ -149,6 +213,16 @@ def run(args: argparse.Namespace) -> int:
     """Run one edge node to completion."""
     config, profile = load_config(args)
     result = run_edge(config, profile)
+    if result.get("mode") == "finetune":
+        sys.stdout.write(
+            f"node {result['node_id']}: fine-tuned {result['trainable']} of {result['model']} on "
+            f"{result['samples']} samples; delta {result['delta_params']} parameters "
+            f"({100 * result['uploaded_params_fraction']:.3g}% of the model), "
+            f"{result['delta_bytes']} bytes ({result['delta_encoding']}); test accuracy "
+            f"{result['accuracy']:.4f} (base model {result['base_accuracy']:.4f}) on "
+            f"{result['test_samples']} samples\n"
+        )
+        return 0
     summary = f"node {result['node_id']}: uploaded {result['samples']} samples"
     summary += (
         f" ({result['uploaded_bytes']} bytes, compression {result['compression_ratio']:.1f}x)"
@@ -176,19 +250,86 @@ def _local_data(config: EdgeConfig) -> Dataset:
     return data
 
 
+def _finetune_config(config: EdgeConfig) -> FinetuneConfig:
+    from common.delta import DeltaEncoding
+    from common.finetune import Trainable
+    from edge.transfer import EPOCHS, FinetuneConfig
+
+    return FinetuneConfig(
+        trainable=Trainable.parse(config.trainable),
+        encoding=DeltaEncoding.parse(config.delta_encoding),
+        epochs=config.finetune_epochs or EPOCHS,
+        learning_rate=config.finetune_lr,
+        seed=config.seed,
+        cache_dir=Path(config.model_cache),
+    )
+
+
+def _base_if_served(
+    client: UplinkClient, config: EdgeConfig, ft: FinetuneConfig
+) -> tuple[DownloadedModel, ModelFile] | None:
+    """The server's base model, or None when it serves none (only allowed for latents)."""
+    from edge.transfer import fetch_base
+
+    try:
+        return fetch_base(client, config.node_id, ft)
+    except UplinkError as exc:
+        if exc.code == "NOT_FOUND" and config.mode == "latents":
+            logger.info("the server serves no base model: this node can only upload latents")
+            return None
+        raise
+
+
+def _derived_profile(
+    profile: EnergyProfile,
+    *,
+    config: EdgeConfig,
+    data: Dataset,
+    ae_config: AutoencoderConfig,
+    ft: FinetuneConfig,
+    base: tuple[DownloadedModel, ModelFile] | None,
+) -> EnergyProfile:
+    from common.models import ConvAutoencoder
+    from common.zoo import flops_per_sample
+    from edge.transfer import delta_bits_estimate, derive_profile, training_macs_per_sample
+    from edge.uplink import label_dtype_for
+
+    encode_macs = flops_per_sample(ConvAutoencoder(ae_config).encoder, data.input_shape)
+    value_bits = {"float32": 32, "float16": 16, "int8": 8}[config.latent_dtype]
+    latent_bits = config.latent_dim * value_bits + 8 * label_dtype_for(data.num_classes).itemsize
+    extra: dict[str, Any] = {}
+    if base is not None:
+        from common.finetune import prepare
+
+        network = base[1].to_torch()
+        trained = sum(p.numel() for p in prepare(network, ft.trainable, seed=ft.seed))
+        extra = {
+            "finetune_macs_per_sample": training_macs_per_sample(
+                network, ft.trainable, data.input_shape
+            ),
+            "finetune_epochs": ft.epochs,
+            "delta_bits": delta_bits_estimate(trained, ft.encoding),
+        }
+    return derive_profile(
+        profile,
+        cycles_per_mac=config.cycles_per_mac,
+        samples=len(data.y_train),
+        encode_macs_per_sample=encode_macs,
+        latent_bits_per_sample=latent_bits,
+        **extra,
+    )
+
+
 def run_edge(config: EdgeConfig, profile: EnergyProfile | None = None) -> dict[str, Any]:
-    """Train, upload and optionally evaluate; return the run's report (also written if asked)."""
+    """Run the node's branch (latents or fine-tune); return its report (also written if asked)."""
     from common.models import AutoencoderConfig, compression_ratio
-    from edge.trainer import TrainConfig, encode, reconstruct, train_autoencoder
+    from edge.transfer import run_finetune
     from edge.uplink import RetryPolicy, UplinkClient
 
     started = time.perf_counter()
     data = _local_data(config)
     c, h, w = data.input_shape
     ae_config = AutoencoderConfig(in_channels=c, height=h, width=w, latent_dim=config.latent_dim)
-    train_config = TrainConfig(seed=config.seed)
-    if config.epochs:
-        train_config = replace(train_config, epochs=config.epochs)
     logger.info(
         "node %s: %d train / %d test samples of %s, input %dx%dx%d, latent %d",
         config.node_id,
@@ -220,62 +361,105 @@ def run_edge(config: EdgeConfig, profile: EnergyProfile | None = None) -> dict[s
         profile=profile,
         reset=config.reset,
     )
+    ft = _finetune_config(config)
     with UplinkClient(config.server, retry=RetryPolicy(window_s=config.retry_window_s)) as client:
+        base = None
+        if config.mode == "finetune" or config.scheduled:
+            base = _base_if_served(client, config, ft)
+        if profile is not None:
+            profile = _derived_profile(
+                profile, config=config, data=data, ae_config=ae_config, ft=ft, base=base
+            )
+            reg = replace(reg, profile=profile)
+            report["profile"] = asdict(profile)
         stored = client.register(reg)
         logger.info("registered with %s (%d samples already stored)", config.server, stored)
-        if config.scheduled:
-            sched = client.schedule(config.node_id)
-            report["schedule"] = asdict(sched)
-            if not sched.upload:
-                logger.info("round %d: not selected to upload", sched.round)
-                report["skipped_upload"] = True
-                _write_report(config, report)
-                return report
-            logger.info("round %d: upload with %.3g Hz", sched.round, sched.bandwidth_hz)
-
-        def on_epoch(epoch: int, loss: float) -> None:
-            if epoch == 1 or epoch % 10 == 0 or epoch == train_config.epochs:
-                logger.info("autoencoder epoch %d/%d: loss %.5f", epoch, train_config.epochs, loss)
-
-        t0 = time.perf_counter()
-        model = train_autoencoder(data.x_train, ae_config, train_config, on_epoch=on_epoch)
-        report["train_seconds"] = time.perf_counter() - t0
-        ack = client.push_latents(
-            config.node_id,
-            encode(model, data.x_train),
-            data.y_train,
-            num_classes=data.num_classes,
-            encoding=config.latent_dtype,
-        )
-        report.update(
-            samples=ack.samples, uploaded_bytes=ack.payload_bytes, stored_samples=ack.stored_samples
-        )
-        if config.evaluate and len(data.y_test):
-            client.wait_for_classifier(config.node_id)
-            pred = client.classify(
-                config.node_id, encode(model, data.x_test), encoding=config.latent_dtype
-            )
-            correct = int(np.sum(pred.labels == data.y_test))
+        branch = _branch(client, config, base is not None, report)
+        if branch == "finetune":
             report.update(
-                accuracy=correct / len(data.y_test),
-                correct=correct,
-                test_samples=len(data.y_test),
-                classifier_version=pred.classifier_version,
+                run_finetune(client, config.node_id, data, ft, base=base, export_dir=config.export)
             )
+        elif branch == "latents":
+            report["mode"] = "latents"
+            _run_latents(client, config, data, ae_config, report)
+    report["seconds"] = time.perf_counter() - started
+    _write_report(config, report)
+    return report
+
+
+def _branch(
+    client: UplinkClient, config: EdgeConfig, has_base: bool, report: dict[str, Any]
+) -> str:
+    """``latents``, ``finetune`` or ``skip``: the configured mode, or the round's decision."""
+    if not config.scheduled:
+        return config.mode
+    sched = client.schedule(config.node_id)
+    report["schedule"] = asdict(sched)
+    if sched.upload:
+        logger.info("round %d: upload with %.3g Hz", sched.round, sched.bandwidth_hz)
+        return "latents"
+    if has_base:
+        logger.info("round %d: not selected to upload: fine-tuning locally", sched.round)
+        return "finetune"
+    logger.info("round %d: not selected to upload", sched.round)
+    report["skipped_upload"] = True
+    return "skip"
+
+
+def _run_latents(
+    client: UplinkClient,
+    config: EdgeConfig,
+    data: Dataset,
+    ae_config: AutoencoderConfig,
+    report: dict[str, Any],
+) -> None:
+    """Train the autoencoder, upload latents, classify through the server, export."""
+    from edge.trainer import TrainConfig, encode, reconstruct, train_autoencoder
+
+    train_config = TrainConfig(seed=config.seed)
+    if config.epochs:
+        train_config = replace(train_config, epochs=config.epochs)
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if epoch == 1 or epoch % 10 == 0 or epoch == train_config.epochs:
+            logger.info("autoencoder epoch %d/%d: loss %.5f", epoch, train_config.epochs, loss)
+
+    t0 = time.perf_counter()
+    model = train_autoencoder(data.x_train, ae_config, train_config, on_epoch=on_epoch)
+    report["train_seconds"] = time.perf_counter() - t0
+    ack = client.push_latents(
+        config.node_id,
+        encode(model, data.x_train),
+        data.y_train,
+        num_classes=data.num_classes,
+        encoding=config.latent_dtype,
+    )
+    report.update(
+        samples=ack.samples, uploaded_bytes=ack.payload_bytes, stored_samples=ack.stored_samples
+    )
+    if config.evaluate and len(data.y_test):
+        client.wait_for_classifier(config.node_id)
+        pred = client.classify(
+            config.node_id, encode(model, data.x_test), encoding=config.latent_dtype
+        )
+        correct = int(np.sum(pred.labels == data.y_test))
+        report.update(
+            accuracy=correct / len(data.y_test),
+            correct=correct,
+            test_samples=len(data.y_test),
+            classifier_version=pred.classifier_version,
+        )
     sample = data.x_test if len(data.x_test) else data.x_train
     recon = reconstruct(model, sample[:256])
     report["reconstruction_mse"] = float(np.mean((recon - sample[:256]) ** 2))
     if config.export:
         report.update(_export(config, model, sample, data))
-    report["seconds"] = time.perf_counter() - started
-    _write_report(config, report)
     if config.report:
+        path = Path(config.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(
-            Path(config.report).with_suffix(".recon.npz"),
-            original=sample[:16],
-            reconstruction=recon[:16],
+            path.with_suffix(".recon.npz"), original=sample[:16], reconstruction=recon[:16]
         )
-    return report
 
 
 def _export(

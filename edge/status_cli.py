@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         "nodes": [asdict(n) for n in status.nodes],
         "classifier": asdict(status.classifier),
         "last_plan": json.loads(status.last_plan_json) if status.last_plan_json else None,
+        "models": [asdict(m) for m in status.models],
     }
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     return 0

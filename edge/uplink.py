@@ -9,12 +9,14 @@ Any other status is raised as :class:`~common.errors.UplinkError` with the serve
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
@@ -30,9 +32,13 @@ from common.constants import (
     RPC_TIMEOUT_S,
     UPLOAD_TIMEOUT_S,
 )
+from common.delta import DeltaEntry
 from common.errors import ConfigError, ServerUnreachableError, UplinkError
 from common.records import (
+    DeltaAck,
+    DeltaChunk,
     LatentChunk,
+    ModelVersion,
     NodeRegistration,
     Prediction,
     Schedule,
@@ -41,7 +47,10 @@ from common.records import (
     UploadMode,
 )
 from common.serde import (
+    delta_ack_from_proto,
+    delta_chunk_to_proto,
     latent_chunk_to_proto,
+    model_version_from_proto,
     prediction_from_proto,
     registration_to_proto,
     schedule_from_proto,
@@ -94,6 +103,92 @@ def label_dtype_for(num_classes: int) -> np.dtype[np.integer]:
     if num_classes <= 32768:
         return np.dtype(np.int16)
     return np.dtype(np.int32)
+
+
+@dataclass(frozen=True)
+class DownloadedModel:
+    """A model file fetched with :meth:`UplinkClient.download_model`, verified by its hash."""
+
+    path: Path
+    """The cached file, ``<cache_dir>/<sha256>.safetensors``."""
+    hash: str
+    """SHA-256 hex of the file (checked after the download)."""
+    version: int
+    """Base version (for a fine-tuned model: the base its delta was computed against)."""
+    size_bytes: int
+    cached: bool
+    """True when the file was in the cache already (nothing downloaded)."""
+    resumed_from: int
+    """Bytes that were held from an earlier, interrupted download (0 = a fresh start)."""
+    delta_upload_id: str = ""
+    """For a node's fine-tuned model: the delta it contains."""
+
+
+class _Download:
+    """State of one model download across attempts: hash, version, bytes so far."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self.hash = ""
+        self.version = 0
+        self.size = 0
+        self.delta_upload_id = ""
+        self.data = bytearray()
+        self.resumed_from = 0
+        self.cached = False
+
+    @property
+    def final_path(self) -> Path:
+        return self.cache_dir / f"{self.hash}.safetensors"
+
+    @property
+    def part_path(self) -> Path:
+        return self.cache_dir / f"{self.hash}.part"
+
+    def on_manifest(self, manifest: uplink_pb2.ModelManifest) -> bool:
+        """Take the manifest; return True when the stream must restart (to resume or skip)."""
+        if self.hash and manifest.hash != self.hash:
+            raise UplinkError(f"GetModel: the model changed mid-download (now {manifest.hash})")
+        if self.hash:
+            return False
+        self.hash, self.version, self.size = manifest.hash, manifest.version, manifest.size_bytes
+        self.delta_upload_id = manifest.delta_upload_id
+        if _verified(self.final_path, self.hash):
+            self.cached = True
+            return True
+        if self.part_path.exists():
+            held = self.part_path.read_bytes()[: self.size]
+            if held:
+                self.data = bytearray(held)
+                self.resumed_from = len(held)
+                return True
+        return False
+
+    def on_data(self, offset: int, data: bytes) -> None:
+        if offset != len(self.data):
+            raise UplinkError(
+                f"GetModel: chunk at byte {offset}, expected {len(self.data)} (protocol error)"
+            )
+        self.data += data
+        with self.part_path.open("ab") as fh:
+            fh.write(data)
+
+    def finish(self) -> Path:
+        if hashlib.sha256(self.data).hexdigest() != self.hash or len(self.data) != self.size:
+            self.part_path.unlink(missing_ok=True)
+            raise UplinkError(
+                f"GetModel: downloaded {len(self.data)} bytes do not match the manifest "
+                f"(sha256 {self.hash[:12]}..., {self.size} bytes); the partial file was dropped"
+            )
+        tmp = self.cache_dir / f"{self.hash}.tmp"
+        tmp.write_bytes(bytes(self.data))
+        tmp.replace(self.final_path)
+        self.part_path.unlink(missing_ok=True)
+        return self.final_path
+
+
+def _verified(path: Path, digest: str) -> bool:
+    return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
 class UplinkClient:
@@ -175,7 +270,9 @@ class UplinkClient:
                         code.name,
                         time.perf_counter() - started,
                     )
-                    raise UplinkError(f"{method} failed: {code.name}: {details}") from exc
+                    raise UplinkError(
+                        f"{method} failed: {code.name}: {details}", code.name
+                    ) from exc
                 if deadline is None:
                     deadline = time.monotonic() + self._retry.window_s
                 remaining = deadline - time.monotonic()
@@ -335,3 +432,164 @@ class UplinkClient:
                     f"(classifier version {c.version}, nodes {list(c.nodes)})"
                 )
             time.sleep(0.2)
+
+    # -- transfer learning --------------------------------------------------------------------
+
+    def download_model(
+        self,
+        cache_dir: str | Path,
+        *,
+        node_id: str = "",
+        version: int = 0,
+        fine_tuned_for: str = "",
+    ) -> DownloadedModel:
+        """Fetch a model file into ``cache_dir`` (named by its SHA-256), resuming where it broke.
+
+        A file already in the cache with the right hash is not downloaded again. A dropped
+        connection is retried (like every call) from the last byte received, also across
+        processes: the partial file ``<sha256>.part`` stays in ``cache_dir``. The finished file
+        is checked against the manifest's hash before it is used.
+
+        Args:
+            cache_dir: Folder of cached models (created when missing).
+            node_id: The asking node (for the server's logs).
+            version: A base version; 0 = the current one.
+            fine_tuned_for: Fetch this node's fine-tuned model instead of a base.
+        """
+        cache = Path(cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        state = _Download(cache)
+        started = time.perf_counter()
+
+        def attempt() -> bool:
+            request = uplink_pb2.GetModelRequest(
+                node_id=node_id,
+                version=state.version if state.hash and not fine_tuned_for else version,
+                fine_tuned_for=fine_tuned_for,
+                offset=len(state.data),
+                expected_hash=state.hash if state.data else "",
+            )
+            stream = self.stub.GetModel(request, timeout=self._upload_timeout_s)
+            try:
+                for msg in stream:
+                    if msg.HasField("manifest") and state.on_manifest(msg.manifest):
+                        return not state.cached  # restart to resume, or done (cached)
+                    if msg.data:
+                        state.on_data(int(msg.offset), bytes(msg.data))
+            finally:
+                stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+            return False
+
+        while self._call("GetModel", attempt):
+            pass
+        path = state.final_path if state.cached else state.finish()
+        logger.info(
+            "[Uplink.GetModel] %s: version %d, %d bytes%s, sha256 %s..., %.3f s",
+            fine_tuned_for or "base",
+            state.version,
+            state.size,
+            " (cached)"
+            if state.cached
+            else (f" (resumed at {state.resumed_from})" if state.resumed_from else ""),
+            state.hash[:12],
+            time.perf_counter() - started,
+        )
+        return DownloadedModel(
+            path=path,
+            hash=state.hash,
+            version=state.version,
+            size_bytes=state.size,
+            cached=state.cached,
+            resumed_from=state.resumed_from,
+            delta_upload_id=state.delta_upload_id,
+        )
+
+    def push_delta(
+        self,
+        node_id: str,
+        entries: Sequence[DeltaEntry],
+        *,
+        base_version: int,
+        base_hash: str,
+        samples: int,
+        trainable: str = "",
+        chunk_bytes: int = CHUNK_BYTES,
+        upload_id: str | None = None,
+    ) -> tuple[DeltaAck, int]:
+        """Stream a fine-tuning delta in chunks; return the durable ack and the bytes on the wire.
+
+        Args:
+            node_id: The registered node.
+            entries: The encoded delta (:func:`common.delta.encode_delta`).
+            base_version: The base version it was computed against.
+            base_hash: That version's SHA-256 (the server refuses a mismatch).
+            samples: Training samples behind it (its weight when deltas are averaged).
+            trainable: What was fine-tuned (recorded with the delta).
+            chunk_bytes: Largest payload per chunk; a larger tensor travels alone.
+            upload_id: Id of this upload; a fresh one by default. Retries reuse it.
+
+        Returns:
+            ``(ack, wire_bytes)``: wire bytes are the serialised chunk messages.
+        """
+        if not entries:
+            raise UplinkError("a delta needs at least one tensor")
+        uid = upload_id or uuid.uuid4().hex
+        groups: list[list[DeltaEntry]] = [[]]
+        size = 0
+        for entry in entries:
+            if entry.nbytes > MAX_MESSAGE_BYTES - 64 * 1024:
+                raise UplinkError(
+                    f"delta of tensor {entry.name!r} is {entry.nbytes} bytes, more than one "
+                    f"message carries ({MAX_MESSAGE_BYTES} bytes); use a sparser encoding"
+                )
+            if groups[-1] and size + entry.nbytes > chunk_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += entry.nbytes
+        messages = [
+            delta_chunk_to_proto(
+                DeltaChunk(
+                    node_id=node_id,
+                    upload_id=uid,
+                    seq=i,
+                    last=i == len(groups) - 1,
+                    tensors=tuple(group),
+                    base_version=base_version,
+                    base_hash=base_hash,
+                    samples=samples,
+                    trainable=trainable,
+                    total_tensors=len(entries),
+                )
+            )
+            for i, group in enumerate(groups)
+        ]
+        wire_bytes = sum(m.ByteSize() for m in messages)
+        started = time.perf_counter()
+        reply = self._call(
+            "PushDelta",
+            lambda: self.stub.PushDelta(iter(messages), timeout=self._upload_timeout_s),
+        )
+        ack = delta_ack_from_proto(reply)
+        logger.info(
+            "[Uplink.PushDelta] %s: %d tensors, %d params, %d payload bytes (%d on the wire) "
+            "in %d chunk(s) on base v%d%s, %.3f s",
+            uid,
+            ack.tensors,
+            ack.params,
+            ack.payload_bytes,
+            wire_bytes,
+            len(messages),
+            ack.base_version,
+            " (deduplicated)" if ack.deduplicated else "",
+            time.perf_counter() - started,
+        )
+        return ack, wire_bytes
+
+    def aggregate(self, min_nodes: int = 0) -> ModelVersion:
+        """Ask the server to average the pending deltas into the next base version."""
+        request = uplink_pb2.AggregateRequest(min_nodes=min_nodes)
+        reply = self._call(
+            "Aggregate", lambda: self.stub.Aggregate(request, timeout=self._rpc_timeout_s)
+        )
+        return model_version_from_proto(reply.model)

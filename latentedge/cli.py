@@ -52,6 +52,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "run server + edge nodes on loopback: the whole split-learning pipeline",
     ),
     "server": ("server.cli", "run the gRPC server (stores latents, trains and serves classifiers)"),
+    "pretrain": ("server.pretrain_cli", "train a base model on source data for nodes to fine-tune"),
     "edge": ("edge.cli", "run one edge node: train its autoencoder, upload latents, evaluate"),
     "status": ("edge.status_cli", "print a running server's state as JSON"),
     "allocate": (

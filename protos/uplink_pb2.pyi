@@ -43,6 +43,35 @@ UPLOAD_MODE_APPEND: UploadMode.ValueType  # 2
 """the committed upload adds to them"""
 Global___UploadMode: _TypeAlias = UploadMode  # noqa: Y015
 
+class _DeltaKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeltaKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeltaKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELTA_KIND_UNSPECIFIED: _DeltaKind.ValueType  # 0
+    DELTA_KIND_DENSE: _DeltaKind.ValueType  # 1
+    """values has the tensor's shape"""
+    DELTA_KIND_SPARSE_INDEX: _DeltaKind.ValueType  # 2
+    """values (k,), positions (k,) uint16/uint32 flat, ascending"""
+    DELTA_KIND_SPARSE_BITMAP: _DeltaKind.ValueType  # 3
+    """values (k,), positions uint8 packbits bitmap (MSB first)"""
+    DELTA_KIND_LOW_RANK: _DeltaKind.ValueType  # 4
+    """values (rows, r), right (r, cols): delta = values @ right"""
+
+class DeltaKind(_DeltaKind, metaclass=_DeltaKindEnumTypeWrapper): ...
+
+DELTA_KIND_UNSPECIFIED: DeltaKind.ValueType  # 0
+DELTA_KIND_DENSE: DeltaKind.ValueType  # 1
+"""values has the tensor's shape"""
+DELTA_KIND_SPARSE_INDEX: DeltaKind.ValueType  # 2
+"""values (k,), positions (k,) uint16/uint32 flat, ascending"""
+DELTA_KIND_SPARSE_BITMAP: DeltaKind.ValueType  # 3
+"""values (k,), positions uint8 packbits bitmap (MSB first)"""
+DELTA_KIND_LOW_RANK: DeltaKind.ValueType  # 4
+"""values (rows, r), right (r, cols): delta = values @ right"""
+Global___DeltaKind: _TypeAlias = DeltaKind  # noqa: Y015
+
 @_typing.final
 class EnergyProfile(_message.Message):
     """What a node tells the scheduler about itself (units in the names; see docs/allocation.md)."""
@@ -58,6 +87,7 @@ class EnergyProfile(_message.Message):
     ENERGY_BUDGET_J_FIELD_NUMBER: _builtins.int
     FINETUNE_ENERGY_J_FIELD_NUMBER: _builtins.int
     FINETUNE_LATENCY_S_FIELD_NUMBER: _builtins.int
+    DELTA_BITS_FIELD_NUMBER: _builtins.int
     upload_bits: _builtins.float
     cycles_per_sample: _builtins.float
     cpu_hz: _builtins.float
@@ -67,6 +97,10 @@ class EnergyProfile(_message.Message):
     energy_budget_j: _builtins.float
     finetune_energy_j: _builtins.float
     finetune_latency_s: _builtins.float
+    delta_bits: _builtins.float
+    """Size of the fine-tuning delta the node sends when it does not upload latents (bits);
+    the scheduler adds its air time to finetune_energy_j / finetune_latency_s.
+    """
     def __init__(
         self,
         *,
@@ -79,10 +113,11 @@ class EnergyProfile(_message.Message):
         energy_budget_j: _builtins.float = ...,
         finetune_energy_j: _builtins.float = ...,
         finetune_latency_s: _builtins.float = ...,
+        delta_bits: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_gain", b"channel_gain", "cpu_hz", b"cpu_hz", "cycles_per_sample", b"cycles_per_sample", "energy_budget_j", b"energy_budget_j", "finetune_energy_j", b"finetune_energy_j", "finetune_latency_s", b"finetune_latency_s", "kappa", b"kappa", "tx_power_w", b"tx_power_w", "upload_bits", b"upload_bits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_gain", b"channel_gain", "cpu_hz", b"cpu_hz", "cycles_per_sample", b"cycles_per_sample", "delta_bits", b"delta_bits", "energy_budget_j", b"energy_budget_j", "finetune_energy_j", b"finetune_energy_j", "finetune_latency_s", b"finetune_latency_s", "kappa", b"kappa", "tx_power_w", b"tx_power_w", "upload_bits", b"upload_bits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,6 +405,9 @@ class NodeStatus(_message.Message):
     UPLOADS_FIELD_NUMBER: _builtins.int
     PAYLOAD_BYTES_FIELD_NUMBER: _builtins.int
     HAS_PROFILE_FIELD_NUMBER: _builtins.int
+    DELTAS_FIELD_NUMBER: _builtins.int
+    DELTA_BYTES_FIELD_NUMBER: _builtins.int
+    DELTA_BASE_VERSION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     latent_dim: _builtins.int
     num_classes: _builtins.int
@@ -377,6 +415,12 @@ class NodeStatus(_message.Message):
     uploads: _builtins.int
     payload_bytes: _builtins.int
     has_profile: _builtins.bool
+    deltas: _builtins.int
+    """Committed fine-tuning deltas of the node, the payload bytes of the newest one and the
+    base version it was computed against (0 = none).
+    """
+    delta_bytes: _builtins.int
+    delta_base_version: _builtins.int
     def __init__(
         self,
         *,
@@ -387,10 +431,13 @@ class NodeStatus(_message.Message):
         uploads: _builtins.int = ...,
         payload_bytes: _builtins.int = ...,
         has_profile: _builtins.bool = ...,
+        deltas: _builtins.int = ...,
+        delta_bytes: _builtins.int = ...,
+        delta_base_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_profile", b"has_profile", "latent_dim", b"latent_dim", "node_id", b"node_id", "num_classes", b"num_classes", "payload_bytes", b"payload_bytes", "samples", b"samples", "uploads", b"uploads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_base_version", b"delta_base_version", "delta_bytes", b"delta_bytes", "deltas", b"deltas", "has_profile", b"has_profile", "latent_dim", b"latent_dim", "node_id", b"node_id", "num_classes", b"num_classes", "payload_bytes", b"payload_bytes", "samples", b"samples", "uploads", b"uploads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -443,23 +490,370 @@ class GetStatusReply(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     CLASSIFIER_FIELD_NUMBER: _builtins.int
     LAST_PLAN_JSON_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     last_plan_json: _builtins.str
     """The last allocation plan as JSON (the `latentedge allocate` plan format); empty if none."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStatus]: ...
     @_builtins.property
     def classifier(self) -> Global___ClassifierStatus: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]:
+        """Every base model version, oldest first (empty when the server serves no base model)."""
+
     def __init__(
         self,
         *,
         nodes: _abc.Iterable[Global___NodeStatus] | None = ...,
         classifier: Global___ClassifierStatus | None = ...,
         last_plan_json: _builtins.str = ...,
+        models: _abc.Iterable[Global___ModelVersion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "last_plan_json", b"last_plan_json", "nodes", b"nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classifier", b"classifier", "last_plan_json", b"last_plan_json", "models", b"models", "nodes", b"nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusReply: _TypeAlias = GetStatusReply  # noqa: Y015
+
+@_typing.final
+class ModelVersion(_message.Message):
+    """--- transfer learning: models down, deltas up ------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    PARENT_VERSION_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    hash: _builtins.str
+    """SHA-256 (hex) of the model file."""
+    parent_version: _builtins.int
+    """The version it was aggregated from (0 = loaded from a file)."""
+    samples: _builtins.int
+    source: _builtins.str
+    """Where it came from: "file:PATH" or "aggregate"."""
+    created_at: _builtins.float
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes whose deltas were averaged into it, and their samples."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        hash: _builtins.str = ...,
+        parent_version: _builtins.int = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+        samples: _builtins.int = ...,
+        source: _builtins.str = ...,
+        created_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "hash", b"hash", "nodes", b"nodes", "parent_version", b"parent_version", "samples", b"samples", "source", b"source", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class GetModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FINE_TUNED_FOR_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    EXPECTED_HASH_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The asking node (for logs)."""
+    version: _builtins.int
+    """A base version; 0 = the current base."""
+    fine_tuned_for: _builtins.str
+    """Instead of a base: this node's fine-tuned model (its newest delta applied to its base)."""
+    offset: _builtins.int
+    """Resume: bytes already held, and the hash of the file they belong to (required with offset)."""
+    expected_hash: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        fine_tuned_for: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        expected_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_hash", b"expected_hash", "fine_tuned_for", b"fine_tuned_for", "node_id", b"node_id", "offset", b"offset", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
+
+@_typing.final
+class TensorInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    dtype: _builtins.str
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        dtype: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorInfo: _TypeAlias = TensorInfo  # noqa: Y015
+
+@_typing.final
+class ModelManifest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SPEC_JSON_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    DELTA_UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The base version (for a fine-tuned model: the base its delta was computed against)."""
+    hash: _builtins.str
+    """SHA-256 (hex) and size of the whole file."""
+    size_bytes: _builtins.int
+    spec_json: _builtins.str
+    """The network (common.zoo.ModelSpec as JSON) and its named tensors."""
+    delta_upload_id: _builtins.str
+    """Set when this is a node's fine-tuned model: the delta's upload id."""
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        hash: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        spec_json: _builtins.str = ...,
+        tensors: _abc.Iterable[Global___TensorInfo] | None = ...,
+        delta_upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_upload_id", b"delta_upload_id", "hash", b"hash", "size_bytes", b"size_bytes", "spec_json", b"spec_json", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelManifest: _TypeAlias = ModelManifest  # noqa: Y015
+
+@_typing.final
+class ModelChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """The file's bytes [offset, offset + len(data))."""
+    data: _builtins.bytes
+    @_builtins.property
+    def manifest(self) -> Global___ModelManifest:
+        """First message of every stream (also of a resumed one)."""
+
+    def __init__(
+        self,
+        *,
+        manifest: Global___ModelManifest | None = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "manifest", b"manifest", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelChunk: _TypeAlias = ModelChunk  # noqa: Y015
+
+@_typing.final
+class DeltaTensor(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    RIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The base model tensor it changes."""
+    kind: Global___DeltaKind.ValueType
+    @_builtins.property
+    def values(self) -> _tensor_pb2.Tensor: ...
+    @_builtins.property
+    def positions(self) -> _tensor_pb2.Tensor: ...
+    @_builtins.property
+    def right(self) -> _tensor_pb2.Tensor: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: Global___DeltaKind.ValueType = ...,
+        values: _tensor_pb2.Tensor | None = ...,
+        positions: _tensor_pb2.Tensor | None = ...,
+        right: _tensor_pb2.Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["positions", b"positions", "right", b"right", "values", b"values"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "positions", b"positions", "right", b"right", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeltaTensor: _TypeAlias = DeltaTensor  # noqa: Y015
+
+@_typing.final
+class DeltaChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
+    BASE_HASH_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    TRAINABLE_FIELD_NUMBER: _builtins.int
+    TOTAL_TENSORS_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    upload_id: _builtins.str
+    """Client-chosen id of the whole upload; re-sending it after a drop is deduplicated."""
+    seq: _builtins.int
+    last: _builtins.bool
+    """Set on the final chunk; a stream that ends without it stores nothing."""
+    base_version: _builtins.int
+    """Read from seq 0 only: the base the delta was computed against (version and hash), the
+    training samples behind it (the aggregation weight), what was trained, and the number of
+    tensors in the whole upload (checked at the end).
+    """
+    base_hash: _builtins.str
+    samples: _builtins.int
+    trainable: _builtins.str
+    total_tensors: _builtins.int
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeltaTensor]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        last: _builtins.bool = ...,
+        base_version: _builtins.int = ...,
+        base_hash: _builtins.str = ...,
+        samples: _builtins.int = ...,
+        trainable: _builtins.str = ...,
+        total_tensors: _builtins.int = ...,
+        tensors: _abc.Iterable[Global___DeltaTensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_hash", b"base_hash", "base_version", b"base_version", "last", b"last", "node_id", b"node_id", "samples", b"samples", "seq", b"seq", "tensors", b"tensors", "total_tensors", b"total_tensors", "trainable", b"trainable", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeltaChunk: _TypeAlias = DeltaChunk  # noqa: Y015
+
+@_typing.final
+class PushDeltaReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    PAYLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
+    CURRENT_VERSION_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    tensors: _builtins.int
+    params: _builtins.int
+    """Numbers sent (values and low-rank factor entries) and payload bytes (values, positions, scales)."""
+    payload_bytes: _builtins.int
+    deduplicated: _builtins.bool
+    base_version: _builtins.int
+    current_version: _builtins.int
+    """Base version after this upload (changes when it triggered an aggregation)."""
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+        tensors: _builtins.int = ...,
+        params: _builtins.int = ...,
+        payload_bytes: _builtins.int = ...,
+        deduplicated: _builtins.bool = ...,
+        base_version: _builtins.int = ...,
+        current_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "current_version", b"current_version", "deduplicated", b"deduplicated", "params", b"params", "payload_bytes", b"payload_bytes", "tensors", b"tensors", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushDeltaReply: _TypeAlias = PushDeltaReply  # noqa: Y015
+
+@_typing.final
+class AggregateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_NODES_FIELD_NUMBER: _builtins.int
+    min_nodes: _builtins.int
+    """Only aggregate when at least this many nodes sent deltas against the current base (0 = 1)."""
+    def __init__(
+        self,
+        *,
+        min_nodes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_nodes", b"min_nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateRequest: _TypeAlias = AggregateRequest  # noqa: Y015
+
+@_typing.final
+class AggregateReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___ModelVersion: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ModelVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateReply: _TypeAlias = AggregateReply  # noqa: Y015

@@ -59,6 +59,21 @@ class UplinkStub:
                 request_serializer=protos_dot_uplink__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_uplink__pb2.GetStatusReply.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_stream(
+                '/latentedge.v1.Uplink/GetModel',
+                request_serializer=protos_dot_uplink__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=protos_dot_uplink__pb2.ModelChunk.FromString,
+                _registered_method=True)
+        self.PushDelta = channel.stream_unary(
+                '/latentedge.v1.Uplink/PushDelta',
+                request_serializer=protos_dot_uplink__pb2.DeltaChunk.SerializeToString,
+                response_deserializer=protos_dot_uplink__pb2.PushDeltaReply.FromString,
+                _registered_method=True)
+        self.Aggregate = channel.unary_unary(
+                '/latentedge.v1.Uplink/Aggregate',
+                request_serializer=protos_dot_uplink__pb2.AggregateRequest.SerializeToString,
+                response_deserializer=protos_dot_uplink__pb2.AggregateReply.FromString,
+                _registered_method=True)
 
 
 class UplinkServicer:
@@ -93,7 +108,29 @@ class UplinkServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """Server state: nodes, stored samples, classifier, last allocation plan.
+        """Server state: nodes, stored samples, classifier, last allocation plan, model versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """Stream a model file (a base version or a node's fine-tuned model): a manifest first, then
+        byte chunks; resumable from a byte offset, verified by its SHA-256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushDelta(self, request_iterator, context):
+        """Client-streamed upload of a fine-tuning delta; acknowledged only after a durable commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Aggregate(self, request, context):
+        """Average the nodes' deltas against the current base (sample-weighted) into the next base.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +163,21 @@ def add_UplinkServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=protos_dot_uplink__pb2.GetStatusRequest.FromString,
                     response_serializer=protos_dot_uplink__pb2.GetStatusReply.SerializeToString,
+            ),
+            'GetModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=protos_dot_uplink__pb2.GetModelRequest.FromString,
+                    response_serializer=protos_dot_uplink__pb2.ModelChunk.SerializeToString,
+            ),
+            'PushDelta': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushDelta,
+                    request_deserializer=protos_dot_uplink__pb2.DeltaChunk.FromString,
+                    response_serializer=protos_dot_uplink__pb2.PushDeltaReply.SerializeToString,
+            ),
+            'Aggregate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Aggregate,
+                    request_deserializer=protos_dot_uplink__pb2.AggregateRequest.FromString,
+                    response_serializer=protos_dot_uplink__pb2.AggregateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +315,87 @@ class Uplink:
             '/latentedge.v1.Uplink/GetStatus',
             protos_dot_uplink__pb2.GetStatusRequest.SerializeToString,
             protos_dot_uplink__pb2.GetStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/latentedge.v1.Uplink/GetModel',
+            protos_dot_uplink__pb2.GetModelRequest.SerializeToString,
+            protos_dot_uplink__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushDelta(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/latentedge.v1.Uplink/PushDelta',
+            protos_dot_uplink__pb2.DeltaChunk.SerializeToString,
+            protos_dot_uplink__pb2.PushDeltaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Aggregate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentedge.v1.Uplink/Aggregate',
+            protos_dot_uplink__pb2.AggregateRequest.SerializeToString,
+            protos_dot_uplink__pb2.AggregateReply.FromString,
             options,
             channel_credentials,
             insecure,

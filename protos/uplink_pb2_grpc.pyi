@@ -40,7 +40,15 @@ class UplinkStub:
     GetSchedule: _grpc.UnaryUnaryMultiCallable[_uplink_pb2.GetScheduleRequest, _uplink_pb2.GetScheduleReply]
     """This round's decision for one node: upload or not, and its bandwidth share."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_uplink_pb2.GetStatusRequest, _uplink_pb2.GetStatusReply]
-    """Server state: nodes, stored samples, classifier, last allocation plan."""
+    """Server state: nodes, stored samples, classifier, last allocation plan, model versions."""
+    GetModel: _grpc.UnaryStreamMultiCallable[_uplink_pb2.GetModelRequest, _uplink_pb2.ModelChunk]
+    """Stream a model file (a base version or a node's fine-tuned model): a manifest first, then
+    byte chunks; resumable from a byte offset, verified by its SHA-256.
+    """
+    PushDelta: _grpc.StreamUnaryMultiCallable[_uplink_pb2.DeltaChunk, _uplink_pb2.PushDeltaReply]
+    """Client-streamed upload of a fine-tuning delta; acknowledged only after a durable commit."""
+    Aggregate: _grpc.UnaryUnaryMultiCallable[_uplink_pb2.AggregateRequest, _uplink_pb2.AggregateReply]
+    """Average the nodes' deltas against the current base (sample-weighted) into the next base."""
 
 @_typing.type_check_only
 class UplinkAsyncStub(UplinkStub):
@@ -54,7 +62,15 @@ class UplinkAsyncStub(UplinkStub):
     GetSchedule: _aio.UnaryUnaryMultiCallable[_uplink_pb2.GetScheduleRequest, _uplink_pb2.GetScheduleReply]  # type: ignore[assignment]
     """This round's decision for one node: upload or not, and its bandwidth share."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_uplink_pb2.GetStatusRequest, _uplink_pb2.GetStatusReply]  # type: ignore[assignment]
-    """Server state: nodes, stored samples, classifier, last allocation plan."""
+    """Server state: nodes, stored samples, classifier, last allocation plan, model versions."""
+    GetModel: _aio.UnaryStreamMultiCallable[_uplink_pb2.GetModelRequest, _uplink_pb2.ModelChunk]  # type: ignore[assignment]
+    """Stream a model file (a base version or a node's fine-tuned model): a manifest first, then
+    byte chunks; resumable from a byte offset, verified by its SHA-256.
+    """
+    PushDelta: _aio.StreamUnaryMultiCallable[_uplink_pb2.DeltaChunk, _uplink_pb2.PushDeltaReply]  # type: ignore[assignment]
+    """Client-streamed upload of a fine-tuning delta; acknowledged only after a durable commit."""
+    Aggregate: _aio.UnaryUnaryMultiCallable[_uplink_pb2.AggregateRequest, _uplink_pb2.AggregateReply]  # type: ignore[assignment]
+    """Average the nodes' deltas against the current base (sample-weighted) into the next base."""
 
 class UplinkServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -95,6 +111,32 @@ class UplinkServicer(metaclass=_abc_1.ABCMeta):
         request: _uplink_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_uplink_pb2.GetStatusReply, _abc.Awaitable[_uplink_pb2.GetStatusReply]]:
-        """Server state: nodes, stored samples, classifier, last allocation plan."""
+        """Server state: nodes, stored samples, classifier, last allocation plan, model versions."""
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _uplink_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_uplink_pb2.ModelChunk], _abc.AsyncIterator[_uplink_pb2.ModelChunk]]:
+        """Stream a model file (a base version or a node's fine-tuned model): a manifest first, then
+        byte chunks; resumable from a byte offset, verified by its SHA-256.
+        """
+
+    @_abc_1.abstractmethod
+    def PushDelta(
+        self,
+        request_iterator: _MaybeAsyncIterator[_uplink_pb2.DeltaChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_uplink_pb2.PushDeltaReply, _abc.Awaitable[_uplink_pb2.PushDeltaReply]]:
+        """Client-streamed upload of a fine-tuning delta; acknowledged only after a durable commit."""
+
+    @_abc_1.abstractmethod
+    def Aggregate(
+        self,
+        request: _uplink_pb2.AggregateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_uplink_pb2.AggregateReply, _abc.Awaitable[_uplink_pb2.AggregateReply]]:
+        """Average the nodes' deltas against the current base (sample-weighted) into the next base."""
 
 def add_UplinkServicer_to_server(servicer: UplinkServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -37,6 +37,12 @@ class ServerConfig:
     """A scheduling round closes after this many seconds even if a selected node never uploaded."""
     cell: Cell | None = None
     """The radio cell for round scheduling (TOML table ``[cell]``); None = scheduling off."""
+    base_model: str = ""
+    """Model file (``latentedge pretrain --out``) to serve as the base for fine-tuning nodes;
+    empty = keep serving the newest version stored in the database (if any)."""
+    aggregate_after: int = 0
+    """Average the nodes' deltas into the next base version as soon as this many nodes sent
+    one against the current base (0 = only on request: ``latentedge aggregate``)."""
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -50,6 +56,8 @@ class ServerConfig:
             raise ConfigError(f"server.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.max_upload_bytes <= 0:
             raise ConfigError(f"server.max_upload_bytes must be > 0, got {self.max_upload_bytes}")
+        if self.aggregate_after < 0:
+            raise ConfigError(f"server.aggregate_after must be >= 0, got {self.aggregate_after}")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +72,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-upload-bytes", type=int, help="largest accepted upload (bytes)")
     parser.add_argument("--seed", type=int, help="classifier training seed")
+    parser.add_argument(
+        "--base-model", dest="base_model", help="model file to serve for fine-tuning nodes"
+    )
+    parser.add_argument(
+        "--aggregate-after",
+        dest="aggregate_after",
+        type=int,
+        help="aggregate the deltas once this many nodes sent one (0 = on request)",
+    )
 
 
 def load_config(args: argparse.Namespace) -> ServerConfig:
@@ -74,7 +91,15 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         config = replace(config, cell=tables["cell"])
     overrides = {
         key: getattr(args, key)
-        for key in ("listen", "db", "classifier_mode", "max_upload_bytes", "seed")
+        for key in (
+            "listen",
+            "db",
+            "classifier_mode",
+            "max_upload_bytes",
+            "seed",
+            "base_model",
+            "aggregate_after",
+        )
         if getattr(args, key) is not None
     }
     return replace(config, **overrides)
@@ -109,7 +134,14 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
         cell=config.cell,
         round_timeout_s=config.round_timeout_s,
         seed=config.seed,
+        aggregate_after=config.aggregate_after,
     )
+    if config.base_model:
+        try:
+            core.hub.load_base(config.base_model)
+        except ConfigError:
+            store.close()
+            raise
     core.start()
     try:
         server, port, health = create_server(config.listen, UplinkServicer(core))
@@ -118,7 +150,9 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
         store.close()
         raise
     host = config.listen.rsplit(":", 1)[0]
-    sys.stdout.write(f"latentedge server listening on {host}:{port} (db {config.db})\n")
+    served = core.hub.current_version()
+    base = f", base model v{served}" if served else ""
+    sys.stdout.write(f"latentedge server listening on {host}:{port} (db {config.db}{base})\n")
     sys.stdout.flush()
     stop = threading.Event()
 

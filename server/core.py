@@ -14,10 +14,11 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from common.delta import stats
 from common.errors import (
     AllocationError,
     BusyError,
@@ -30,7 +31,10 @@ from common.errors import (
 from common.models import ClassifierConfig
 from common.records import (
     ClassifierStatus,
+    DeltaAck,
+    DeltaChunk,
     LatentChunk,
+    ModelVersion,
     NodeRegistration,
     Prediction,
     Schedule,
@@ -38,10 +42,11 @@ from common.records import (
     UploadAck,
 )
 from common.tensors import WireTensor, from_wire
-from server.allocation import Cell, Device
+from server.allocation import Cell
 from server.classifier import ClassifierMode, LatentClassifier, train_classifier
-from server.scheduler import RoundScheduler
+from server.scheduler import RoundScheduler, device_for
 from server.store import Store
+from server.transfer import ModelHub, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,8 @@ UPLOAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_LATENT_DIM = 65536
 MAX_CLASSES = 65536
 MAX_CLASSIFY_ROWS = 1_000_000
+MAX_DELTA_SAMPLES = 2**53
+"""Largest training-sample count a delta may declare (exact as a float64 weight)."""
 UPLOAD_LOCK_WAIT_S = 30.0
 """How long a stream waits for another stream of the same upload_id before UNAVAILABLE."""
 _LATENT_DTYPES = ("float32", "float16", "int8")
@@ -85,7 +92,7 @@ def validate_registration(reg: NodeRegistration) -> None:
             if not math.isfinite(value) or value < 0:
                 raise InvalidRequestError(f"profile.{name} must be finite and >= 0, got {value}")
         try:  # the scheduler's own rules (e.g. channel_gain > 0), checked before storing it
-            Device(id=reg.node_id, samples=reg.samples, **asdict(reg.profile))
+            device_for(reg)
         except AllocationError as exc:
             raise InvalidRequestError(f"profile: {exc}") from exc
 
@@ -114,9 +121,12 @@ class SplitLearningServer:
         cell: Cell | None = None,
         round_timeout_s: float = 600.0,
         seed: int = 0,
+        aggregate_after: int = 0,
     ) -> None:
         self._store = store
         self._limits = limits
+        self._hub = ModelHub(store)
+        self._aggregate_after = aggregate_after
         self._trainer = _ClassifierTrainer(store, classifier_mode, classifier_config, seed)
         self._scheduler = RoundScheduler(store, cell, round_timeout_s=round_timeout_s)
         self._upload_locks: dict[str, tuple[threading.Lock, int]] = {}
@@ -126,6 +136,11 @@ class SplitLearningServer:
     def store(self) -> Store:
         """The durable store."""
         return self._store
+
+    @property
+    def hub(self) -> ModelHub:
+        """Base model versions and fine-tuning deltas."""
+        return self._hub
 
     def start(self) -> None:
         """Load the newest stored classifier and start the background trainer."""
@@ -321,13 +336,150 @@ class SplitLearningServer:
         return Prediction(labels=labels, probabilities=probs, classifier_version=version)
 
     def status(self) -> ServerStatus:
-        """Nodes, stored samples, classifier and the last plan."""
+        """Nodes, stored samples, classifier, the last plan and the base model versions."""
         plan = self._store.last_plan()
         return ServerStatus(
             nodes=tuple(self._store.list_nodes()),
             classifier=self._trainer.status(),
             last_plan_json=plan[1] if plan else "",
+            models=tuple(self._hub.versions()),
         )
+
+    # -- transfer learning --------------------------------------------------------------------
+
+    def model(self, node_id: str, *, version: int = 0, fine_tuned_for: str = "") -> ServedModel:
+        """The model a node asks for: a base version (0 = current) or a node's fine-tuned one."""
+        if node_id:
+            _check_id(node_id, "node_id", NODE_ID_PATTERN)
+        if fine_tuned_for:
+            _check_id(fine_tuned_for, "fine_tuned_for", NODE_ID_PATTERN)
+            if version:
+                raise InvalidRequestError("give either version or fine_tuned_for, not both")
+            return self._hub.fine_tuned(fine_tuned_for)
+        return self._hub.base(version)
+
+    def aggregate(self, min_nodes: int = 0) -> ModelVersion:
+        """Average the pending deltas into the next base version.
+
+        Raises:
+            ConflictError: fewer than ``min_nodes`` (at least 1) nodes sent a delta against the
+                current base.
+        """
+        made = self._hub.aggregate(max(1, min_nodes))
+        if made is None:
+            pending = len(self._hub.pending())
+            raise ConflictError(
+                f"{pending} node(s) sent a delta against base version "
+                f"{self._hub.current_version()}; need at least {max(1, min_nodes)} to aggregate"
+            )
+        return made
+
+    def ingest_delta(self, chunks: Iterator[DeltaChunk]) -> DeltaAck:
+        """Validate and durably store one streamed fine-tuning delta; return its ack.
+
+        The same rules as latents: nothing is visible unless the whole stream is valid and ends
+        with a chunk marked ``last``; a re-sent committed upload id is drained and acknowledged
+        with ``deduplicated=True``. The delta must name an existing base version with its hash;
+        every tensor must name a base tensor, fit its shape and be finite.
+        """
+        first = next(chunks, None)
+        if first is None:
+            raise InvalidRequestError("empty delta stream: expected chunks starting at seq 0")
+        _check_id(first.node_id, "node_id", NODE_ID_PATTERN)
+        _check_id(first.upload_id, "upload_id", UPLOAD_ID_PATTERN)
+        if first.seq != 0:
+            raise InvalidRequestError(f"seq of the first chunk must be 0, got {first.seq}")
+        node = self._store.get_node(first.node_id)
+        with self._upload_lock(first.upload_id):
+            done = self._store.committed_delta_ack(first.upload_id)
+            if done is not None:
+                owner, ack = done
+                if owner != node.node_id:
+                    raise ConflictError(
+                        f"upload_id {first.upload_id!r} belongs to node {owner!r}; "
+                        "choose a new upload_id"
+                    )
+                for _ in chunks:  # drain the re-sent stream; nothing is applied twice
+                    pass
+                logger.info(
+                    "delta %s of %s already committed: deduplicated", first.upload_id, owner
+                )
+                return replace(ack, current_version=self._hub.current_version())
+            if not 1 <= first.samples <= MAX_DELTA_SAMPLES:
+                raise InvalidRequestError(
+                    f"samples must be in 1..{MAX_DELTA_SAMPLES} (the training samples behind "
+                    f"the delta), got {first.samples}"
+                )
+            base = self._hub.check_base(first.base_version, first.base_hash)
+            self._store.begin_delta(
+                first.upload_id,
+                node.node_id,
+                base_version=base.version,
+                samples=first.samples,
+                trainable=first.trainable[:64],
+            )
+            try:
+                ack = self._stage_delta(first, chunks, base)
+            except BaseException:
+                self._store.abort_delta(first.upload_id)
+                raise
+        self._scheduler.on_upload_committed(node.node_id)
+        current = self._hub.current_version()
+        if self._aggregate_after and len(self._hub.pending()) >= self._aggregate_after:
+            made = self._hub.aggregate(self._aggregate_after)
+            current = made.version if made is not None else self._hub.current_version()
+        return replace(ack, current_version=current)
+
+    def _stage_delta(
+        self, first: DeltaChunk, chunks: Iterator[DeltaChunk], base: ServedModel
+    ) -> DeltaAck:
+        chunk: DeltaChunk | None = first
+        seq = 0
+        payload = 0
+        names: set[str] = set()
+        while True:
+            assert chunk is not None
+            if chunk.node_id != first.node_id or chunk.upload_id != first.upload_id:
+                raise InvalidRequestError(
+                    f"chunk {seq}: node_id/upload_id changed mid-stream "
+                    f"({chunk.node_id!r}/{chunk.upload_id!r}, expected "
+                    f"{first.node_id!r}/{first.upload_id!r})"
+                )
+            if chunk.seq != seq:
+                raise InvalidRequestError(f"seq must be {seq} (chunks in order), got {chunk.seq}")
+            for entry in chunk.tensors:
+                if entry.name in names:
+                    raise InvalidRequestError(
+                        f"chunk {seq}: tensor {entry.name!r} appears twice in the delta"
+                    )
+                names.add(entry.name)
+            self._hub.check_entries(base, chunk.tensors, seq)
+            payload += stats(chunk.tensors).payload_bytes
+            if payload > self._limits.max_upload_bytes:
+                raise TooLargeError(
+                    f"delta {first.upload_id!r} exceeds max_upload_bytes="
+                    f"{self._limits.max_upload_bytes} at chunk {seq}"
+                )
+            self._store.put_delta_chunk(first.upload_id, seq, list(chunk.tensors))
+            if chunk.last:
+                break
+            seq += 1
+            chunk = next(chunks, None)
+            if chunk is None:
+                raise InvalidRequestError(
+                    f"delta {first.upload_id!r} ended after {seq} chunk(s) without a chunk "
+                    "marked last (truncated stream); nothing was stored"
+                )
+        extra = next(chunks, None)
+        if extra is not None:
+            raise InvalidRequestError(f"chunk after the one marked last (seq {extra.seq})")
+        if not names:
+            raise InvalidRequestError("the delta carries no tensors")
+        if first.total_tensors and len(names) != first.total_tensors:
+            raise InvalidRequestError(
+                f"total_tensors declared {first.total_tensors}, stream carried {len(names)}"
+            )
+        return self._store.commit_delta(first.upload_id, seq + 1)
 
 
 class _ClassifierTrainer:

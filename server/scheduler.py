@@ -13,16 +13,42 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import asdict
 
 from common.errors import ConflictError, InfeasibleAllocationError
-from common.records import Schedule
+from common.records import NodeRegistration, Schedule
 from server.allocation import AllocationPlan, AllocationProblem, Cell, Device, solve
 from server.store import Store
 
 logger = logging.getLogger(__name__)
+
+
+def device_for(reg: NodeRegistration, cell: Cell | None = None, share_of: int = 1) -> Device:
+    """The allocation row of a registered node with a profile.
+
+    A node that does not upload latents fine-tunes and sends its delta (``delta_bits``); the
+    delta's air time at an equal share ``B / share_of`` of the cell's bandwidth,
+    ``t = delta_bits / (b log2(1 + p g / (N0 b)))``, and its energy ``p t`` are added to the
+    profile's fine-tuning latency and energy (not without a cell).
+
+    Raises:
+        AllocationError: the profile breaks the allocation model's rules.
+    """
+    assert reg.profile is not None
+    fields = asdict(reg.profile)
+    delta_bits = fields.pop("delta_bits")
+    if delta_bits > 0 and cell is not None:
+        b = cell.bandwidth_hz / max(1, share_of)
+        snr = reg.profile.tx_power_w * reg.profile.channel_gain / (cell.noise_psd_w_per_hz * b)
+        rate = b * math.log2(1.0 + snr)
+        if rate > 0:
+            seconds = delta_bits / rate
+            fields["finetune_latency_s"] += seconds
+            fields["finetune_energy_j"] += reg.profile.tx_power_w * seconds
+    return Device(id=reg.node_id, samples=reg.samples, **fields)
 
 
 class RoundScheduler:
@@ -89,12 +115,9 @@ class RoundScheduler:
                 self._closed = not self._waiting
 
     def _new_round(self, cell: Cell) -> None:
-        devices = []
-        for status in self._store.list_nodes():
-            reg = self._store.get_node(status.node_id)
-            if reg.profile is None:
-                continue
-            devices.append(Device(id=reg.node_id, samples=reg.samples, **asdict(reg.profile)))
+        regs = [self._store.get_node(status.node_id) for status in self._store.list_nodes()]
+        regs = [reg for reg in regs if reg.profile is not None]
+        devices = [device_for(reg, cell, len(regs)) for reg in regs]
         try:
             plan = solve(AllocationProblem.from_devices(devices, cell))
         except InfeasibleAllocationError as exc:

@@ -9,6 +9,7 @@ from typing import NoReturn
 
 import grpc
 
+from common.constants import CHUNK_BYTES
 from common.errors import (
     AllocationError,
     BusyError,
@@ -21,9 +22,12 @@ from common.errors import (
     StreamAbortedError,
     TooLargeError,
 )
-from common.records import LatentChunk
+from common.records import DeltaChunk, LatentChunk
 from common.serde import (
+    delta_ack_to_proto,
+    delta_chunk_from_proto,
     latent_chunk_from_proto,
+    model_version_to_proto,
     prediction_to_proto,
     registration_from_proto,
     schedule_to_proto,
@@ -33,6 +37,7 @@ from common.serde import (
 )
 from protos import uplink_pb2, uplink_pb2_grpc
 from server.core import SplitLearningServer
+from server.transfer import ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,34 @@ def _chunks_from(request_iterator: Iterator[uplink_pb2.LatentChunk]) -> Iterator
             yield latent_chunk_from_proto(msg)
     except grpc.RpcError as exc:  # the client cancelled or the connection dropped
         raise StreamAbortedError("the client ended the stream before its last chunk") from exc
+
+
+def _delta_chunks_from(
+    request_iterator: Iterator[uplink_pb2.DeltaChunk],
+) -> Iterator[DeltaChunk]:
+    try:
+        for msg in request_iterator:
+            try:
+                yield delta_chunk_from_proto(msg)
+            except CodecError as exc:
+                raise InvalidRequestError(f"chunk {msg.seq}: {exc}") from exc
+    except grpc.RpcError as exc:  # the client cancelled or the connection dropped
+        raise StreamAbortedError("the client ended the stream before its last chunk") from exc
+
+
+def manifest_of(served: ServedModel) -> uplink_pb2.ModelManifest:
+    """The manifest that opens a GetModel stream."""
+    return uplink_pb2.ModelManifest(
+        version=served.version,
+        hash=served.hash,
+        size_bytes=len(served.data),
+        spec_json=served.model.spec.to_json(),
+        tensors=[
+            uplink_pb2.TensorInfo(name=name, shape=list(shape), dtype="float32")
+            for name, shape in sorted(served.model.shapes().items())
+        ],
+        delta_upload_id=served.delta_upload_id,
+    )
 
 
 class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
@@ -161,3 +194,79 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
             return status_to_proto(self._core.status())
         except LatentEdgeError as exc:
             _abort(context, "GetStatus", exc)
+
+    def GetModel(  # noqa: N802 (generated method name)
+        self, request: uplink_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[uplink_pb2.ModelChunk]:
+        """Stream a model file: manifest, then byte chunks from ``offset``."""
+        started = time.perf_counter()
+        try:
+            served = self._core.model(
+                request.node_id, version=request.version, fine_tuned_for=request.fine_tuned_for
+            )
+            if request.offset or request.expected_hash:
+                if request.expected_hash != served.hash:
+                    raise ConflictError(
+                        f"the model changed since the download began: it is now sha256 "
+                        f"{served.hash}, the client holds part of {request.expected_hash or '?'}; "
+                        "start again from offset 0"
+                    )
+                if request.offset > len(served.data):
+                    raise InvalidRequestError(
+                        f"offset {request.offset} is past the end of the model "
+                        f"({len(served.data)} bytes)"
+                    )
+        except LatentEdgeError as exc:
+            _abort(context, "GetModel", exc)
+        yield uplink_pb2.ModelChunk(manifest=manifest_of(served), offset=request.offset)
+        offset = int(request.offset)
+        while offset < len(served.data):
+            if not context.is_active():
+                logger.info("[Uplink.GetModel] client left at byte %d", offset)
+                return
+            end = min(offset + CHUNK_BYTES, len(served.data))
+            yield uplink_pb2.ModelChunk(offset=offset, data=served.data[offset:end])
+            offset = end
+        logger.info(
+            "[Uplink.GetModel] %s version %d%s %d bytes from %d OK %.3f s",
+            request.node_id or "-",
+            served.version,
+            f" fine-tuned for {request.fine_tuned_for}" if request.fine_tuned_for else "",
+            len(served.data),
+            request.offset,
+            time.perf_counter() - started,
+        )
+
+    def PushDelta(  # noqa: N802 (generated method name)
+        self,
+        request_iterator: Iterator[uplink_pb2.DeltaChunk],
+        context: grpc.ServicerContext,
+    ) -> uplink_pb2.PushDeltaReply:
+        """Durably store one streamed fine-tuning delta, then acknowledge it."""
+        started = time.perf_counter()
+        try:
+            ack = self._core.ingest_delta(_delta_chunks_from(request_iterator))
+        except LatentEdgeError as exc:
+            _abort(context, "PushDelta", exc)
+        logger.info(
+            "[Uplink.PushDelta] %s %d tensors %d params %d bytes on base v%d%s OK %.3f s",
+            ack.upload_id,
+            ack.tensors,
+            ack.params,
+            ack.payload_bytes,
+            ack.base_version,
+            " (deduplicated)" if ack.deduplicated else "",
+            time.perf_counter() - started,
+        )
+        return delta_ack_to_proto(ack)
+
+    def Aggregate(  # noqa: N802 (generated method name)
+        self, request: uplink_pb2.AggregateRequest, context: grpc.ServicerContext
+    ) -> uplink_pb2.AggregateReply:
+        """Average the pending deltas into the next base version."""
+        try:
+            made = self._core.aggregate(request.min_nodes)
+        except LatentEdgeError as exc:
+            _abort(context, "Aggregate", exc)
+        logger.info("[Uplink.Aggregate] version %d from %s OK", made.version, list(made.nodes))
+        return uplink_pb2.AggregateReply(model=model_version_to_proto(made))

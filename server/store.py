@@ -28,11 +28,15 @@ from pathlib import Path
 import numpy as np
 from typing_extensions import override
 
+from common.delta import DeltaEntry, pack_entries, stats, unpack_entries
 from common.errors import ConflictError, InvalidRequestError, NotFoundError, StoreError
 from common.records import (
+    DeltaAck,
     EnergyProfile,
+    ModelVersion,
     NodeRegistration,
     NodeStatus,
+    StoredDelta,
     UploadAck,
     UploadMode,
 )
@@ -83,6 +87,39 @@ CREATE TABLE IF NOT EXISTS meta (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('data_version', 0);
+CREATE TABLE IF NOT EXISTS models (
+    version INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    parent_version INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    nodes_json TEXT NOT NULL,
+    samples INTEGER NOT NULL,
+    blob BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deltas (
+    upload_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'committed')),
+    samples INTEGER NOT NULL,
+    trainable TEXT NOT NULL,
+    tensors INTEGER NOT NULL DEFAULT 0,
+    params INTEGER NOT NULL DEFAULT 0,
+    payload_bytes INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    committed_at REAL
+);
+CREATE INDEX IF NOT EXISTS deltas_by_node ON deltas (node_id, state);
+CREATE TABLE IF NOT EXISTS delta_chunks (
+    upload_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    tensors INTEGER NOT NULL,
+    params INTEGER NOT NULL,
+    payload_bytes INTEGER NOT NULL,
+    blob BLOB NOT NULL,
+    PRIMARY KEY (upload_id, seq)
+);
 CREATE TABLE IF NOT EXISTS plans (
     round INTEGER PRIMARY KEY,
     plan_json TEXT NOT NULL,
@@ -157,6 +194,55 @@ class Store(abc.ABC):
     def last_plan(self) -> tuple[int, str] | None:
         """(round, plan JSON) of the newest plan, or None."""
 
+    # -- transfer learning: base model versions and fine-tuning deltas -----------------------
+
+    @abc.abstractmethod
+    def add_model(
+        self,
+        blob: bytes,
+        hash_hex: str,
+        *,
+        parent: int,
+        source: str,
+        nodes: tuple[str, ...] = (),
+        samples: int = 0,
+    ) -> ModelVersion:
+        """Store a new base model version (the next number); return its record."""
+
+    @abc.abstractmethod
+    def get_model(self, version: int | None = None) -> tuple[ModelVersion, bytes] | None:
+        """A base version and its file bytes (None = the newest); None when there is none."""
+
+    @abc.abstractmethod
+    def list_models(self) -> list[ModelVersion]:
+        """Every base version, oldest first."""
+
+    @abc.abstractmethod
+    def committed_delta_ack(self, upload_id: str) -> tuple[str, DeltaAck] | None:
+        """(node id, acknowledgement) of an already committed delta upload, else None."""
+
+    @abc.abstractmethod
+    def begin_delta(
+        self, upload_id: str, node_id: str, *, base_version: int, samples: int, trainable: str
+    ) -> None:
+        """Open (or re-open, discarding staged chunks) a delta upload."""
+
+    @abc.abstractmethod
+    def put_delta_chunk(self, upload_id: str, seq: int, entries: list[DeltaEntry]) -> None:
+        """Stage one validated chunk of delta entries (invisible until commit)."""
+
+    @abc.abstractmethod
+    def commit_delta(self, upload_id: str, chunks: int) -> DeltaAck:
+        """Atomically make a delta upload's ``chunks`` staged chunks visible; return its ack."""
+
+    @abc.abstractmethod
+    def abort_delta(self, upload_id: str) -> None:
+        """Discard an open delta upload and its staged chunks."""
+
+    @abc.abstractmethod
+    def latest_deltas(self, base_version: int | None = None) -> list[StoredDelta]:
+        """Each node's newest committed delta (only those against ``base_version`` if given)."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections."""
@@ -217,6 +303,11 @@ class SqliteStore(Store):
                 "(SELECT upload_id FROM uploads WHERE state = 'open')"
             )
             swept = c.execute("DELETE FROM uploads WHERE state = 'open'").rowcount
+            c.execute(
+                "DELETE FROM delta_chunks WHERE upload_id IN "
+                "(SELECT upload_id FROM deltas WHERE state = 'open')"
+            )
+            swept += c.execute("DELETE FROM deltas WHERE state = 'open'").rowcount
         return int(swept)
 
     def _stored_samples(self, c: sqlite3.Connection, node_id: str) -> int:
@@ -312,7 +403,12 @@ class SqliteStore(Store):
             .execute(
                 "SELECT n.node_id, n.latent_dim, n.num_classes, n.profile_json IS NOT NULL, "
                 "COALESCE(SUM(u.samples), 0), COUNT(u.upload_id), "
-                "COALESCE(SUM(u.payload_bytes), 0) "
+                "COALESCE(SUM(u.payload_bytes), 0), "
+                "(SELECT COUNT(*) FROM deltas d WHERE d.node_id = n.node_id "
+                "AND d.state = 'committed'), "
+                "(SELECT d.payload_bytes || ' ' || d.base_version FROM deltas d "
+                "WHERE d.node_id = n.node_id AND d.state = 'committed' "
+                "ORDER BY d.committed_at DESC, d.rowid DESC LIMIT 1) "
                 "FROM nodes n LEFT JOIN uploads u "
                 "ON u.node_id = n.node_id AND u.state = 'committed' "
                 "GROUP BY n.node_id ORDER BY n.node_id"
@@ -328,6 +424,9 @@ class SqliteStore(Store):
                 samples=int(r[4]),
                 uploads=int(r[5]),
                 payload_bytes=int(r[6]),
+                deltas=int(r[7]),
+                delta_bytes=int(str(r[8]).split()[0]) if r[8] else 0,
+                delta_base_version=int(str(r[8]).split()[1]) if r[8] else 0,
             )
             for r in rows
         ]
@@ -519,6 +618,190 @@ class SqliteStore(Store):
             .fetchone()
         )
         return None if row is None else (int(row[0]), str(row[1]))
+
+    # -- transfer learning --------------------------------------------------------------------
+
+    @override
+    def add_model(
+        self,
+        blob: bytes,
+        hash_hex: str,
+        *,
+        parent: int,
+        source: str,
+        nodes: tuple[str, ...] = (),
+        samples: int = 0,
+    ) -> ModelVersion:
+        created = time.time()
+        with self._write() as c:
+            (latest,) = c.execute("SELECT COALESCE(MAX(version), 0) FROM models").fetchone()
+            version = int(latest) + 1
+            c.execute(
+                "INSERT INTO models (version, hash, parent_version, source, nodes_json, samples, "
+                "blob, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    version,
+                    hash_hex,
+                    parent,
+                    source,
+                    json.dumps(list(nodes)),
+                    samples,
+                    blob,
+                    created,
+                ),
+            )
+        return ModelVersion(version, hash_hex, parent, tuple(nodes), samples, source, created)
+
+    _MODEL_COLUMNS = "version, hash, parent_version, nodes_json, samples, source, created_at"
+
+    @staticmethod
+    def _model_row(row: tuple[object, ...]) -> ModelVersion:
+        return ModelVersion(
+            version=int(str(row[0])),
+            hash=str(row[1]),
+            parent_version=int(str(row[2])),
+            nodes=tuple(json.loads(str(row[3]))),
+            samples=int(str(row[4])),
+            source=str(row[5]),
+            created_at=float(str(row[6])),
+        )
+
+    @override
+    def get_model(self, version: int | None = None) -> tuple[ModelVersion, bytes] | None:
+        c = self._conn()
+        if version is None:
+            row = c.execute(
+                f"SELECT {self._MODEL_COLUMNS}, blob FROM models ORDER BY version DESC LIMIT 1"
+            ).fetchone()
+        else:
+            row = c.execute(
+                f"SELECT {self._MODEL_COLUMNS}, blob FROM models WHERE version = ?", (version,)
+            ).fetchone()
+        return None if row is None else (self._model_row(row[:7]), bytes(row[7]))
+
+    @override
+    def list_models(self) -> list[ModelVersion]:
+        rows = self._conn().execute(f"SELECT {self._MODEL_COLUMNS} FROM models ORDER BY version")
+        return [self._model_row(r) for r in rows]
+
+    @override
+    def committed_delta_ack(self, upload_id: str) -> tuple[str, DeltaAck] | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT node_id, tensors, params, payload_bytes, base_version FROM deltas "
+                "WHERE upload_id = ? AND state = 'committed'",
+                (upload_id,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return str(row[0]), DeltaAck(
+            upload_id=upload_id,
+            tensors=int(row[1]),
+            params=int(row[2]),
+            payload_bytes=int(row[3]),
+            deduplicated=True,
+            base_version=int(row[4]),
+        )
+
+    @override
+    def begin_delta(
+        self, upload_id: str, node_id: str, *, base_version: int, samples: int, trainable: str
+    ) -> None:
+        with self._write() as c:
+            row = c.execute(
+                "SELECT state, node_id FROM deltas WHERE upload_id = ?", (upload_id,)
+            ).fetchone()
+            if row is not None and row[0] != "open":
+                raise ConflictError(f"delta upload_id {upload_id!r} is already committed")
+            if row is not None and row[1] != node_id:
+                raise ConflictError(
+                    f"upload_id {upload_id!r} is in use by node {row[1]!r}; choose a new upload_id"
+                )
+            c.execute("DELETE FROM delta_chunks WHERE upload_id = ?", (upload_id,))
+            c.execute(
+                "INSERT OR REPLACE INTO deltas (upload_id, node_id, base_version, state, samples, "
+                "trainable, created_at) VALUES (?, ?, ?, 'open', ?, ?, ?)",
+                (upload_id, node_id, base_version, samples, trainable, time.time()),
+            )
+
+    @override
+    def put_delta_chunk(self, upload_id: str, seq: int, entries: list[DeltaEntry]) -> None:
+        st = stats(entries)
+        with self._write(durable=False) as c:
+            c.execute(
+                "INSERT OR REPLACE INTO delta_chunks (upload_id, seq, tensors, params, "
+                "payload_bytes, blob) VALUES (?, ?, ?, ?, ?, ?)",
+                (upload_id, seq, st.tensors, st.params, st.payload_bytes, pack_entries(entries)),
+            )
+
+    @override
+    def commit_delta(self, upload_id: str, chunks: int) -> DeltaAck:
+        with self._write() as c:
+            row = c.execute(
+                "SELECT state, base_version FROM deltas WHERE upload_id = ?", (upload_id,)
+            ).fetchone()
+            if row is None or row[0] != "open":
+                raise ConflictError(f"delta upload_id {upload_id!r} is not open")
+            have = c.execute(
+                "SELECT COUNT(*), COALESCE(SUM(tensors), 0), COALESCE(SUM(params), 0), "
+                "COALESCE(SUM(payload_bytes), 0) FROM delta_chunks WHERE upload_id = ?",
+                (upload_id,),
+            ).fetchone()
+            if int(have[0]) != chunks:
+                raise InvalidRequestError(
+                    f"delta upload {upload_id!r} has {have[0]} chunks staged, expected {chunks}"
+                )
+            c.execute(
+                "UPDATE deltas SET state = 'committed', tensors = ?, params = ?, "
+                "payload_bytes = ?, committed_at = ? WHERE upload_id = ?",
+                (int(have[1]), int(have[2]), int(have[3]), time.time(), upload_id),
+            )
+        return DeltaAck(
+            upload_id=upload_id,
+            tensors=int(have[1]),
+            params=int(have[2]),
+            payload_bytes=int(have[3]),
+            deduplicated=False,
+            base_version=int(row[1]),
+        )
+
+    @override
+    def abort_delta(self, upload_id: str) -> None:
+        with self._write() as c:
+            c.execute(
+                "DELETE FROM delta_chunks WHERE upload_id = ? AND EXISTS (SELECT 1 FROM deltas "
+                "WHERE upload_id = ? AND state = 'open')",
+                (upload_id, upload_id),
+            )
+            c.execute("DELETE FROM deltas WHERE upload_id = ? AND state = 'open'", (upload_id,))
+
+    @override
+    def latest_deltas(self, base_version: int | None = None) -> list[StoredDelta]:
+        c = self._conn()
+        where = "" if base_version is None else " AND d.base_version = ?"
+        params: tuple[object, ...] = () if base_version is None else (base_version,)
+        rows = c.execute(
+            "SELECT d.upload_id, d.node_id, d.base_version, d.samples FROM deltas d "
+            "WHERE d.state = 'committed'"
+            + where
+            + " AND d.rowid = (SELECT d2.rowid FROM deltas d2 "
+            "WHERE d2.node_id = d.node_id AND d2.state = 'committed'"
+            + where.replace("d.", "d2.")
+            + " ORDER BY d2.committed_at DESC, d2.rowid DESC LIMIT 1) ORDER BY d.node_id",
+            params + params,
+        ).fetchall()
+        out = []
+        for upload_id, node_id, version, samples in rows:
+            entries: list[DeltaEntry] = []
+            for (blob,) in c.execute(
+                "SELECT blob FROM delta_chunks WHERE upload_id = ? ORDER BY seq", (upload_id,)
+            ):
+                entries.extend(unpack_entries(bytes(blob)))
+            out.append(StoredDelta(upload_id, node_id, int(version), int(samples), tuple(entries)))
+        return out
 
     @override
     def close(self) -> None:

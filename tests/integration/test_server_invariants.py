@@ -108,7 +108,17 @@ def test_data_version_is_durable_and_counts_resets(tmp_path: Path) -> None:
 
 def test_profile_the_scheduler_cannot_use_is_refused_at_registration(tmp_path: Path) -> None:
     core = _core(tmp_path / "db")
-    profile = EnergyProfile(1e6, 1e6, 1e9, 1e-28, 0.2, 0.0, 5.0, 1.0, 4.0)  # channel_gain = 0
+    profile = EnergyProfile(
+        cpu_hz=1e9,
+        kappa=1e-28,
+        tx_power_w=0.2,
+        channel_gain=0.0,
+        energy_budget_j=5.0,
+        upload_bits=1e6,
+        cycles_per_sample=1e6,
+        finetune_energy_j=1.0,
+        finetune_latency_s=4.0,
+    )  # channel_gain = 0
     with pytest.raises(InvalidRequestError, match="channel_gain"):
         core.register(NodeRegistration("n1", 4, 3, samples=10, profile=profile))
 

@@ -103,7 +103,17 @@ def test_encoding_errors() -> None:
 
 
 def test_records_round_trip_through_protos() -> None:
-    profile = EnergyProfile(1e6, 2e6, 1e9, 1e-28, 0.2, 1e-9, 5.0, 0.8, 4.0)
+    profile = EnergyProfile(
+        cpu_hz=1e9,
+        kappa=1e-28,
+        tx_power_w=0.2,
+        channel_gain=1e-9,
+        energy_budget_j=5.0,
+        upload_bits=1e6,
+        cycles_per_sample=2e6,
+        finetune_energy_j=0.8,
+        finetune_latency_s=4.0,
+    )
     reg = NodeRegistration("n0", 16, 10, samples=7, profile=profile, reset=True)
     assert registration_from_proto(registration_to_proto(reg)) == reg
     assert (

@@ -1,0 +1,279 @@
+"""The fine-tune branch of an edge node: base model down, compressed delta up.
+
+:func:`run_finetune` downloads the server's base model (cached by hash), fine-tunes the chosen
+parameters on the node's labelled shard, encodes ``new - base`` with the chosen delta encoding,
+uploads it (acknowledged after a durable commit), then downloads its fine-tuned model back from
+the server (the server's copy: base + the delta as it was received) and classifies its own
+test split with it locally. Raw images never leave the node, so the node, which holds the
+fine-tuned model anyway, classifies locally instead of through ``Classify``.
+
+:func:`derive_profile` fills in the energy-profile fields the node can know from its model and
+data (see docs/allocation.md, "Profiles derived on the node").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import nn
+
+from common.delta import DeltaEncoding, encode_delta, stats
+from common.errors import ConfigError
+from common.export import export_network
+from common.finetune import Trainable, TrainSettings, accuracy, fine_tuned_update, train_network
+from common.modelfile import ModelFile, read_model_file
+from common.records import EnergyProfile
+from common.zoo import check_spec_matches, flops_per_sample, parameter_count
+
+if TYPE_CHECKING:
+    from common.datasets import Dataset
+    from edge.uplink import DownloadedModel, UplinkClient
+
+logger = logging.getLogger(__name__)
+
+HEAD_LEARNING_RATE = 3e-2
+"""Default fine-tuning step size for ``head`` (a convex problem on fixed features)."""
+LEARNING_RATE = 3e-3
+"""Default fine-tuning step size for every other trainable subset."""
+EPOCHS = 100
+"""Default fine-tuning epochs."""
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/latentedge/models`` (``~/.cache/latentedge/models``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "latentedge" / "models"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How a node fine-tunes and what it sends."""
+
+    trainable: Trainable
+    encoding: DeltaEncoding
+    epochs: int = EPOCHS
+    learning_rate: float = 0.0
+    """0 = the default for the trainable subset."""
+    batch_size: int = 32
+    seed: int = 0
+    cache_dir: Path = Path()
+    """Where downloaded models are cached (empty = :func:`default_cache_dir`)."""
+
+    def __post_init__(self) -> None:
+        if self.encoding.topk < 1.0 and self.trainable.kind == "adapters":
+            raise ConfigError(
+                "top-k delta encodings apply to dense deltas; with --trainable adapters:RANK "
+                "use fp32, fp16 or int8"
+            )
+        if self.epochs < 1:
+            raise ConfigError(f"fine-tuning epochs must be >= 1, got {self.epochs}")
+        if self.learning_rate < 0:
+            raise ConfigError(f"fine-tuning learning rate must be >= 0, got {self.learning_rate}")
+
+    def settings(self) -> TrainSettings:
+        """The training schedule."""
+        default = HEAD_LEARNING_RATE if self.trainable.kind == "head" else LEARNING_RATE
+        return TrainSettings(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate or default,
+            seed=self.seed,
+            threads=1,  # small models; several nodes may share one host
+        )
+
+    def cache(self) -> Path:
+        """The model cache folder."""
+        return self.cache_dir if str(self.cache_dir) not in ("", ".") else default_cache_dir()
+
+
+def fetch_base(
+    client: UplinkClient, node_id: str, config: FinetuneConfig
+) -> tuple[DownloadedModel, ModelFile]:
+    """Download (or take from the cache) the current base model and parse it."""
+    got = client.download_model(config.cache(), node_id=node_id)
+    model, _ = read_model_file(got.path)
+    return got, model
+
+
+def run_finetune(
+    client: UplinkClient,
+    node_id: str,
+    data: Dataset,
+    config: FinetuneConfig,
+    *,
+    base: tuple[DownloadedModel, ModelFile] | None = None,
+    export_dir: str = "",
+) -> dict[str, Any]:
+    """Fine-tune on ``data``, upload the delta, evaluate the server's fine-tuned model.
+
+    Returns:
+        The report fields of the fine-tune branch (bytes, parameter fraction, accuracies, ...).
+    """
+    got, base_model = base or fetch_base(client, node_id, config)
+    spec = base_model.spec
+    check_spec_matches(spec, data.input_shape, data.num_classes)
+    network = base_model.to_torch()
+    total_params = parameter_count(network)
+    report: dict[str, Any] = {
+        "mode": "finetune",
+        "model": spec.name,
+        "base_version": got.version,
+        "base_hash": got.hash,
+        "model_bytes": got.size_bytes,
+        "model_params": total_params,
+        "trainable": str(config.trainable),
+        "delta_encoding": str(config.encoding),
+        "base_accuracy": accuracy(network, data.x_test, data.y_test),
+    }
+    settings = config.settings()
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if epoch == 1 or epoch % 10 == 0 or epoch == settings.epochs:
+            logger.info("fine-tune epoch %d/%d: loss %.5f", epoch, settings.epochs, loss)
+
+    logger.info(
+        "fine-tuning %s (%s of %d parameters) on %d samples, base v%d accuracy %.4f",
+        spec.name,
+        config.trainable,
+        total_params,
+        len(data.y_train),
+        got.version,
+        report["base_accuracy"],
+    )
+    result = train_network(
+        network, data.x_train, data.y_train, config.trainable, settings, on_epoch=on_epoch
+    )
+    report["local_accuracy"] = accuracy(network, data.x_test, data.y_test)
+    dense, low_rank = fine_tuned_update(network, config.trainable)
+    entries = encode_delta(base_model.tensors, dense, config.encoding, low_rank)
+    st = stats(entries)
+    ack, wire_bytes = client.push_delta(
+        node_id,
+        entries,
+        base_version=got.version,
+        base_hash=got.hash,
+        samples=len(data.y_train),
+        trainable=str(config.trainable),
+    )
+    tuned_file = client.download_model(config.cache(), node_id=node_id, fine_tuned_for=node_id)
+    tuned, _ = read_model_file(tuned_file.path)
+    tuned_net = tuned.to_torch()
+    report.update(
+        train_seconds=result.seconds,
+        train_steps=result.steps,
+        trained_params=result.trained_params,
+        delta_tensors=st.tensors,
+        delta_params=st.params,
+        delta_bytes=st.payload_bytes,
+        delta_index_bytes=st.index_bytes,
+        delta_wire_bytes=wire_bytes,
+        uploaded_params_fraction=st.params / total_params,
+        upload_id=ack.upload_id,
+        deduplicated=ack.deduplicated,
+        server_version=ack.current_version,
+        samples=len(data.y_train),
+        uploaded_bytes=st.payload_bytes,
+        test_samples=len(data.y_test),
+        accuracy=accuracy(tuned_net, data.x_test, data.y_test),
+    )
+    report["correct"] = round(report["accuracy"] * len(data.y_test))
+    if export_dir:
+        out = Path(export_dir)
+        path = out / f"finetuned_{node_id}.onnx"
+        sample = data.x_test[:64] if len(data.x_test) else data.x_train[:64]
+        report["onnx"] = str(path)
+        report["onnx_max_abs_diff"] = export_network(tuned_net, path, sample)
+        np.savez_compressed(out / f"test_{node_id}.npz", x=data.x_test, y=data.y_test)
+    logger.info(
+        "delta: %d tensors, %d params (%.3f%% of the model), %d bytes (%d of them index); "
+        "accuracy %.4f (base %.4f)",
+        st.tensors,
+        st.params,
+        100 * report["uploaded_params_fraction"],
+        st.payload_bytes,
+        st.index_bytes,
+        report["accuracy"],
+        report["base_accuracy"],
+    )
+    return report
+
+
+# -- energy profile ------------------------------------------------------------------------------
+
+
+def training_macs_per_sample(
+    network: nn.Module, trainable: Trainable, input_shape: tuple[int, int, int]
+) -> int:
+    """Multiply-accumulates of one training step, per sample.
+
+    A forward pass over the whole network, plus the backward pass (about twice the forward
+    cost) over the layers gradients flow through: the head for ``head``, the last block and
+    the head for ``last-block``, everything for ``bn``, ``adapters`` and ``all``.
+    """
+    forward = flops_per_sample(network, input_shape)
+    if trainable.kind == "head":
+        head = network.head
+        assert isinstance(head, nn.Linear)
+        return forward + 2 * head.in_features * head.out_features
+    if trainable.kind == "last-block":
+        features = network.features
+        assert isinstance(features, nn.Module)
+        return forward + 2 * (forward - flops_per_sample(features, input_shape))
+    return 3 * forward
+
+
+def delta_bits_estimate(trainable_params: int, encoding: DeltaEncoding) -> float:
+    """Bits of the delta before it is computed (top-k: values plus 4-byte indices)."""
+    value_bits = {"float32": 32, "float16": 16, "int8": 8}[encoding.values]
+    if encoding.topk >= 1.0:
+        return float(trainable_params * value_bits)
+    k = math.ceil(encoding.topk * trainable_params)
+    return float(k * (value_bits + 32))
+
+
+def derive_profile(
+    profile: EnergyProfile,
+    *,
+    cycles_per_mac: float,
+    samples: int,
+    encode_macs_per_sample: int,
+    latent_bits_per_sample: float,
+    finetune_macs_per_sample: int = 0,
+    finetune_epochs: int = 0,
+    delta_bits: float = 0.0,
+) -> EnergyProfile:
+    """Fill the fields left at 0 from what the node knows (explicit values are kept).
+
+    * ``upload_bits = samples * latent_bits_per_sample`` (latents + labels);
+    * ``cycles_per_sample = encode_macs_per_sample * cycles_per_mac``;
+    * fine-tuning cycles ``C = finetune_macs_per_sample * samples * epochs * cycles_per_mac``,
+      ``finetune_latency_s = C / cpu_hz`` and ``finetune_energy_j = kappa * C * cpu_hz^2``
+      (the same CPU model as encoding, docs/allocation.md);
+    * ``delta_bits`` from the delta encoding.
+    """
+    values: dict[str, float] = {}
+    if profile.upload_bits == 0:
+        values["upload_bits"] = samples * latent_bits_per_sample
+    if profile.cycles_per_sample == 0:
+        values["cycles_per_sample"] = encode_macs_per_sample * cycles_per_mac
+    if finetune_macs_per_sample and finetune_epochs:
+        cycles = finetune_macs_per_sample * samples * finetune_epochs * cycles_per_mac
+        if profile.finetune_latency_s == 0:
+            values["finetune_latency_s"] = cycles / profile.cpu_hz
+        if profile.finetune_energy_j == 0:
+            values["finetune_energy_j"] = profile.kappa * cycles * profile.cpu_hz**2
+    if profile.delta_bits == 0 and delta_bits:
+        values["delta_bits"] = delta_bits
+    derived = replace(profile, **values)
+    if values:
+        logger.info(
+            "profile derived on the node: %s",
+            ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())),
+        )
+    return derived
