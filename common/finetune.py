@@ -90,7 +90,9 @@ class TrainSettings:
     max_steps: int = 0
     """Cap on optimiser steps (0 = none)."""
     augment: bool = False
-    """Random crops (4-pixel padding) and horizontal flips, for natural images."""
+    """Random shifts by up to ``max(1, size // 8)`` pixels (zero padding) of every batch."""
+    hflip: bool = True
+    """With ``augment``: also flip half of each batch left-right (natural images, not digits)."""
     device: str = "cpu"
     """torch device (``cpu`` or ``cuda``)."""
     threads: int = 0
@@ -225,18 +227,19 @@ def train_network(
         torch.set_num_threads(settings.threads)
     params = prepare(model, trainable, seed=settings.seed)
     model.to(device)
-    optimiser = torch.optim.AdamW(
-        params, lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
     total_steps = settings.epochs * math.ceil(len(x) / settings.batch_size)
     if settings.max_steps:
         total_steps = min(total_steps, settings.max_steps)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=settings.learning_rate, total_steps=max(total_steps, 1), pct_start=0.15
-    )
+    optimiser, scheduler = _optimiser(params, settings, total_steps)
     loss_fn = nn.CrossEntropyLoss()
     data = torch.from_numpy(np.ascontiguousarray(x)).to(device)
     labels = torch.from_numpy(np.ascontiguousarray(y)).to(device)
+    # Only the head trains and nothing random happens before it: run the frozen layers once
+    # and train the head on their output (the same result, epochs times fewer forward passes).
+    cached = trainable.kind == "head" and not settings.augment and _has_zoo_layout(model)
+    data, stepped = (
+        (_frozen_features(model, data), _part(model, "head")) if cached else (data, model)
+    )
     rng = np.random.default_rng(settings.seed)
     gen = torch.Generator(device=device).manual_seed(settings.seed)
     steps = 0
@@ -252,9 +255,9 @@ def train_network(
             idx = order[start : start + settings.batch_size]
             batch = data[idx]
             if settings.augment:
-                batch = _augment(batch, gen)
+                batch = _augment(batch, gen, hflip=settings.hflip)
             optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch), labels[idx])
+            loss = loss_fn(stepped(batch), labels[idx])
             loss.backward()
             optimiser.step()
             scheduler.step()
@@ -281,16 +284,55 @@ def train_network(
     )
 
 
-def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _optimiser(
+    params: list[nn.Parameter], settings: TrainSettings, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a one-cycle schedule peaking at ``settings.learning_rate``."""
+    optimiser = torch.optim.AdamW(
+        params, lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=settings.learning_rate, total_steps=max(total_steps, 1), pct_start=0.15
+    )
+    return optimiser, scheduler
+
+
+def _part(model: nn.Module, name: str) -> nn.Module:
+    part = getattr(model, name)
+    assert isinstance(part, nn.Module)
+    return part
+
+
+def _has_zoo_layout(model: nn.Module) -> bool:
+    return all(isinstance(getattr(model, k, None), nn.Module) for k in ("features", "last_block"))
+
+
+def _frozen_features(model: nn.Module, data: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """``last_block(features(x))`` in eval mode, batched, without gradients."""
+    model.eval()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = data[start : start + batch_size]
+            parts.append(_part(model, "last_block")(_part(model, "features")(batch)))
+    return torch.cat(parts)
+
+
+def _augment(batch: torch.Tensor, gen: torch.Generator, *, hflip: bool) -> torch.Tensor:
+    """Random shifts (zero padding) and, if asked, left-right flips of a batch."""
     n, _, h, w = batch.shape
-    padded = nn.functional.pad(batch, (4, 4, 4, 4), mode="reflect")
-    dy = torch.randint(0, 9, (n,), generator=gen, device=batch.device)
-    dx = torch.randint(0, 9, (n,), generator=gen, device=batch.device)
-    rows = (dy[:, None] + torch.arange(h, device=batch.device)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=batch.device)[None, :])[:, None, None, :]
-    chan = torch.arange(batch.shape[1], device=batch.device)[None, :, None, None]
-    out = padded[torch.arange(n, device=batch.device)[:, None, None, None], chan, rows, cols]
-    flip = torch.rand(n, generator=gen, device=batch.device) < 0.5
+    pad = max(1, min(h, w) // 8)
+    padded = nn.functional.pad(batch, (pad, pad, pad, pad))
+    dev = batch.device
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]
+    chan = torch.arange(batch.shape[1], device=dev)[None, :, None, None]
+    out = padded[torch.arange(n, device=dev)[:, None, None, None], chan, rows, cols]
+    if not hflip:
+        return out
+    flip = torch.rand(n, generator=gen, device=dev) < 0.5
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 

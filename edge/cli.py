@@ -305,9 +305,8 @@ def _derived_profile(
         trained = sum(p.numel() for p in prepare(network, ft.trainable, seed=ft.seed))
         extra = {
             "finetune_macs_per_sample": training_macs_per_sample(
-                network, ft.trainable, data.input_shape
+                network, ft.trainable, data.input_shape, ft.epochs
             ),
-            "finetune_epochs": ft.epochs,
             "delta_bits": delta_bits_estimate(trained, ft.encoding),
         }
     return derive_profile(

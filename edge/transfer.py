@@ -208,24 +208,25 @@ def run_finetune(
 
 
 def training_macs_per_sample(
-    network: nn.Module, trainable: Trainable, input_shape: tuple[int, int, int]
+    network: nn.Module, trainable: Trainable, input_shape: tuple[int, int, int], epochs: int
 ) -> int:
-    """Multiply-accumulates of one training step, per sample.
+    """Multiply-accumulates of a whole fine-tuning run, per training sample.
 
-    A forward pass over the whole network, plus the backward pass (about twice the forward
-    cost) over the layers gradients flow through: the head for ``head``, the last block and
-    the head for ``last-block``, everything for ``bn``, ``adapters`` and ``all``.
+    Each epoch costs a forward pass plus the backward pass (about twice the forward cost) over
+    the layers gradients flow through: the last block and the head for ``last-block``,
+    everything for ``bn``, ``adapters`` and ``all``. ``head`` runs the frozen layers once
+    (``common.finetune`` caches their output) and then trains the head alone.
     """
     forward = flops_per_sample(network, input_shape)
     if trainable.kind == "head":
         head = network.head
         assert isinstance(head, nn.Linear)
-        return forward + 2 * head.in_features * head.out_features
+        return forward + 3 * head.in_features * head.out_features * epochs
     if trainable.kind == "last-block":
         features = network.features
         assert isinstance(features, nn.Module)
-        return forward + 2 * (forward - flops_per_sample(features, input_shape))
-    return 3 * forward
+        return (forward + 2 * (forward - flops_per_sample(features, input_shape))) * epochs
+    return 3 * forward * epochs
 
 
 def delta_bits_estimate(trainable_params: int, encoding: DeltaEncoding) -> float:
@@ -245,14 +246,14 @@ def derive_profile(
     encode_macs_per_sample: int,
     latent_bits_per_sample: float,
     finetune_macs_per_sample: int = 0,
-    finetune_epochs: int = 0,
     delta_bits: float = 0.0,
 ) -> EnergyProfile:
     """Fill the fields left at 0 from what the node knows (explicit values are kept).
 
     * ``upload_bits = samples * latent_bits_per_sample`` (latents + labels);
     * ``cycles_per_sample = encode_macs_per_sample * cycles_per_mac``;
-    * fine-tuning cycles ``C = finetune_macs_per_sample * samples * epochs * cycles_per_mac``,
+    * fine-tuning cycles ``C = finetune_macs_per_sample * samples * cycles_per_mac`` (the MACs
+      of the whole run per sample, :func:`training_macs_per_sample`),
       ``finetune_latency_s = C / cpu_hz`` and ``finetune_energy_j = kappa * C * cpu_hz^2``
       (the same CPU model as encoding, docs/allocation.md);
     * ``delta_bits`` from the delta encoding.
@@ -262,8 +263,8 @@ def derive_profile(
         values["upload_bits"] = samples * latent_bits_per_sample
     if profile.cycles_per_sample == 0:
         values["cycles_per_sample"] = encode_macs_per_sample * cycles_per_mac
-    if finetune_macs_per_sample and finetune_epochs:
-        cycles = finetune_macs_per_sample * samples * finetune_epochs * cycles_per_mac
+    if finetune_macs_per_sample:
+        cycles = finetune_macs_per_sample * samples * cycles_per_mac
         if profile.finetune_latency_s == 0:
             values["finetune_latency_s"] = cycles / profile.cpu_hz
         if profile.finetune_energy_j == 0:

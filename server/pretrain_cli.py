@@ -40,8 +40,9 @@ class PretrainConfig:
     """Peak AdamW step size (one-cycle schedule)."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
-    augment: bool = False
-    """Random crops and flips (natural images)."""
+    augment: str = "none"
+    """``none``, ``shift`` (random shifts by up to 1/8 of the size) or ``shift+flip`` (also
+    left-right flips, for natural images)."""
     seed: int = 0
     """Seed of initialisation and batch order."""
     device: str = "cpu"
@@ -65,7 +66,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (64)")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay")
-    parser.add_argument("--augment", action="store_true", help="random crops and flips")
+    parser.add_argument(
+        "--augment",
+        default=d.augment,
+        choices=["none", "shift", "shift+flip"],
+        help="data augmentation (none; shift for digits, shift+flip for natural images)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed (0)")
     parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="device")
     parser.add_argument("--onnx", default=d.onnx, help="also export the network to this file")
@@ -125,7 +131,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
         seed=config.seed,
-        augment=config.augment,
+        augment=config.augment != "none",
+        hflip=config.augment == "shift+flip",
         device=config.device,
     )
     model = build_model(spec, seed=config.seed)
