@@ -55,8 +55,25 @@ class DemoConfig:
     """Monte-Carlo draws per sweep level."""
     out: Path = Path("runs/demo")
     """Output directory."""
+    mode: str = "latents"
+    """``latents`` (split learning: autoencoders, latents up) or ``transfer`` (the server
+    pre-trains a base model, nodes fine-tune it and send deltas up)."""
+    model: str = "lenet"
+    """transfer: the zoo network."""
+    source_classes: str = "0,1,2,3,4,5,6,7"
+    """transfer: the classes of the server's source data (the nodes hold every class)."""
+    trainable: str = "head"
+    """transfer: what the nodes fine-tune."""
+    delta_encoding: str = "int8"
+    """transfer: how the nodes encode their deltas."""
+    pretrain_epochs: int = 60
+    """transfer: epochs of pre-training (and of the centralised baseline)."""
 
     def __post_init__(self) -> None:
+        if self.mode not in ("latents", "transfer"):
+            raise ConfigError(f"--mode must be latents or transfer, got {self.mode!r}")
+        if self.pretrain_epochs < 1:
+            raise ConfigError(f"--pretrain-epochs must be >= 1, got {self.pretrain_epochs}")
         if not 1 <= self.nodes <= 64:
             raise ConfigError(f"--nodes must be in 1..64, got {self.nodes}")
         if self.latent_dim < 1:
@@ -91,6 +108,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--analog-draws", type=int, default=d.analog_draws, help="Monte-Carlo draws per level"
     )
     parser.add_argument("--out", type=Path, default=d.out, help="output directory")
+    parser.add_argument(
+        "--mode",
+        default=d.mode,
+        choices=["latents", "transfer"],
+        help="latents: split learning (default); transfer: pre-trained model down, deltas up",
+    )
+    parser.add_argument("--model", default=d.model, help="transfer: zoo network (lenet)")
+    parser.add_argument(
+        "--source-classes", default=d.source_classes, help="transfer: the server's classes"
+    )
+    parser.add_argument("--trainable", default=d.trainable, help="transfer: what nodes fine-tune")
+    parser.add_argument(
+        "--delta-encoding", default=d.delta_encoding, help="transfer: delta encoding (int8)"
+    )
+    parser.add_argument(
+        "--pretrain-epochs", type=int, default=d.pretrain_epochs, help="transfer: epochs (60)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +141,18 @@ def run(args: argparse.Namespace) -> int:
         analog_sweep=args.analog_sweep,
         analog_draws=args.analog_draws,
         out=args.out,
+        mode=args.mode,
+        model=args.model,
+        source_classes=args.source_classes,
+        trainable=args.trainable,
+        delta_encoding=args.delta_encoding,
+        pretrain_epochs=args.pretrain_epochs,
     )
+    if config.mode == "transfer":
+        from latentedge.demo_transfer import human_summary, run_transfer_demo
+
+        sys.stdout.write(human_summary(run_transfer_demo(config)))
+        return 0
     summary = run_demo(config)
     sys.stdout.write(_human_summary(summary))
     return 0
@@ -117,10 +162,10 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "latentedge", *args]
 
 
-class _Server:
+class DemoServer:
     """A ``latentedge server`` child process."""
 
-    def __init__(self, config: DemoConfig) -> None:
+    def __init__(self, config: DemoConfig, *extra: str) -> None:
         db = config.out / "server.db"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
@@ -136,6 +181,7 @@ class _Server:
                 config.classifier_mode,
                 "--seed",
                 str(config.seed),
+                *extra,
             ),
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -153,6 +199,7 @@ class _Server:
         raise LatentEdgeError("the demo's server exited before listening; see server.log")
 
     def stop(self) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after 30 s) and close its log."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -163,11 +210,24 @@ class _Server:
         self._log.close()
 
 
-def _start_edges(config: DemoConfig, address: str) -> list[tuple[str, subprocess.Popen[str], Path]]:
+def start_edges(
+    config: DemoConfig, address: str, *, data: str = "", branch_args: list[str] | None = None
+) -> list[tuple[str, subprocess.Popen[str], Path]]:
+    """Start the edge node processes.
+
+    ``branch_args`` replace the latents flags; ``data`` replaces the dataset.
+    """
     edges = []
     for i in range(config.nodes):
         node_id = f"node-{i}"
         log_path = config.out / f"{node_id}.log"
+        branch = branch_args or [
+            "--latent-dim",
+            str(config.latent_dim),
+            "--latent-dtype",
+            config.latent_dtype,
+            "--evaluate",
+        ]
         args = [
             "edge",
             "--server",
@@ -175,18 +235,14 @@ def _start_edges(config: DemoConfig, address: str) -> list[tuple[str, subprocess
             "--node-id",
             node_id,
             "--data",
-            config.dataset,
+            data or config.dataset,
             "--shard",
             f"{i}/{config.nodes}",
             "--skew",
             str(config.skew),
-            "--latent-dim",
-            str(config.latent_dim),
-            "--latent-dtype",
-            config.latent_dtype,
             "--seed",
             str(config.seed),  # the same for every node: shards must partition the data
-            "--evaluate",
+            *branch,
             "--export",
             str(config.out / "onnx"),
             "--report",
@@ -208,7 +264,7 @@ def _progress_line(log_path: Path) -> str:
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     for line in reversed(lines):
-        if "Uplink.PushLatents" in line:
+        if "Uplink.PushLatents" in line or "Uplink.PushDelta" in line:
             return "uploaded, evaluating"
         match = _EPOCH.search(line)
         if match:
@@ -218,7 +274,8 @@ def _progress_line(log_path: Path) -> str:
     return "starting"
 
 
-def _wait_edges(edges: list[tuple[str, subprocess.Popen[str], Path]]) -> None:
+def wait_edges(edges: list[tuple[str, subprocess.Popen[str], Path]]) -> None:
+    """Show the nodes' progress until all exit; raise naming the first that failed."""
     shown: dict[str, str] = {}
     while True:
         running = False
@@ -263,13 +320,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         config.latent_dim,
         config.out,
     )
-    server = _Server(config)
+    server = DemoServer(config)
     try:
         logger.info("server listening on %s", server.address)
-        edges = _start_edges(config, server.address)
+        edges = start_edges(config, server.address)
         logger.info("started %d edge node processes", len(edges))
         try:
-            _wait_edges(edges)
+            wait_edges(edges)
         finally:  # on an error or Ctrl-C, no node outlives the demo
             for _, proc, _ in edges:
                 if proc.poll() is None:
