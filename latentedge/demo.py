@@ -347,6 +347,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     correct = sum(r["correct"] for r in reports)
     tested = sum(r["test_samples"] for r in reports)
     summary: dict[str, Any] = {
+        "mode": "latents",
         "dataset": data.name,
         "nodes": config.nodes,
         "latent_dim": config.latent_dim,
