@@ -204,6 +204,8 @@ def encode_delta(
             raise CodecError(
                 f"tensor {name!r}: shape {new.shape} differs from the base {ref.shape}"
             )
+        if not np.all(np.isfinite(new)):
+            raise CodecError(f"delta of tensor {name!r} has non-finite values")
         deltas[name] = new - ref
     entries: dict[str, DeltaEntry] = {}
     if encoding.topk >= 1.0:
@@ -230,7 +232,8 @@ def encode_delta(
 def _values(array: np.ndarray, dtype: str, name: str) -> WireTensor:
     if not np.all(np.isfinite(array)):
         raise CodecError(f"delta of tensor {name!r} has non-finite values")
-    wire = to_wire(array, dtype)
+    with np.errstate(over="ignore"):  # an overflow is reported below, precisely
+        wire = to_wire(array, dtype)
     if dtype == "float16" and not np.all(np.isfinite(from_wire(wire))):
         raise CodecError(
             f"delta of tensor {name!r} exceeds the float16 range (|value| > 65504); "
@@ -244,9 +247,10 @@ def _topk(deltas: Mapping[str, np.ndarray], encoding: DeltaEncoding) -> dict[str
         return {}
     names = list(deltas)
     flat = np.concatenate([deltas[n].ravel() for n in names])
-    k = min(flat.size, max(1, math.ceil(encoding.topk * flat.size)))
+    k = topk_count(encoding.topk, flat.size)
     chosen = np.zeros(flat.size, dtype=bool)
     chosen[np.argpartition(-np.abs(flat), k - 1)[:k]] = True
+    chosen &= flat != 0  # an unchanged entry is never worth sending
     out: dict[str, DeltaEntry] = {}
     start = 0
     for name in names:
@@ -256,6 +260,14 @@ def _topk(deltas: Mapping[str, np.ndarray], encoding: DeltaEncoding) -> dict[str
         if mask.any():
             out[name] = sparse_entry(name, d, mask, encoding.values)
     return out
+
+
+def topk_count(fraction: float, n: int) -> int:
+    """Entries top-k keeps of ``n``: ``ceil(fraction * n)``, at least 1, at most ``n``.
+
+    The product is rounded to 9 decimals first, so ``0.07 * 100`` keeps 7, not 8.
+    """
+    return min(n, max(1, math.ceil(round(fraction * n, 9))))
 
 
 def sparse_entry(name: str, flat: np.ndarray, mask: np.ndarray, dtype: str) -> DeltaEntry:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -206,6 +206,7 @@ def train_network(
     settings: TrainSettings,
     *,
     on_epoch: Callable[[int, float], None] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place (cross-entropy, AdamW) over the ``trainable`` parameters.
 
@@ -216,6 +217,9 @@ def train_network(
         trainable: What trains.
         settings: Schedule, seed, device.
         on_epoch: Called after each epoch with ``(epoch, mean_loss)``.
+        masks: Sparse fine-tuning: only these entries (boolean, by parameter name) of the
+            trainable parameters move; the others, weight decay and every normalisation
+            statistic stay exactly as they are (see :func:`sparse_masks`).
 
     Raises:
         DataError: empty or mismatched data.
@@ -223,14 +227,15 @@ def train_network(
     if len(x) == 0 or len(x) != len(y):
         raise DataError(f"training needs as many labels as images (> 0), got {len(x)} and {len(y)}")
     device = torch.device(settings.device)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    torch.set_num_threads(settings.threads or torch.get_num_threads())
     params = prepare(model, trainable, seed=settings.seed)
+    params = params if masks is None else _apply_masks(model, masks)
     model.to(device)
     total_steps = settings.epochs * math.ceil(len(x) / settings.batch_size)
-    if settings.max_steps:
-        total_steps = min(total_steps, settings.max_steps)
-    optimiser, scheduler = _optimiser(params, settings, total_steps)
+    total_steps = min(total_steps, settings.max_steps or total_steps)
+    optimiser, scheduler = _optimiser(
+        params, settings if masks is None else replace(settings, weight_decay=0.0), total_steps
+    )
     loss_fn = nn.CrossEntropyLoss()
     data = torch.from_numpy(np.ascontiguousarray(x)).to(device)
     labels = torch.from_numpy(np.ascontiguousarray(y)).to(device)
@@ -247,7 +252,8 @@ def train_network(
     epoch = 0
     started = time.perf_counter()
     for epoch in range(1, settings.epochs + 1):
-        _set_modes(model, trainable)
+        if masks is None:
+            _set_modes(model, trainable)
         order = torch.from_numpy(rng.permutation(len(x))).to(device)
         total = 0.0
         seen = 0
@@ -282,6 +288,50 @@ def train_network(
         final_loss=mean_loss,
         trained_params=sum(p.numel() for p in params),
     )
+
+
+def sparse_masks(
+    model: nn.Module, base: Mapping[str, np.ndarray], k: int
+) -> dict[str, torch.Tensor]:
+    """Boolean masks of the ``k`` trainable parameter entries that moved most from ``base``.
+
+    One global threshold on ``|new - base|`` over every trainable parameter (after a dense
+    fine-tuning run). Re-training from the base with these masks (``train_network(...,
+    masks=...)``) is sparse fine-tuning: the delta is then exactly ``k`` entries, so a top-k
+    encoding sends what was trained instead of truncating it.
+    """
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad and n in base}
+    moved = {n: np.abs(p.detach().cpu().numpy() - base[n]).ravel() for n, p in named.items()}
+    flat = np.concatenate(list(moved.values())) if moved else np.zeros(0)
+    if k < 1 or flat.size == 0:
+        raise ConfigError(f"sparse fine-tuning needs k >= 1 trainable entries, got k={k}")
+    chosen = np.zeros(flat.size, dtype=bool)
+    chosen[np.argpartition(-flat, min(k, flat.size) - 1)[: min(k, flat.size)]] = True
+    masks: dict[str, torch.Tensor] = {}
+    start = 0
+    for name, values in moved.items():
+        shape = named[name].shape
+        masks[name] = torch.from_numpy(chosen[start : start + values.size].reshape(shape))
+        start += values.size
+    return masks
+
+
+def _apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[nn.Parameter]:
+    """Freeze trainable parameters without a mask, zero masked-out gradients of the others."""
+    params = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mask = masks.get(name)
+        if mask is None or not bool(mask.any()):
+            p.requires_grad_(False)
+            continue
+        keep = mask.to(device=p.device, dtype=p.dtype)
+        p.register_hook(lambda grad, keep=keep: grad * keep)  # type: ignore[no-untyped-call]
+        params.append(p)
+    if not params:
+        raise ConfigError("sparse fine-tuning: the masks select no trainable entry")
+    return params
 
 
 def _optimiser(

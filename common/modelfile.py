@@ -50,7 +50,7 @@ class ModelFile:
         metadata = {_FORMAT_KEY: FORMAT, _SPEC_KEY: self.spec.to_json()}
         metadata.update({_META_PREFIX + k: v for k, v in sorted(self.meta.items())})
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.tensors.items()}
-        return bytes(safetensors.numpy.save(arrays, metadata=metadata))
+        return _canonical(bytes(safetensors.numpy.save(arrays, metadata=metadata)))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor."""
@@ -107,6 +107,21 @@ def parse_model_bytes(data: bytes, where: str = "model") -> ModelFile:
             raise ConfigError(f"{where}: tensor {name!r} is {arr.dtype}, expected float32")
     meta = {k[len(_META_PREFIX) :]: v for k, v in with_meta.items() if k.startswith(_META_PREFIX)}
     return ModelFile(spec=spec, tensors=dict(arrays), meta=meta)
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in one canonical form.
+
+    safetensors writes the metadata keys in a different order on every call; re-writing the
+    header with sorted keys and no spaces (padded with spaces to a multiple of 8 bytes, as the
+    format asks) makes equal content give equal bytes, hence an equal hash. The tensor
+    offsets are relative to the data section, which does not move.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
+    raw = header.encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -29,6 +29,8 @@ WIRE_DTYPES: tuple[str, ...] = (
 MAX_DIMS = 32
 """Most dimensions a wire tensor may have (numpy's own limit is 64)."""
 
+_MAX_SCALE = float(np.finfo(np.float32).max) / 127.0
+
 FLOAT_ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8")
 """Encodings a float tensor (latents, delta values) may travel in."""
 
@@ -122,8 +124,11 @@ def from_wire(tensor: WireTensor, field: str = "tensor") -> np.ndarray:
         raise CodecError(f"{field}.shape {list(tensor.shape)} is not usable: {exc}") from exc
     arr = arr.astype(dtype.newbyteorder("="))
     if tensor.dtype == "int8" and tensor.scale != 0.0:
-        if not math.isfinite(tensor.scale) or tensor.scale < 0:
-            raise CodecError(f"{field}.scale must be finite and > 0, got {tensor.scale}")
+        if not math.isfinite(tensor.scale) or tensor.scale < 0 or tensor.scale > _MAX_SCALE:
+            raise CodecError(
+                f"{field}.scale must be finite, > 0 and at most {_MAX_SCALE:.4g} (so that "
+                f"127 * scale stays a float32), got {tensor.scale}"
+            )
         return arr.astype(np.float32) * np.float32(tensor.scale)
     return arr
 

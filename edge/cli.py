@@ -206,6 +206,7 @@ def load_config(args: argparse.Namespace) -> tuple[EdgeConfig, EnergyProfile | N
     for key in ("server", "node_id"):
         if not getattr(config, key):
             raise ConfigError(f"--{key.replace('_', '-')} is required (or edge.{key} in --config)")
+    _finetune_config(config)  # refuse a bad --trainable / --delta-encoding before any work
     return config, profile
 
 
@@ -302,12 +303,12 @@ def _derived_profile(
         from common.finetune import prepare
 
         network = base[1].to_torch()
-        trained = sum(p.numel() for p in prepare(network, ft.trainable, seed=ft.seed))
+        prepare(network, ft.trainable, seed=ft.seed)
         extra = {
             "finetune_macs_per_sample": training_macs_per_sample(
                 network, ft.trainable, data.input_shape, ft.epochs
             ),
-            "delta_bits": delta_bits_estimate(trained, ft.encoding),
+            "delta_bits": delta_bits_estimate(network, ft.trainable, ft.encoding),
         }
     return derive_profile(
         profile,

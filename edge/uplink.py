@@ -480,8 +480,18 @@ class UplinkClient:
                 stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
             return False
 
-        while self._call("GetModel", attempt):
-            pass
+        try:
+            while self._call("GetModel", attempt):
+                pass
+        except UplinkError as exc:
+            if exc.code != "FAILED_PRECONDITION" or not state.data:
+                raise
+            # the model changed since the partial file was written: start over, once
+            logger.warning("[Uplink.GetModel] %s; downloading from the start", exc)
+            state.part_path.unlink(missing_ok=True)
+            state = _Download(cache)
+            while self._call("GetModel", attempt):
+                pass
         path = state.final_path if state.cached else state.finish()
         logger.info(
             "[Uplink.GetModel] %s: version %d, %d bytes%s, sha256 %s..., %.3f s",

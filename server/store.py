@@ -240,8 +240,13 @@ class Store(abc.ABC):
         """Discard an open delta upload and its staged chunks."""
 
     @abc.abstractmethod
-    def latest_deltas(self, base_version: int | None = None) -> list[StoredDelta]:
-        """Each node's newest committed delta (only those against ``base_version`` if given)."""
+    def latest_deltas(
+        self, base_version: int | None = None, node_id: str | None = None
+    ) -> list[StoredDelta]:
+        """Each node's newest committed delta.
+
+        Only deltas against ``base_version`` and only ``node_id``'s, when given.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -779,28 +784,34 @@ class SqliteStore(Store):
             c.execute("DELETE FROM deltas WHERE upload_id = ? AND state = 'open'", (upload_id,))
 
     @override
-    def latest_deltas(self, base_version: int | None = None) -> list[StoredDelta]:
+    def latest_deltas(
+        self, base_version: int | None = None, node_id: str | None = None
+    ) -> list[StoredDelta]:
         c = self._conn()
-        where = "" if base_version is None else " AND d.base_version = ?"
-        params: tuple[object, ...] = () if base_version is None else (base_version,)
+        where, params = "", []
+        if base_version is not None:
+            where += " AND d2.base_version = ?"
+            params.append(base_version)
+        outer, outer_params = "", []
+        if node_id is not None:
+            outer = " AND d.node_id = ?"
+            outer_params.append(node_id)
         rows = c.execute(
             "SELECT d.upload_id, d.node_id, d.base_version, d.samples FROM deltas d "
-            "WHERE d.state = 'committed'"
+            "WHERE d.state = 'committed'" + outer + " AND d.rowid = (SELECT d2.rowid "
+            "FROM deltas d2 WHERE d2.node_id = d.node_id AND d2.state = 'committed'"
             + where
-            + " AND d.rowid = (SELECT d2.rowid FROM deltas d2 "
-            "WHERE d2.node_id = d.node_id AND d2.state = 'committed'"
-            + where.replace("d.", "d2.")
             + " ORDER BY d2.committed_at DESC, d2.rowid DESC LIMIT 1) ORDER BY d.node_id",
-            params + params,
+            (*outer_params, *params),
         ).fetchall()
         out = []
-        for upload_id, node_id, version, samples in rows:
+        for upload_id, node, version, samples in rows:
             entries: list[DeltaEntry] = []
             for (blob,) in c.execute(
                 "SELECT blob FROM delta_chunks WHERE upload_id = ? ORDER BY seq", (upload_id,)
             ):
                 entries.extend(unpack_entries(bytes(blob)))
-            out.append(StoredDelta(upload_id, node_id, int(version), int(samples), tuple(entries)))
+            out.append(StoredDelta(upload_id, node, int(version), int(samples), tuple(entries)))
         return out
 
     @override

@@ -61,6 +61,7 @@ class ModelHub:
             ConfigError: the file cannot be read or is not a latentedge model file.
         """
         model, digest = read_model_file(path)
+        model.to_torch()  # refuse (ConfigError) tensors that do not fit the spec's network
         newest = self._store.get_model()
         if newest is not None and newest[0].hash == digest:
             logger.info("base model %s is version %d already", path, newest[0].version)
@@ -174,7 +175,7 @@ class ModelHub:
         Raises:
             NotFoundError: the node has sent no delta.
         """
-        deltas = [d for d in self._store.latest_deltas() if d.node_id == node_id]
+        deltas = self._store.latest_deltas(node_id=node_id)
         if not deltas:
             raise NotFoundError(f"node {node_id!r} has no committed fine-tuning delta")
         delta = deltas[0]
