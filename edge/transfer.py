@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from common.delta import DeltaEncoding, encode_delta, stats, topk_count
+from common.delta import DeltaEncoding, DeltaEntry, encode_delta, stats, topk_count
 from common.errors import ConfigError
 from common.export import export_network
 from common.finetune import (
     Trainable,
+    TrainResult,
     TrainSettings,
     accuracy,
     fine_tuned_update,
@@ -35,6 +37,7 @@ from common.finetune import (
 )
 from common.modelfile import ModelFile, read_model_file
 from common.records import EnergyProfile
+from common.types import FloatArray, LabelArray
 from common.zoo import check_spec_matches, flops_per_sample, parameter_count
 
 if TYPE_CHECKING:
@@ -73,6 +76,8 @@ class FinetuneConfig:
     seed: int = 0
     cache_dir: Path = Path()
     """Where downloaded models are cached (empty = :func:`default_cache_dir`)."""
+    device: str = "cpu"
+    """torch device of the training (``cpu`` or ``cuda``)."""
 
     def __post_init__(self) -> None:
         if self.encoding.topk < 1.0 and self.trainable.kind == "adapters":
@@ -95,7 +100,8 @@ class FinetuneConfig:
             batch_size=self.batch_size,
             learning_rate=self.learning_rate or default,
             seed=self.seed,
-            threads=1,  # small models; several nodes may share one host
+            device=self.device,
+            threads=1 if self.device == "cpu" else 0,  # small models; nodes may share a host
         )
 
     def cache(self) -> Path:
@@ -110,6 +116,55 @@ def fetch_base(
     got = client.download_model(config.cache(), node_id=node_id)
     model, _ = read_model_file(got.path)
     return got, model
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    """A fine-tuned network and the encoded delta a node sends for it."""
+
+    network: nn.Module
+    """The network as trained locally (before the delta's encoding)."""
+    entries: list[DeltaEntry]
+    """The delta, encoded (:func:`common.delta.encode_delta`)."""
+    result: TrainResult
+    """The (last) training run."""
+
+
+def fine_tune_delta(
+    base: ModelFile,
+    x: FloatArray,
+    y: LabelArray,
+    config: FinetuneConfig,
+    *,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> FineTuned:
+    """Fine-tune ``base`` on ``(x, y)`` and encode the delta, as an edge node does.
+
+    With a top-k encoding this is sparse fine-tuning: a dense run finds the ``k`` entries that
+    move most, then a second run from the base trains only those, so the top-k delta carries
+    exactly what was trained rather than a truncation of a dense update (on digits, 1 % of
+    lenet: 0.91 accuracy this way, 0.80 = no better than the base by truncation).
+    """
+    network = base.to_torch()
+    result = train_network(network, x, y, config.trainable, config.settings(), on_epoch=on_epoch)
+    if config.encoding.topk < 1.0:
+        dense, _ = fine_tuned_update(network, config.trainable)
+        k = topk_count(config.encoding.topk, sum(v.size for v in dense.values()))
+        masks = sparse_masks(network, base.tensors, k)
+        logger.info("sparse fine-tuning: re-training the %d entries that moved most", k)
+        network = base.to_torch()
+        result = train_network(
+            network,
+            x,
+            y,
+            config.trainable,
+            config.settings(sparse=True),
+            on_epoch=on_epoch,
+            masks=masks,
+        )
+    dense, low_rank = fine_tuned_update(network, config.trainable)
+    entries = encode_delta(base.tensors, dense, config.encoding, low_rank)
+    return FineTuned(network.cpu(), entries, result)
 
 
 def run_finetune(
@@ -142,11 +197,10 @@ def run_finetune(
         "delta_encoding": str(config.encoding),
         "base_accuracy": accuracy(network, data.x_test, data.y_test),
     }
-    settings = config.settings()
 
     def on_epoch(epoch: int, loss: float) -> None:
-        if epoch == 1 or epoch % 10 == 0 or epoch == settings.epochs:
-            logger.info("fine-tune epoch %d/%d: loss %.5f", epoch, settings.epochs, loss)
+        if epoch == 1 or epoch % 10 == 0 or epoch == config.epochs:
+            logger.info("fine-tune epoch %d/%d: loss %.5f", epoch, config.epochs, loss)
 
     logger.info(
         "fine-tuning %s (%s of %d parameters) on %d samples, base v%d accuracy %.4f",
@@ -157,30 +211,9 @@ def run_finetune(
         got.version,
         report["base_accuracy"],
     )
-    result = train_network(
-        network, data.x_train, data.y_train, config.trainable, settings, on_epoch=on_epoch
-    )
-    if config.encoding.topk < 1.0:
-        # sparse fine-tuning: keep the entries that moved most, re-train only those from the
-        # base, so the top-k delta carries what was trained rather than a truncation of it
-        dense, _ = fine_tuned_update(network, config.trainable)
-        k = topk_count(config.encoding.topk, sum(v.size for v in dense.values()))
-        masks = sparse_masks(network, base_model.tensors, k)
-        logger.info("sparse fine-tuning: re-training the %d entries that moved most", k)
-        network = base_model.to_torch()
-        settings = config.settings(sparse=True)
-        result = train_network(
-            network,
-            data.x_train,
-            data.y_train,
-            config.trainable,
-            settings,
-            on_epoch=on_epoch,
-            masks=masks,
-        )
-    report["local_accuracy"] = accuracy(network, data.x_test, data.y_test)
-    dense, low_rank = fine_tuned_update(network, config.trainable)
-    entries = encode_delta(base_model.tensors, dense, config.encoding, low_rank)
+    tuned_local = fine_tune_delta(base_model, data.x_train, data.y_train, config, on_epoch=on_epoch)
+    result, entries = tuned_local.result, tuned_local.entries
+    report["local_accuracy"] = accuracy(tuned_local.network, data.x_test, data.y_test)
     st = stats(entries)
     ack, wire_bytes = client.push_delta(
         node_id,

@@ -3,7 +3,8 @@
 The same split as ``latentedge demo --mode transfer``: a seeded half of the training images is
 the server's (it pre-trains on classes 0-7 of it), the other half is the nodes' (all classes,
 3 non-IID shards, skew 0.5). For each seed and each (trainable, encoding) the nodes fine-tune,
-the delta is encoded, applied to the base exactly as the server does, and the applied model is
+the delta is encoded (``edge.transfer.fine_tune_delta``: what an edge node runs, sparse
+fine-tuning behind top-k), applied to the base exactly as the server does, and the model is
 scored on each node's test shard (pooled). The baseline is the same network trained centrally
 on the nodes' raw data. In-process (no gRPC: the demo and the tests cover the wire), CPU.
 
@@ -22,11 +23,11 @@ import numpy as np
 import torch
 
 from common.datasets import Dataset, filter_classes, load_dataset, shard
-from common.delta import DeltaEncoding, apply_delta, encode_delta, stats
-from common.finetune import Trainable, TrainSettings, accuracy, fine_tuned_update, train_network
+from common.delta import DeltaEncoding, apply_delta, stats
+from common.finetune import Trainable, TrainSettings, accuracy, train_network
 from common.modelfile import ModelFile, from_torch
 from common.zoo import ModelSpec, build_model, parameter_count
-from edge.transfer import EPOCHS, HEAD_LEARNING_RATE, LEARNING_RATE
+from edge.transfer import FinetuneConfig, fine_tune_delta
 
 GRID: list[tuple[str, str]] = [
     ("head", "fp32"),
@@ -82,23 +83,19 @@ def run_seed(seed: int, pretrain_epochs: int, nodes: int) -> dict[str, object]:
         "runs": [],
     }
     for trainable_text, encoding_text in GRID:
-        trainable = Trainable.parse(trainable_text)
-        encoding = DeltaEncoding.parse(encoding_text)
-        lr = HEAD_LEARNING_RATE if trainable.kind == "head" else LEARNING_RATE
+        config = FinetuneConfig(
+            trainable=Trainable.parse(trainable_text),
+            encoding=DeltaEncoding.parse(encoding_text),
+            seed=seed,
+        )
         models, params, nbytes, index_bytes = [], 0, 0, 0
         started = time.perf_counter()
         for node in shards:
-            tuned = base.to_torch()
-            settings = TrainSettings(epochs=EPOCHS, batch_size=32, learning_rate=lr, seed=seed)
-            train_network(tuned, node.x_train, node.y_train, trainable, settings)
-            dense, low_rank = fine_tuned_update(tuned, trainable)
-            entries = encode_delta(base.tensors, dense, encoding, low_rank)
+            entries = fine_tune_delta(base, node.x_train, node.y_train, config).entries
             st = stats(entries)
-            params, nbytes, index_bytes = (
-                params + st.params,
-                nbytes + st.payload_bytes,
-                index_bytes + st.index_bytes,
-            )
+            params += st.params
+            nbytes += st.payload_bytes
+            index_bytes += st.index_bytes
             models.append(ModelFile(spec, apply_delta(base.tensors, entries)).to_torch())
         acc = pooled(models)
         row["runs"].append(  # type: ignore[union-attr]
