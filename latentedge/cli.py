@@ -55,6 +55,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("server.pretrain_cli", "train a base model on source data for nodes to fine-tune"),
     "edge": ("edge.cli", "run one edge node: train its autoencoder, upload latents, evaluate"),
     "status": ("edge.status_cli", "print a running server's state as JSON"),
+    "models": (
+        "edge.models_cli",
+        "list a server's model versions, aggregate deltas, download a base or fine-tuned model",
+    ),
     "allocate": (
         "server.allocation.cli",
         "solve the joint energy/latency upload and bandwidth plan",

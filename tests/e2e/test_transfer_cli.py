@@ -255,3 +255,67 @@ def test_finetune_against_a_server_without_base_model_exits_4(
     )
     _one_line_error(proc, 4, "--base-model")
     assert "NOT_FOUND" in proc.stderr
+
+
+def test_models_cli_lists_aggregates_and_downloads(
+    pretrained: Pretrained, base_server: ServerProcess, tmp_path: Path
+) -> None:
+    # a delta from a second node (top-k: sparse fine-tuning), then aggregate and fetch
+    proc = _run(
+        "edge",
+        "--server",
+        base_server.address,
+        "--node-id",
+        "n-models",
+        "--data",
+        "digits",
+        "--classes",
+        TARGET,
+        "--mode",
+        "finetune",
+        "--delta-encoding",
+        "topk:0.5+int8",
+        "--finetune-epochs",
+        "5",
+        "--model-cache",
+        str(tmp_path / "cache"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = _run("models", "--server", base_server.address)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    doc = json.loads(listed.stdout)
+    _, digest = read_model_file(pretrained.out)
+    assert doc["models"][0]["version"] == 1 and doc["models"][0]["hash"] == digest
+    assert doc["deltas"]["n-models"]["deltas"] == 1
+    made = _run("models", "--server", base_server.address, "--aggregate")
+    assert made.returncode == 0, made.stderr[-3000:]
+    version = json.loads(made.stdout)
+    assert version["parent_version"] == 1 and "n-models" in version["nodes"]
+    out, onnx_path = tmp_path / "n.safetensors", tmp_path / "n.onnx"
+    got = _run(
+        "models",
+        "--server",
+        base_server.address,
+        "--fine-tuned",
+        "n-models",
+        "--out",
+        str(out),
+        "--onnx",
+        str(onnx_path),
+    )
+    assert got.returncode == 0, got.stderr[-3000:]
+    model, tuned_digest = read_model_file(out)
+    assert tuned_digest in got.stdout
+    # only the head moved, and only half of its entries (top-k 0.5 after sparse fine-tuning)
+    base, _ = read_model_file(pretrained.out)
+    changed = {k for k in base.tensors if not np.array_equal(base.tensors[k], model.tensors[k])}
+    assert changed <= {"head.weight", "head.bias"}
+    moved = sum(int(np.count_nonzero(base.tensors[k] != model.tensors[k])) for k in changed)
+    assert 0 < moved <= (128 * 10 + 10 + 1) // 2
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model.to_torch()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run(None, {"image": x})[0], expected, atol=1e-4)
+    missing = _run("models", "--server", base_server.address, "--get", "99", "--out", str(out))
+    _one_line_error(missing, 4, "base version 99 does not exist")
