@@ -9,16 +9,18 @@ Any other status is raised as :class:`~common.errors.UplinkError` with the serve
 from __future__ import annotations
 
 import enum
+import fcntl
 import hashlib
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import grpc
 import numpy as np
@@ -136,6 +138,14 @@ class _Download:
         self.data = bytearray()
         self.resumed_from = 0
         self.cached = False
+        self._lock: IO[bytes] | None = None
+
+    def release(self) -> None:
+        """Let other processes sharing the cache at this model (idempotent)."""
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     @property
     def final_path(self) -> Path:
@@ -151,8 +161,16 @@ class _Download:
             raise UplinkError(f"GetModel: the model changed mid-download (now {manifest.hash})")
         if self.hash:
             return False
+        if not _SHA256_HEX.fullmatch(manifest.hash):
+            raise UplinkError(
+                f"GetModel: the manifest's hash is not SHA-256 hex: {manifest.hash!r}"
+            )
         self.hash, self.version, self.size = manifest.hash, manifest.version, manifest.size_bytes
         self.delta_upload_id = manifest.delta_upload_id
+        # one process at a time downloads a given model into a cache (nodes on one host share
+        # ~/.cache/latentedge/models); the others wait here, then find the finished file
+        self._lock = (self.cache_dir / f"{self.hash}.lock").open("ab")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         if _verified(self.final_path, self.hash):
             self.cached = True
             return True
@@ -185,6 +203,9 @@ class _Download:
         tmp.replace(self.final_path)
         self.part_path.unlink(missing_ok=True)
         return self.final_path
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def _verified(path: Path, digest: str) -> bool:
@@ -481,18 +502,22 @@ class UplinkClient:
             return False
 
         try:
-            while self._call("GetModel", attempt):
-                pass
-        except UplinkError as exc:
-            if exc.code != "FAILED_PRECONDITION" or not state.data:
-                raise
-            # the model changed since the partial file was written: start over, once
-            logger.warning("[Uplink.GetModel] %s; downloading from the start", exc)
-            state.part_path.unlink(missing_ok=True)
-            state = _Download(cache)
-            while self._call("GetModel", attempt):
-                pass
-        path = state.final_path if state.cached else state.finish()
+            try:
+                while self._call("GetModel", attempt):
+                    pass
+            except UplinkError as exc:
+                if exc.code != "FAILED_PRECONDITION" or not state.data:
+                    raise
+                # the model changed since the partial file was written: start over, once
+                logger.warning("[Uplink.GetModel] %s; downloading from the start", exc)
+                state.part_path.unlink(missing_ok=True)
+                state.release()
+                state = _Download(cache)
+                while self._call("GetModel", attempt):
+                    pass
+            path = state.final_path if state.cached else state.finish()
+        finally:
+            state.release()
         logger.info(
             "[Uplink.GetModel] %s: version %d, %d bytes%s, sha256 %s..., %.3f s",
             fine_tuned_for or "base",

@@ -20,7 +20,7 @@ from common.records import DeltaAck, DeltaChunk, NodeRegistration
 from common.serde import delta_chunk_to_proto
 from common.tensors import to_wire
 from common.zoo import ModelSpec
-from edge.uplink import RetryPolicy, UplinkClient
+from edge.uplink import DownloadedModel, RetryPolicy, UplinkClient
 from protos import uplink_pb2, uplink_pb2_grpc
 from server.classifier import ClassifierMode
 from server.core import IngestLimits, SplitLearningServer
@@ -155,6 +155,30 @@ def test_download_is_verified_by_hash_and_cached(hub: Hub) -> None:
     assert second.cached and second.path == first.path and second.hash == hub.base_hash
     model, digest = read_model_file(second.path)
     assert digest == hub.base_hash and model.spec == SPEC
+
+
+def test_concurrent_downloads_into_one_cache_fetch_once(hub: Hub) -> None:
+    # nodes on one host share ~/.cache/latentedge/models: one downloads, the others wait for it
+    results: list[DownloadedModel] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            with hub.client() as client:
+                results.append(client.download_model(hub.cache, node_id="n0"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(results) == 6
+    assert sum(not r.cached for r in results) == 1
+    assert {r.path for r in results} == {hub.cache / f"{hub.base_hash}.safetensors"}
+    assert results[0].path.read_bytes() == hub.base_bytes
+    assert not list(hub.cache.glob("*.part"))
 
 
 def test_a_corrupted_cache_file_is_downloaded_again(hub: Hub) -> None:
