@@ -13,8 +13,9 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -69,6 +70,71 @@ class IngestLimits:
 
     max_upload_bytes: int
     """Largest payload (latents + labels, bytes) of one upload."""
+
+
+class _StreamChunk(Protocol):
+    """What every streamed chunk (latents or delta) carries."""
+
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def upload_id(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+
+
+_C = TypeVar("_C", bound=_StreamChunk)
+_A = TypeVar("_A")
+
+
+@contextlib.contextmanager
+def _aborting(abort: Callable[[str], None], upload_id: str) -> Iterator[None]:
+    """Discard the open upload when anything (also a dropped stream) interrupts the body."""
+    try:
+        yield
+    except BaseException:
+        abort(upload_id)
+        raise
+
+
+class _LastChunk(_StreamChunk, Protocol):
+    @property
+    def last(self) -> bool: ...
+
+
+_L = TypeVar("_L", bound=_LastChunk)
+
+
+def _in_order(first: _L, chunks: Iterator[_L], what: str) -> Iterator[_L]:
+    """``first`` and the chunks after it up to the one marked ``last``, checked for order.
+
+    Raises:
+        InvalidRequestError: ids changed mid-stream, ``seq`` out of order, the stream ended
+            without a chunk marked ``last``, or a chunk followed it.
+    """
+    chunk: _L | None = first
+    seq = 0
+    while chunk is not None:
+        if chunk.node_id != first.node_id or chunk.upload_id != first.upload_id:
+            raise InvalidRequestError(
+                f"chunk {seq}: node_id/upload_id changed mid-stream "
+                f"({chunk.node_id!r}/{chunk.upload_id!r}, expected "
+                f"{first.node_id!r}/{first.upload_id!r})"
+            )
+        if chunk.seq != seq:
+            raise InvalidRequestError(f"seq must be {seq} (chunks in order), got {chunk.seq}")
+        yield chunk
+        if chunk.last:
+            extra = next(chunks, None)
+            if extra is not None:
+                raise InvalidRequestError(f"chunk after the one marked last (seq {extra.seq})")
+            return
+        seq += 1
+        chunk = next(chunks, None)
+    raise InvalidRequestError(
+        f"{what} {first.upload_id!r} ended after {seq} chunk(s) without a chunk marked last "
+        "(truncated stream); nothing was stored"
+    )
 
 
 def _check_id(value: str, field: str, pattern: re.Pattern[str]) -> None:
@@ -167,39 +233,49 @@ class SplitLearningServer:
         and ends with a chunk marked ``last``. A re-sent, already committed upload id is
         drained and acknowledged with ``deduplicated=True``.
         """
+        first, node = self._open_stream(chunks, "upload")
+        # One stream per upload_id at a time: a client retry that overlaps its own earlier
+        # attempt waits for it, then finds it committed (dedupe) or aborted (stores it).
+        with self._upload_lock(first.upload_id):
+            done = self._replayed(first, node, chunks, self._store.committed_ack(first.upload_id))
+            if done is not None:
+                return done
+            self._store.begin_upload(first.upload_id, node.node_id, first.mode)
+            with _aborting(self._store.abort_upload, first.upload_id):
+                ack = self._stage_and_commit(first, chunks, node)
+        self._trainer.notify()
+        self._scheduler.on_upload_committed(node.node_id)
+        return ack
+
+    def _open_stream(self, chunks: Iterator[_C], what: str) -> tuple[_C, NodeRegistration]:
+        """The first chunk of a stream (ids checked, seq 0) and its registered node."""
         first = next(chunks, None)
         if first is None:
-            raise InvalidRequestError("empty upload stream: expected chunks starting at seq 0")
+            raise InvalidRequestError(f"empty {what} stream: expected chunks starting at seq 0")
         _check_id(first.node_id, "node_id", NODE_ID_PATTERN)
         _check_id(first.upload_id, "upload_id", UPLOAD_ID_PATTERN)
         if first.seq != 0:
             raise InvalidRequestError(f"seq of the first chunk must be 0, got {first.seq}")
-        node = self._store.get_node(first.node_id)
-        # One stream per upload_id at a time: a client retry that overlaps its own earlier
-        # attempt waits for it, then finds it committed (dedupe) or aborted (stores it).
-        with self._upload_lock(first.upload_id):
-            done = self._store.committed_ack(first.upload_id)
-            if done is not None:
-                owner, ack = done
-                if owner != node.node_id:
-                    raise ConflictError(
-                        f"upload_id {first.upload_id!r} belongs to node {owner!r}; "
-                        "choose a new upload_id"
-                    )
-                for _ in chunks:  # drain the re-sent stream; nothing is stored twice
-                    pass
-                logger.info(
-                    "upload %s of %s already committed: deduplicated", first.upload_id, owner
-                )
-                return ack
-            self._store.begin_upload(first.upload_id, node.node_id, first.mode)
-            try:
-                ack = self._stage_and_commit(first, chunks, node)
-            except BaseException:
-                self._store.abort_upload(first.upload_id)
-                raise
-        self._trainer.notify()
-        self._scheduler.on_upload_committed(node.node_id)
+        return first, self._store.get_node(first.node_id)
+
+    @staticmethod
+    def _replayed(
+        first: _C,
+        node: NodeRegistration,
+        chunks: Iterator[_C],
+        done: tuple[str, _A] | None,
+    ) -> _A | None:
+        """The original ack when ``first.upload_id`` is committed (the re-sent stream drained)."""
+        if done is None:
+            return None
+        owner, ack = done
+        if owner != node.node_id:
+            raise ConflictError(
+                f"upload_id {first.upload_id!r} belongs to node {owner!r}; choose a new upload_id"
+            )
+        for _ in chunks:  # drain the re-sent stream; nothing is stored twice
+            pass
+        logger.info("upload %s of %s already committed: deduplicated", first.upload_id, owner)
         return ack
 
     @contextlib.contextmanager
@@ -233,46 +309,26 @@ class SplitLearningServer:
     def _stage_and_commit(
         self, first: LatentChunk, chunks: Iterator[LatentChunk], node: NodeRegistration
     ) -> UploadAck:
-        chunk: LatentChunk | None = first
-        seq = 0
-        samples = 0
-        payload = 0
-        while True:
-            assert chunk is not None
-            if chunk.node_id != first.node_id or chunk.upload_id != first.upload_id:
-                raise InvalidRequestError(
-                    f"chunk {seq}: node_id/upload_id changed mid-stream "
-                    f"({chunk.node_id!r}/{chunk.upload_id!r}, expected "
-                    f"{first.node_id!r}/{first.upload_id!r})"
-                )
-            if chunk.seq != seq:
-                raise InvalidRequestError(f"seq must be {seq} (chunks in order), got {chunk.seq}")
+        samples = payload = count = 0
+        for seq, chunk in enumerate(_in_order(first, chunks, "upload")):
             n = self._validate_chunk(chunk, node, seq)
             payload += chunk.latents.nbytes + chunk.labels.nbytes
-            if payload > self._limits.max_upload_bytes:
-                raise TooLargeError(
-                    f"upload {first.upload_id!r} exceeds max_upload_bytes="
-                    f"{self._limits.max_upload_bytes} at chunk {seq}"
-                )
+            self._check_size(first.upload_id, payload, seq)
             self._store.put_chunk(first.upload_id, seq, chunk.latents, chunk.labels, n)
             samples += n
-            if chunk.last:
-                break
-            seq += 1
-            chunk = next(chunks, None)
-            if chunk is None:
-                raise InvalidRequestError(
-                    f"upload {first.upload_id!r} ended after {seq} chunk(s) without a chunk "
-                    "marked last (truncated stream); nothing was stored"
-                )
-        extra = next(chunks, None)
-        if extra is not None:
-            raise InvalidRequestError(f"chunk after the one marked last (seq {extra.seq})")
+            count = seq + 1
         if first.total_samples and samples != first.total_samples:
             raise InvalidRequestError(
                 f"total_samples declared {first.total_samples}, stream carried {samples}"
             )
-        return self._store.commit_upload(first.upload_id, seq + 1)
+        return self._store.commit_upload(first.upload_id, count)
+
+    def _check_size(self, upload_id: str, payload: int, seq: int) -> None:
+        if payload > self._limits.max_upload_bytes:
+            raise TooLargeError(
+                f"upload {upload_id!r} exceeds max_upload_bytes="
+                f"{self._limits.max_upload_bytes} at chunk {seq}"
+            )
 
     def _validate_chunk(self, chunk: LatentChunk, node: NodeRegistration, seq: int) -> int:
         if chunk.latents.dtype not in _LATENT_DTYPES:
@@ -382,29 +438,13 @@ class SplitLearningServer:
         with ``deduplicated=True``. The delta must name an existing base version with its hash;
         every tensor must name a base tensor, fit its shape and be finite.
         """
-        first = next(chunks, None)
-        if first is None:
-            raise InvalidRequestError("empty delta stream: expected chunks starting at seq 0")
-        _check_id(first.node_id, "node_id", NODE_ID_PATTERN)
-        _check_id(first.upload_id, "upload_id", UPLOAD_ID_PATTERN)
-        if first.seq != 0:
-            raise InvalidRequestError(f"seq of the first chunk must be 0, got {first.seq}")
-        node = self._store.get_node(first.node_id)
+        first, node = self._open_stream(chunks, "delta")
         with self._upload_lock(first.upload_id):
-            done = self._store.committed_delta_ack(first.upload_id)
+            done = self._replayed(
+                first, node, chunks, self._store.committed_delta_ack(first.upload_id)
+            )
             if done is not None:
-                owner, ack = done
-                if owner != node.node_id:
-                    raise ConflictError(
-                        f"upload_id {first.upload_id!r} belongs to node {owner!r}; "
-                        "choose a new upload_id"
-                    )
-                for _ in chunks:  # drain the re-sent stream; nothing is applied twice
-                    pass
-                logger.info(
-                    "delta %s of %s already committed: deduplicated", first.upload_id, owner
-                )
-                return replace(ack, current_version=self._hub.current_version())
+                return replace(done, current_version=self._hub.current_version())
             if not 1 <= first.samples <= MAX_DELTA_SAMPLES:
                 raise InvalidRequestError(
                     f"samples must be in 1..{MAX_DELTA_SAMPLES} (the training samples behind "
@@ -418,11 +458,8 @@ class SplitLearningServer:
                 samples=first.samples,
                 trainable=first.trainable[:64],
             )
-            try:
+            with _aborting(self._store.abort_delta, first.upload_id):
                 ack = self._stage_delta(first, chunks, base)
-            except BaseException:
-                self._store.abort_delta(first.upload_id)
-                raise
         self._scheduler.on_upload_committed(node.node_id)
         current = self._hub.current_version()
         if self._aggregate_after and len(self._hub.pending()) >= self._aggregate_after:
@@ -433,20 +470,9 @@ class SplitLearningServer:
     def _stage_delta(
         self, first: DeltaChunk, chunks: Iterator[DeltaChunk], base: ServedModel
     ) -> DeltaAck:
-        chunk: DeltaChunk | None = first
-        seq = 0
-        payload = 0
+        payload = count = 0
         names: set[str] = set()
-        while True:
-            assert chunk is not None
-            if chunk.node_id != first.node_id or chunk.upload_id != first.upload_id:
-                raise InvalidRequestError(
-                    f"chunk {seq}: node_id/upload_id changed mid-stream "
-                    f"({chunk.node_id!r}/{chunk.upload_id!r}, expected "
-                    f"{first.node_id!r}/{first.upload_id!r})"
-                )
-            if chunk.seq != seq:
-                raise InvalidRequestError(f"seq must be {seq} (chunks in order), got {chunk.seq}")
+        for seq, chunk in enumerate(_in_order(first, chunks, "delta")):
             for entry in chunk.tensors:
                 if entry.name in names:
                     raise InvalidRequestError(
@@ -455,31 +481,16 @@ class SplitLearningServer:
                 names.add(entry.name)
             self._hub.check_entries(base, chunk.tensors, seq)
             payload += stats(chunk.tensors).payload_bytes
-            if payload > self._limits.max_upload_bytes:
-                raise TooLargeError(
-                    f"delta {first.upload_id!r} exceeds max_upload_bytes="
-                    f"{self._limits.max_upload_bytes} at chunk {seq}"
-                )
+            self._check_size(first.upload_id, payload, seq)
             self._store.put_delta_chunk(first.upload_id, seq, list(chunk.tensors))
-            if chunk.last:
-                break
-            seq += 1
-            chunk = next(chunks, None)
-            if chunk is None:
-                raise InvalidRequestError(
-                    f"delta {first.upload_id!r} ended after {seq} chunk(s) without a chunk "
-                    "marked last (truncated stream); nothing was stored"
-                )
-        extra = next(chunks, None)
-        if extra is not None:
-            raise InvalidRequestError(f"chunk after the one marked last (seq {extra.seq})")
+            count = seq + 1
         if not names:
             raise InvalidRequestError("the delta carries no tensors")
         if first.total_tensors and len(names) != first.total_tensors:
             raise InvalidRequestError(
                 f"total_tensors declared {first.total_tensors}, stream carried {len(names)}"
             )
-        return self._store.commit_delta(first.upload_id, seq + 1)
+        return self._store.commit_delta(first.upload_id, count)
 
 
 class _ClassifierTrainer:
