@@ -459,16 +459,7 @@ class SqliteStore(Store):
     @override
     def begin_upload(self, upload_id: str, node_id: str, mode: UploadMode) -> None:
         with self._write() as c:
-            row = c.execute(
-                "SELECT state, node_id FROM uploads WHERE upload_id = ?", (upload_id,)
-            ).fetchone()
-            if row is not None and row[0] != "open":
-                raise ConflictError(f"upload_id {upload_id!r} is already committed")
-            if row is not None and row[1] != node_id:
-                raise ConflictError(
-                    f"upload_id {upload_id!r} is in use by node {row[1]!r}; choose a new upload_id"
-                )
-            c.execute("DELETE FROM chunks WHERE upload_id = ?", (upload_id,))
+            _reopen(c, _LATENTS, upload_id, node_id)
             c.execute(
                 "INSERT OR REPLACE INTO uploads (upload_id, node_id, mode, state, created_at) "
                 "VALUES (?, ?, ?, 'open', ?)",
@@ -546,13 +537,7 @@ class SqliteStore(Store):
     @override
     def abort_upload(self, upload_id: str) -> None:
         with self._write() as c:
-            # never touch a committed upload's chunks (a concurrent attempt may have committed it)
-            c.execute(
-                "DELETE FROM chunks WHERE upload_id = ? AND EXISTS (SELECT 1 FROM uploads "
-                "WHERE upload_id = ? AND state = 'open')",
-                (upload_id, upload_id),
-            )
-            c.execute("DELETE FROM uploads WHERE upload_id = ? AND state = 'open'", (upload_id,))
+            _discard_open(c, _LATENTS, upload_id)
 
     def _node_chunks(self, node_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         rows = self._conn().execute(
@@ -716,16 +701,7 @@ class SqliteStore(Store):
         self, upload_id: str, node_id: str, *, base_version: int, samples: int, trainable: str
     ) -> None:
         with self._write() as c:
-            row = c.execute(
-                "SELECT state, node_id FROM deltas WHERE upload_id = ?", (upload_id,)
-            ).fetchone()
-            if row is not None and row[0] != "open":
-                raise ConflictError(f"delta upload_id {upload_id!r} is already committed")
-            if row is not None and row[1] != node_id:
-                raise ConflictError(
-                    f"upload_id {upload_id!r} is in use by node {row[1]!r}; choose a new upload_id"
-                )
-            c.execute("DELETE FROM delta_chunks WHERE upload_id = ?", (upload_id,))
+            _reopen(c, _DELTAS, upload_id, node_id)
             c.execute(
                 "INSERT OR REPLACE INTO deltas (upload_id, node_id, base_version, state, samples, "
                 "trainable, created_at) VALUES (?, ?, ?, 'open', ?, ?, ?)",
@@ -776,12 +752,7 @@ class SqliteStore(Store):
     @override
     def abort_delta(self, upload_id: str) -> None:
         with self._write() as c:
-            c.execute(
-                "DELETE FROM delta_chunks WHERE upload_id = ? AND EXISTS (SELECT 1 FROM deltas "
-                "WHERE upload_id = ? AND state = 'open')",
-                (upload_id, upload_id),
-            )
-            c.execute("DELETE FROM deltas WHERE upload_id = ? AND state = 'open'", (upload_id,))
+            _discard_open(c, _DELTAS, upload_id)
 
     @override
     def latest_deltas(
@@ -821,6 +792,40 @@ class SqliteStore(Store):
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+_LATENTS = ("uploads", "chunks")
+_DELTAS = ("deltas", "delta_chunks")
+"""(uploads table, staged chunks table) of latents and of deltas."""
+
+
+def _reopen(c: sqlite3.Connection, tables: tuple[str, str], upload_id: str, node_id: str) -> None:
+    """Check ``upload_id`` may (re)start for ``node_id`` and drop its staged chunks."""
+    uploads, chunks = tables
+    row = c.execute(
+        f"SELECT state, node_id FROM {uploads} WHERE upload_id = ?", (upload_id,)
+    ).fetchone()
+    if row is not None and row[0] != "open":
+        raise ConflictError(f"upload_id {upload_id!r} is already committed")
+    if row is not None and row[1] != node_id:
+        raise ConflictError(
+            f"upload_id {upload_id!r} is in use by node {row[1]!r}; choose a new upload_id"
+        )
+    c.execute(f"DELETE FROM {chunks} WHERE upload_id = ?", (upload_id,))
+
+
+def _discard_open(c: sqlite3.Connection, tables: tuple[str, str], upload_id: str) -> None:
+    """Delete an open upload and its staged chunks.
+
+    Never a committed upload's chunks: a concurrent attempt may have committed it.
+    """
+    uploads, chunks = tables
+    c.execute(
+        f"DELETE FROM {chunks} WHERE upload_id = ? AND EXISTS (SELECT 1 FROM {uploads} "
+        "WHERE upload_id = ? AND state = 'open')",
+        (upload_id, upload_id),
+    )
+    c.execute(f"DELETE FROM {uploads} WHERE upload_id = ? AND state = 'open'", (upload_id,))
 
 
 def _bump_data_version(c: sqlite3.Connection) -> None:
