@@ -121,7 +121,8 @@ class DownloadedModel:
     cached: bool
     """True when the file was in the cache already (nothing downloaded)."""
     resumed_from: int
-    """Bytes that were held from an earlier, interrupted download (0 = a fresh start)."""
+    """Bytes already held when the download last resumed (from a ``.part`` file of an earlier
+    process or after a dropped connection); 0 = one uninterrupted transfer."""
     delta_upload_id: str = ""
     """For a node's fine-tuned model: the delta it contains."""
 
@@ -483,6 +484,8 @@ class UplinkClient:
         started = time.perf_counter()
 
         def attempt() -> bool:
+            if state.data:  # a retry after a dropped connection: go on from the last byte
+                state.resumed_from = len(state.data)
             request = uplink_pb2.GetModelRequest(
                 node_id=node_id,
                 version=state.version if state.hash and not fine_tuned_for else version,

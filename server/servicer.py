@@ -108,8 +108,9 @@ def manifest_of(served: ServedModel) -> uplink_pb2.ModelManifest:
 class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
     """The ``latentedge.v1.Uplink`` service over a :class:`SplitLearningServer`."""
 
-    def __init__(self, core: SplitLearningServer) -> None:
+    def __init__(self, core: SplitLearningServer, *, model_chunk_bytes: int = CHUNK_BYTES) -> None:
         self._core = core
+        self._model_chunk_bytes = model_chunk_bytes
 
     def RegisterNode(  # noqa: N802 (generated method name)
         self, request: uplink_pb2.RegisterNodeRequest, context: grpc.ServicerContext
@@ -224,7 +225,7 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
             if not context.is_active():
                 logger.info("[Uplink.GetModel] client left at byte %d", offset)
                 return
-            end = min(offset + CHUNK_BYTES, len(served.data))
+            end = min(offset + self._model_chunk_bytes, len(served.data))
             yield uplink_pb2.ModelChunk(offset=offset, data=served.data[offset:end])
             offset = end
         logger.info(

@@ -753,3 +753,42 @@ def test_load_base_refuses_a_file_that_is_not_a_model(tmp_path: Path) -> None:
         assert store.list_models() == []
     finally:
         store.close()
+
+
+class _DroppingServicer(UplinkServicer):
+    """Sends ``drops`` GetModel streams only part of the way, then fails them UNAVAILABLE."""
+
+    def __init__(self, core: SplitLearningServer, drops: int) -> None:
+        super().__init__(core, model_chunk_bytes=16 * 1024)
+        self.drops = drops
+        self.offsets: list[int] = []
+
+    def GetModel(
+        self, request: uplink_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[uplink_pb2.ModelChunk]:
+        self.offsets.append(int(request.offset))
+        for sent, msg in enumerate(super().GetModel(request, context), start=1):
+            yield msg
+            if self.drops and sent == 3:  # manifest + 2 chunks, then the connection "drops"
+                self.drops -= 1
+                context.abort(grpc.StatusCode.UNAVAILABLE, "connection dropped (test)")
+
+
+def test_download_resumes_after_dropped_connections(hub: Hub) -> None:
+    servicer = _DroppingServicer(hub.core, drops=2)
+    server, port, _ = create_server("127.0.0.1:0", servicer)
+    try:
+        with UplinkClient(
+            f"127.0.0.1:{port}", retry=RetryPolicy(window_s=10, initial_backoff_s=0.05)
+        ) as client:
+            got = client.download_model(hub.cache, node_id="n0")
+    finally:
+        server.stop(grace=None).wait()
+    chunk = 16 * 1024
+    assert len(hub.base_bytes) > 5 * chunk
+    # each attempt went on from the last byte received: 0, then 2 chunks, then 4 chunks
+    assert servicer.offsets == [0, 2 * chunk, 4 * chunk]
+    assert got.resumed_from == 4 * chunk and not got.cached
+    assert got.path.read_bytes() == hub.base_bytes
+    assert hashlib.sha256(got.path.read_bytes()).hexdigest() == hub.base_hash
+    assert not list(hub.cache.glob("*.part"))
