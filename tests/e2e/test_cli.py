@@ -44,7 +44,16 @@ def _one_line_error(proc: subprocess.CompletedProcess[str], code: int, needle: s
 def test_version_and_help() -> None:
     assert _run("--version").stdout.startswith("latentedge ")
     helptext = _run("--help").stdout
-    for command in ("demo", "server", "edge", "status", "allocate", "simulate"):
+    for command in (
+        "demo",
+        "server",
+        "pretrain",
+        "edge",
+        "status",
+        "models",
+        "allocate",
+        "simulate",
+    ):
         assert command in helptext
 
 

@@ -319,3 +319,37 @@ def test_models_cli_lists_aggregates_and_downloads(
     np.testing.assert_allclose(session.run(None, {"image": x})[0], expected, atol=1e-4)
     missing = _run("models", "--server", base_server.address, "--get", "99", "--out", str(out))
     _one_line_error(missing, 4, "base version 99 does not exist")
+
+
+def test_demo_transfer_on_digits_meets_targets(tmp_path: Path) -> None:
+    proc = _run("demo", "--mode", "transfer", "--out", str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in (
+        "mode",
+        "base_accuracy",
+        "accuracy",
+        "baseline_accuracy",
+        "uploaded_params_fraction",
+        "delta_bytes",
+        "model_bytes",
+        "aggregated_accuracy",
+        "per_node",
+        "seconds",
+    ):
+        assert key in summary
+    assert summary["mode"] == "transfer" and len(summary["per_node"]) == 3
+    # the targets: >= 95 % of the baseline at <= 1 % of the parameters, >= 5 points
+    # above the pre-trained model (the target task differs from the source)
+    assert summary["accuracy"] >= 0.95 * summary["baseline_accuracy"]
+    assert summary["uploaded_params_fraction"] <= 0.01
+    assert summary["accuracy"] >= summary["base_accuracy"] + 0.05
+    head = 128 * 10 + 10
+    assert summary["delta_bytes"] == 3 * (head + 2 * 4)  # int8 values + one scale per tensor
+    assert summary["model_bytes"] == (tmp_path / "base.safetensors").stat().st_size
+    assert [v["source"] for v in summary["model_versions"]][1] == "aggregate"
+    assert summary["aggregated_version"] == 2
+    for node in summary["per_node"].values():
+        assert node["onnx_max_abs_diff"] < 1e-3
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
+    assert "of the baseline" in proc.stdout
