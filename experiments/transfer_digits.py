@@ -137,7 +137,7 @@ def main() -> None:
             {
                 "trainable": trainable,
                 "encoding": encoding,
-                "params_fraction": runs[0]["params_fraction"],
+                "params_fraction": statistics.mean(float(r["params_fraction"]) for r in runs),
                 "delta_bytes_per_node": statistics.mean(
                     float(r["delta_bytes_per_node"]) for r in runs
                 ),
