@@ -179,6 +179,8 @@ def encode_delta(
     dense: Mapping[str, np.ndarray],
     encoding: DeltaEncoding,
     low_rank: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    *,
+    k: int | None = None,
 ) -> list[DeltaEntry]:
     """Encode the fine-tuned tensors as deltas against ``base``.
 
@@ -187,6 +189,8 @@ def encode_delta(
         dense: Name -> fine-tuned tensor (same shape as in ``base``); the delta is the difference.
         encoding: Value dtype and top-k fraction (top-k applies to the dense deltas only).
         low_rank: Name -> ``(left (rows, r), right (r, cols))`` adapter factors, sent as they are.
+        k: Top-k only: how many entries to keep (default ``ceil(topk * n)`` over the ``n``
+            entries of ``dense``); sparse fine-tuning passes the size of its mask.
 
     Returns:
         Entries in name order (tensors with nothing selected by top-k are left out).
@@ -212,7 +216,7 @@ def encode_delta(
         for name, d in deltas.items():
             entries[name] = DeltaEntry(name, DeltaKind.DENSE, _values(d, encoding.values, name))
     else:
-        entries.update(_topk(deltas, encoding))
+        entries.update(_topk(deltas, encoding, k))
     for name, (left, right) in sorted((low_rank or {}).items()):
         if name not in base:
             raise CodecError(f"tensor {name!r} is not in the base model")
@@ -242,12 +246,14 @@ def _values(array: np.ndarray, dtype: str, name: str) -> WireTensor:
     return wire
 
 
-def _topk(deltas: Mapping[str, np.ndarray], encoding: DeltaEncoding) -> dict[str, DeltaEntry]:
+def _topk(
+    deltas: Mapping[str, np.ndarray], encoding: DeltaEncoding, k: int | None
+) -> dict[str, DeltaEntry]:
     if not deltas:
         return {}
     names = list(deltas)
     flat = np.concatenate([deltas[n].ravel() for n in names])
-    k = topk_count(encoding.topk, flat.size)
+    k = min(flat.size, max(1, k)) if k is not None else topk_count(encoding.topk, flat.size)
     chosen = np.zeros(flat.size, dtype=bool)
     chosen[np.argpartition(-np.abs(flat), k - 1)[:k]] = True
     chosen &= flat != 0  # an unchanged entry is never worth sending

@@ -122,7 +122,8 @@ class TrainResult:
     """Wall time of one sample's forward + backward + update (measured, the whole run)."""
     final_loss: float
     trained_params: int
-    """Parameters the optimiser changed (adapter factors counted, frozen weights not)."""
+    """Parameter entries free to change (adapter factors counted, frozen weights not; with
+    masks, the masked entries)."""
 
 
 class LowRankAdapter(nn.Module):
@@ -229,8 +230,8 @@ def train_network(
     device = torch.device(settings.device)
     torch.set_num_threads(settings.threads or torch.get_num_threads())
     params = prepare(model, trainable, seed=settings.seed)
+    model.to(device)  # before the masks, so their gradient hooks live on the model's device
     params = params if masks is None else _apply_masks(model, masks)
-    model.to(device)
     total_steps = settings.epochs * math.ceil(len(x) / settings.batch_size)
     total_steps = min(total_steps, settings.max_steps or total_steps)
     optimiser, scheduler = _optimiser(
@@ -286,7 +287,11 @@ def train_network(
         seconds=seconds,
         seconds_per_sample=seconds / min(samples, epoch * len(x)),
         final_loss=mean_loss,
-        trained_params=sum(p.numel() for p in params),
+        trained_params=(
+            sum(p.numel() for p in params)
+            if masks is None
+            else sum(int(m.sum()) for m in masks.values())
+        ),
     )
 
 
@@ -327,7 +332,7 @@ def _apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[nn
             p.requires_grad_(False)
             continue
         keep = mask.to(device=p.device, dtype=p.dtype)
-        p.register_hook(lambda grad, keep=keep: grad * keep)  # type: ignore[no-untyped-call]
+        p.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device))  # type: ignore[no-untyped-call]
         params.append(p)
     if not params:
         raise ConfigError("sparse fine-tuning: the masks select no trainable entry")

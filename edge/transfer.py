@@ -78,6 +78,10 @@ class FinetuneConfig:
     """Where downloaded models are cached (empty = :func:`default_cache_dir`)."""
     device: str = "cpu"
     """torch device of the training (``cpu`` or ``cuda``)."""
+    augment: bool = False
+    """Random shifts of each batch (and left-right flips with ``hflip``), for natural images."""
+    hflip: bool = False
+    """With ``augment``: also flip half of each batch left-right."""
 
     def __post_init__(self) -> None:
         if self.encoding.topk < 1.0 and self.trainable.kind == "adapters":
@@ -101,6 +105,8 @@ class FinetuneConfig:
             learning_rate=self.learning_rate or default,
             seed=self.seed,
             device=self.device,
+            augment=self.augment,
+            hflip=self.hflip,
             threads=1 if self.device == "cpu" else 0,  # small models; nodes may share a host
         )
 
@@ -147,9 +153,11 @@ def fine_tune_delta(
     """
     network = base.to_torch()
     result = train_network(network, x, y, config.trainable, config.settings(), on_epoch=on_epoch)
+    k: int | None = None
     if config.encoding.topk < 1.0:
-        dense, _ = fine_tuned_update(network, config.trainable)
-        k = topk_count(config.encoding.topk, sum(v.size for v in dense.values()))
+        # k counts the trained parameters' entries (statistics are not re-trained, so they
+        # stay at the base and are not sent)
+        k = topk_count(config.encoding.topk, result.trained_params)
         masks = sparse_masks(network, base.tensors, k)
         logger.info("sparse fine-tuning: re-training the %d entries that moved most", k)
         network = base.to_torch()
@@ -163,7 +171,7 @@ def fine_tune_delta(
             masks=masks,
         )
     dense, low_rank = fine_tuned_update(network, config.trainable)
-    entries = encode_delta(base.tensors, dense, config.encoding, low_rank)
+    entries = encode_delta(base.tensors, dense, config.encoding, low_rank, k=k)
     return FineTuned(network.cpu(), entries, result)
 
 
@@ -304,7 +312,7 @@ def delta_bits_estimate(network: nn.Module, trainable: Trainable, encoding: Delt
         }
         sent = encode_delta({**dense, **shapes}, dense, encoding, low_rank)
         return 8.0 * stats(sent).payload_bytes
-    n = sum(v.size for v in dense.values())
+    n = sum(p.numel() for p in network.parameters() if p.requires_grad)  # what k counts
     index_bits = 16 if all(v.size <= 65536 for v in dense.values()) else 32
     value_bits = {"float32": 32, "float16": 16, "int8": 8}[encoding.values]
     scales = 32 * len(dense) if encoding.values == "int8" else 0

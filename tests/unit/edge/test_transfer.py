@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from common.delta import DeltaEncoding, encode_delta, stats
+from common.delta import DeltaEncoding, apply_delta, encode_delta, stats, topk_count
 from common.errors import ConfigError
 from common.finetune import Trainable, fine_tuned_update, prepare
 from common.modelfile import from_torch
@@ -16,6 +17,7 @@ from edge.transfer import (
     FinetuneConfig,
     delta_bits_estimate,
     derive_profile,
+    fine_tune_delta,
     training_macs_per_sample,
 )
 
@@ -143,3 +145,30 @@ def test_delta_bits_estimate_for_topk_bounds_what_is_sent() -> None:
         enc = DeltaEncoding.parse(spec)
         sent = stats(encode_delta(base.tensors, dense, enc))
         assert 8 * sent.payload_bytes <= delta_bits_estimate(net, Trainable("all"), enc)
+
+
+@pytest.mark.parametrize("trainable", ["head", "all"])
+def test_sparse_fine_tuning_sends_what_it_trained(trainable: str) -> None:
+    spec = ModelSpec("mlp", 1, 8, 8, 10)
+    base = from_torch(spec, build_model(spec, seed=0))
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 1, 8, 8), dtype=np.float32)
+    y = rng.integers(0, 10, 64)
+    config = FinetuneConfig(
+        trainable=Trainable.parse(trainable),
+        encoding=DeltaEncoding.parse("topk:0.05+fp32"),
+        epochs=3,
+    )
+    tuned = fine_tune_delta(base, x, y, config)
+    trainable_entries = sum(p.numel() for p in prepare(build_model(spec), config.trainable))
+    k = topk_count(0.05, trainable_entries)
+    assert tuned.result.trained_params == k  # the sparse run frees exactly the k entries
+    new = from_torch(spec, tuned.network).tensors
+    moved = sum(int(np.count_nonzero(new[n] != base.tensors[n])) for n in new)
+    sent = stats(tuned.entries)
+    # the masked run moved at most k entries, and every one of them is sent, exactly (fp32)
+    assert 0 < moved <= k
+    assert sent.params == moved
+    applied = apply_delta(base.tensors, tuned.entries)
+    for name in new:
+        np.testing.assert_allclose(applied[name], new[name], rtol=0, atol=1e-6)  # f32 a+(b-a)
