@@ -430,11 +430,6 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def trained_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters that currently require grad (for logs and reports)."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 def predict(model: nn.Module, x: FloatArray, *, batch_size: int = 512) -> LabelArray:
     """Predicted labels (argmax of the class scores), in eval mode, on the model's device."""
     model.eval()
