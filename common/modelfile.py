@@ -100,7 +100,10 @@ def parse_model_bytes(data: bytes, where: str = "model") -> ModelFile:
         raise ConfigError(f"{where} is not a safetensors model file: {exc}") from exc
     if with_meta.get(_FORMAT_KEY) != FORMAT:
         found = with_meta.get(_FORMAT_KEY)
-        raise ConfigError(f"{where}: metadata {_FORMAT_KEY} must be {FORMAT!r}, got {found!r}")
+        raise ConfigError(
+            f"{where} is a safetensors file but not a latentedge model: metadata {_FORMAT_KEY} "
+            f"must be {FORMAT!r}, got {found!r} (write one with `latentedge pretrain`)"
+        )
     spec = ModelSpec.from_json(with_meta.get(_SPEC_KEY, ""))
     for name, arr in arrays.items():
         if arr.dtype != np.float32:
