@@ -51,7 +51,8 @@ class _ScaleNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``x`` ``(N, C, H, W)`` with batch statistics (training) or running ones."""
-        if not torch.jit.is_tracing() and (x.ndim != 4 or x.shape[1] != self.num_features):
+        tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+        if not tracing and (x.ndim != 4 or x.shape[1] != self.num_features):
             raise ConfigError(
                 f"{type(self).__name__}({self.num_features}) expects (N, {self.num_features}, H, "
                 f"W) inputs, got {list(x.shape)}"
