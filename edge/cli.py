@@ -88,6 +88,9 @@ class EdgeConfig:
     """Folder of downloaded models, named by hash (empty = ~/.cache/latentedge/models)."""
     cycles_per_mac: float = 1.0
     """CPU cycles per multiply-accumulate, to derive profile fields left at 0."""
+    train_noise: str = ""
+    """Noise-aware training of the encoder: a device_sim weight-noise spec (e.g.
+    ``awgn:snr_db=10``) injected on every training step; empty = plain training."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("latents", "finetune"):
@@ -132,6 +135,7 @@ _FLAG_KEYS = (
     "finetune_lr",
     "model_cache",
     "cycles_per_mac",
+    "train_noise",
 )
 _BOOL_KEYS = ("evaluate", "reset", "scheduled")
 
@@ -182,6 +186,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--model-cache", dest="model_cache", help="downloaded models (~/.cache/latentedge/models)"
     )
     parser.add_argument(
+        "--train-noise",
+        dest="train_noise",
+        help="train the encoder noise-aware under this weight-noise spec, e.g. awgn:snr_db=10",
+    )
+    parser.add_argument(
         "--cycles-per-mac",
         dest="cycles_per_mac",
         type=float,
@@ -207,6 +216,10 @@ def load_config(args: argparse.Namespace) -> tuple[EdgeConfig, EnergyProfile | N
         if not getattr(config, key):
             raise ConfigError(f"--{key.replace('_', '-')} is required (or edge.{key} in --config)")
     _finetune_config(config)  # refuse a bad --trainable / --delta-encoding before any work
+    if config.train_noise:
+        from edge.trainer import TrainConfig
+
+        TrainConfig(train_noise=config.train_noise)  # and a bad --train-noise
     return config, profile
 
 
@@ -416,7 +429,8 @@ def _run_latents(
     """Train the autoencoder, upload latents, classify through the server, export."""
     from edge.trainer import TrainConfig, encode, reconstruct, train_autoencoder
 
-    train_config = TrainConfig(seed=config.seed)
+    train_config = TrainConfig(seed=config.seed, train_noise=config.train_noise)
+    report["train_noise"] = config.train_noise
     if config.epochs:
         train_config = replace(train_config, epochs=config.epochs)
 

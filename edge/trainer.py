@@ -18,6 +18,7 @@ from torch import nn
 
 from common.errors import ConfigError, DataError
 from common.models import AutoencoderConfig, ConvAutoencoder
+from common.noise_aware import inject_weight_noise, training_spec
 from common.types import FloatArray
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class TrainConfig:
     num_threads: int = 1
     """torch intra-op threads while training (0 keeps torch's setting); 1 suits small models
     and several node processes sharing a 2-core machine."""
+    train_noise: str = ""
+    """A ``device_sim`` weight-noise spec injected into the encoder's Conv/Linear weights on
+    every training step (noise-aware training, ``common.noise_aware``); empty = plain."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -53,6 +57,8 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if self.num_threads < 0:
             raise ConfigError(f"train.num_threads must be >= 0, got {self.num_threads}")
+        if self.train_noise:
+            training_spec(self.train_noise)  # ConfigError naming the bad part of the spec
 
 
 def train_autoencoder(
@@ -82,6 +88,11 @@ def train_autoencoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_config.seed)
         model = ConvAutoencoder(ae_config)
+    noise = (
+        inject_weight_noise(model.encoder, train_config.train_noise, seed=train_config.seed)
+        if train_config.train_noise
+        else None
+    )
     rng = np.random.default_rng(train_config.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=train_config.learning_rate)
     loss_fn = nn.MSELoss()
@@ -114,6 +125,8 @@ def train_autoencoder(
             logger.info("autoencoder reached max_steps=%d in epoch %d", steps, epoch)
             break
     model.eval()
+    if noise is not None:
+        noise.remove()  # the clean trained weights stay; the device adds its own noise
     logger.info(
         "trained autoencoder on %d images %s -> %d latents: %d epochs (%d steps), "
         "final mse %.5f, %.1f s",

@@ -284,3 +284,16 @@ def test_command_line_flag_beats_its_exclusive_twin_from_the_file(tmp_path: Path
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(report.read_text())["noise"] == "awgn:snr_db=20"
+
+
+def test_edge_refuses_a_bad_train_noise_spec_before_any_work() -> None:
+    proc = _run(
+        "edge",
+        "--server",
+        "127.0.0.1:1",
+        "--node-id",
+        "n0",
+        "--train-noise",
+        "pcm:t=3600+adc:bits=8",
+    )
+    _one_line_error(proc, 3, "act on activations")

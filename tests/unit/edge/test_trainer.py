@@ -75,3 +75,38 @@ def test_bad_inputs() -> None:
         encode(ConvAutoencoder(CONFIG), np.zeros((2, 1, 28, 28), np.float32))
     with pytest.raises(ConfigError, match=r"train.epochs must be >= 1, got 0"):
         TrainConfig(epochs=0)
+
+
+def test_noise_aware_training_trains_a_robuster_encoder_with_clean_weights(
+    images: np.ndarray,
+) -> None:
+    plain = train_autoencoder(images, CONFIG, TrainConfig(epochs=20, seed=2))
+    aware = train_autoencoder(
+        images, CONFIG, TrainConfig(epochs=20, seed=2, train_noise="awgn:snr_db=5")
+    )
+    # the noise is gone after training: plain parameter names, deterministic encoding
+    assert set(dict(aware.named_parameters())) == set(dict(plain.named_parameters()))
+    np.testing.assert_array_equal(encode(aware, images[:8]), encode(aware, images[:8]))
+    assert not np.allclose(encode(aware, images), encode(plain, images))
+
+    # under the same weight noise on the encoder, the noise-aware one reconstructs better
+    def noisy_mse(model: ConvAutoencoder) -> float:
+        from common.noise_aware import weight_noise
+
+        errs = []
+        for seed in range(10):
+            model.train()  # noise is drawn in training mode; no dropout/BN in this model
+            with weight_noise(model.encoder, "awgn:snr_db=5", seed=seed), torch.no_grad():
+                out = model(torch.from_numpy(images)).numpy()
+            errs.append(float(np.mean((out - images) ** 2)))
+        model.eval()
+        return float(np.mean(errs))
+
+    assert noisy_mse(aware) < noisy_mse(plain)
+
+
+def test_bad_train_noise_spec_is_refused() -> None:
+    with pytest.raises(ConfigError, match="act on activations"):
+        TrainConfig(train_noise="adc:bits=8")
+    with pytest.raises(ConfigError, match="train-noise"):
+        TrainConfig(train_noise="awgn:snr=5")
