@@ -166,6 +166,28 @@ def load_dataset(spec: str) -> Dataset:
     return ds
 
 
+def stored_scale(spec: str) -> float:
+    """The value that 1.0 of the loaded images is in the samples as the dataset stores them.
+
+    ``16`` for ``digits`` (pixels 0..16), ``255`` for 8-bit pixels (IDX files, image folders,
+    integer ``.npz`` arrays and ``.npz`` floats above 1), ``1`` for ``.npz`` floats in [0, 1].
+    A model exported for "samples as stored" divides its input by this.
+    """
+    if spec in BUILTIN_DATASETS:
+        return 16.0
+    path = Path(spec)
+    if path.suffix == ".npz" and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                key = "x_train" if "x_train" in archive.files else "x"
+                x = archive[key] if key in archive.files else None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{str(path)!r}: cannot read as .npz: {exc}") from exc
+        if x is not None and x.dtype.kind == "f" and (x.size == 0 or float(np.max(x)) <= 1.0):
+            return 1.0
+    return 255.0
+
+
 def filter_classes(ds: Dataset, classes: Sequence[int]) -> Dataset:
     """Keep only the samples whose label is in ``classes`` (both splits).
 

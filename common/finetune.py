@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from common.errors import ConfigError, DataError
+from common.norms import L1BatchNorm2d, TopKBatchNorm2d
 from common.types import FloatArray, LabelArray
 from common.zoo import HEAD_PREFIX, LAST_BLOCK_PREFIX, model_state
 
@@ -31,7 +32,14 @@ logger = logging.getLogger(__name__)
 TRAINABLE_KINDS: tuple[str, ...] = ("head", "last-block", "bn", "all", "adapters")
 """What ``--trainable`` accepts (``adapters`` takes ``:RANK``)."""
 
-_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+_NORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    L1BatchNorm2d,
+    TopKBatchNorm2d,
+)
 
 
 @dataclass(frozen=True)
@@ -414,7 +422,7 @@ def fine_tuned_update(
     trained_modules = {n.rsplit(".", 1)[0] for n in trained}
     for name, tensor in _plain_state(model).items():
         owner = name.rsplit(".", 1)[0]
-        is_stat = name.endswith(("running_mean", "running_var"))
+        is_stat = name.endswith(("running_mean", "running_var", "running_scale"))
         if name in trained or (is_stat and owner in trained_modules and trainable.kind != "head"):
             dense[name] = tensor.cpu().numpy().copy()
     return dense, low_rank

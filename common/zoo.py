@@ -12,7 +12,9 @@ writes class scores ``(N, num_classes)``. Each one names its parameter groups, w
   Conv/Linear weight (LoRA), see :mod:`common.adapters`.
 
 Networks: ``mlp`` (two hidden layers), ``lenet`` (two conv stages + a hidden fc layer),
-``resnet8`` and ``resnet20`` (CIFAR-style residual networks with BatchNorm, 16/32/64 channels).
+``resnet8/20/32/44`` (CIFAR-style residual networks, 16/32/64 channels, He et al. 2016) and
+``vgg11/16`` (CIFAR-style VGG). Every convolution can be followed by BatchNorm, L1 or TopK
+batch normalisation or nothing (``ModelSpec.norm``, ``common.norms``).
 A :class:`ModelSpec` describes a network completely (name and data geometry), so a model file
 carries its spec and anyone can rebuild the network without code of their own.
 """
@@ -28,8 +30,23 @@ from torch import nn
 
 from common.errors import ConfigError
 
-MODEL_NAMES: tuple[str, ...] = ("mlp", "lenet", "resnet8", "resnet20")
+MODEL_NAMES: tuple[str, ...] = (
+    "mlp",
+    "lenet",
+    "resnet8",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "vgg11",
+    "vgg16",
+)
 """Networks :func:`build_model` knows."""
+
+NORMS: tuple[str, ...] = ("none", "bn", "l1", "topk")
+"""Normalisation layers a network can use (``""`` = the network's own default)."""
+
+_DEFAULT_NORM = {"mlp": "none", "lenet": "none"}
+"""Networks whose default is not ``bn``."""
 
 HEAD_PREFIX = "head."
 """State-dict prefix of the classifier head in every zoo network."""
@@ -52,10 +69,18 @@ class ModelSpec:
     """Input width (pixels)."""
     num_classes: int
     """Outputs of the head."""
+    norm: str = ""
+    """Normalisation after each convolution: ``none``, ``bn``, ``l1`` or ``topk``
+    (``common.norms``); empty = the network's default (``bn`` for ResNets and VGGs, ``none``
+    for ``mlp`` and ``lenet``)."""
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
             raise ConfigError(f"model must be one of {list(MODEL_NAMES)}, got {self.name!r}")
+        if self.norm and self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
+        if self.name == "mlp" and self.norm not in ("", "none"):
+            raise ConfigError("the mlp has no convolutions to normalise; use norm none")
         for key in ("in_channels", "height", "width"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
@@ -74,6 +99,24 @@ class ModelSpec:
             return cls(**doc)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"not a model spec: {text[:200]!r} ({exc})") from exc
+
+    @property
+    def norm_kind(self) -> str:
+        """The normalisation in effect (the default resolved)."""
+        return self.norm or _DEFAULT_NORM.get(self.name, "bn")
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """A 2-D normalisation layer of ``kind`` (``none`` gives the identity)."""
+    from common.norms import L1BatchNorm2d, TopKBatchNorm2d  # noqa: PLC0415 - cycle-free lazy
+
+    layers: dict[str, Callable[[int], nn.Module]] = {
+        "none": lambda _: nn.Identity(),
+        "bn": nn.BatchNorm2d,
+        "l1": L1BatchNorm2d,
+        "topk": TopKBatchNorm2d,
+    }
+    return layers[kind](channels)
 
 
 class _Net(nn.Module):
@@ -106,7 +149,8 @@ def _lenet(spec: ModelSpec) -> _Net:
     layers: list[nn.Module] = []
     prev = spec.in_channels
     for out in (32, 64):
-        layers += [nn.Conv2d(prev, out, 3, padding=1), nn.ReLU()]
+        norm = [] if spec.norm_kind == "none" else [norm_layer(spec.norm_kind, out)]
+        layers += [nn.Conv2d(prev, out, 3, padding=1), *norm, nn.ReLU()]
         if min(h, w) >= 8:
             layers.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
@@ -122,16 +166,17 @@ def _lenet(spec: ModelSpec) -> _Net:
 class _BasicBlock(nn.Module):
     """Two 3x3 conv + BN, identity or 1x1-projection shortcut (He et al. 2016, CIFAR form)."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm: str = "bn") -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        bias = norm == "none"  # a normalisation layer brings its own shift
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
+        self.bn1 = norm_layer(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
+        self.bn2 = norm_layer(norm, cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=bias), norm_layer(norm, cout)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,9 +188,10 @@ class _BasicBlock(nn.Module):
 
 def _resnet(blocks_per_stage: int) -> Callable[[ModelSpec], _Net]:
     def build(spec: ModelSpec) -> _Net:
+        norm = spec.norm_kind
         stem = [
-            nn.Conv2d(spec.in_channels, 16, 3, padding=1, bias=False),
-            nn.BatchNorm2d(16),
+            nn.Conv2d(spec.in_channels, 16, 3, padding=1, bias=norm == "none"),
+            norm_layer(norm, 16),
             nn.ReLU(),
         ]
         blocks: list[nn.Module] = []
@@ -153,7 +199,7 @@ def _resnet(blocks_per_stage: int) -> Callable[[ModelSpec], _Net]:
         for stage, width in enumerate((16, 32, 64)):
             for b in range(blocks_per_stage):
                 stride = 2 if stage > 0 and b == 0 and min(spec.height, spec.width) >= 8 else 1
-                blocks.append(_BasicBlock(prev, width, stride))
+                blocks.append(_BasicBlock(prev, width, stride, norm))
                 prev = width
         last = blocks.pop()
         return _Net(
@@ -165,11 +211,55 @@ def _resnet(blocks_per_stage: int) -> Callable[[ModelSpec], _Net]:
     return build
 
 
+_VGG_STAGES: dict[str, tuple[tuple[int, ...], ...]] = {
+    "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+}
+"""Convolutions (output channels) of each stage; a 2x2 max-pool ends each stage."""
+
+
+def _vgg(name: str) -> Callable[[ModelSpec], _Net]:
+    """VGG for small images (Simonyan & Zisserman; CIFAR form: one linear layer on 512 features).
+
+    A stage pools only while the feature map is at least 2 pixels, so 8x8 inputs work too.
+    """
+
+    def build(spec: ModelSpec) -> _Net:
+        norm = spec.norm_kind
+        stages: list[nn.Module] = []
+        prev, size = spec.in_channels, min(spec.height, spec.width)
+        for widths in _VGG_STAGES[name]:
+            layers: list[nn.Module] = []
+            for width in widths:
+                layers += [
+                    nn.Conv2d(prev, width, 3, padding=1, bias=norm == "none"),
+                    norm_layer(norm, width),
+                    nn.ReLU(),
+                ]
+                prev = width
+            if size >= 2:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            stages.append(nn.Sequential(*layers))
+        last = stages.pop()
+        return _Net(
+            nn.Sequential(*stages),
+            nn.Sequential(last, nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            nn.Linear(512, spec.num_classes),
+        )
+
+    return build
+
+
 _BUILDERS: dict[str, Callable[[ModelSpec], _Net]] = {
     "mlp": _mlp,
     "lenet": _lenet,
     "resnet8": _resnet(1),
     "resnet20": _resnet(3),
+    "resnet32": _resnet(5),
+    "resnet44": _resnet(7),
+    "vgg11": _vgg("vgg11"),
+    "vgg16": _vgg("vgg16"),
 }
 
 

@@ -53,6 +53,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "server": ("server.cli", "run the gRPC server (stores latents, trains and serves classifiers)"),
     "pretrain": ("server.pretrain_cli", "train a base model on source data for nodes to fine-tune"),
+    "train": (
+        "server.train_cli",
+        "train a zoo network (optionally noise-aware) and export it to ONNX for simulate",
+    ),
     "edge": ("edge.cli", "run one edge node: train its autoencoder, upload latents, evaluate"),
     "status": ("edge.status_cli", "print a running server's state as JSON"),
     "models": (

@@ -10,92 +10,26 @@ import argparse
 import json
 import logging
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
+from server.train_cli import TrainJob, add_training_flags, job_from_args, train_job
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    """What ``latentedge pretrain`` trains."""
-
-    data: str = "digits"
-    """Source dataset: ``digits`` or a path."""
-    classes: str = ""
-    """Comma-separated source classes (empty = all); the model keeps every class's output."""
-    model: str = "lenet"
-    """Zoo network (``common.zoo.MODEL_NAMES``)."""
-    out: Path = Path("base.safetensors")
-    """Model file to write."""
-    epochs: int = 30
-    """Passes over the source data."""
-    batch_size: int = 64
-    """Samples per step."""
-    learning_rate: float = 3e-3
-    """Peak AdamW step size (one-cycle schedule)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay."""
-    augment: str = "none"
-    """``none``, ``shift`` (random shifts by up to 1/8 of the size) or ``shift+flip`` (also
-    left-right flips, for natural images)."""
-    seed: int = 0
-    """Seed of initialisation and batch order."""
-    device: str = "cpu"
-    """``cpu`` or ``cuda``."""
-    onnx: str = ""
-    """Also export the network to this ONNX file (checked against torch)."""
-    threads: int = 0
-    """torch intra-op threads (0 = torch's default)."""
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``pretrain`` flags."""
-    from common.zoo import MODEL_NAMES
-
-    d = PretrainConfig()
-    parser.add_argument("--data", default=d.data, help="digits (default) or a dataset path")
-    parser.add_argument("--classes", default=d.classes, help="source classes, e.g. 0,1,2,3")
-    parser.add_argument("--model", default=d.model, choices=list(MODEL_NAMES), help="network")
-    parser.add_argument("--out", type=Path, default=d.out, help="model file to write")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs ({d.epochs})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (64)")
-    parser.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay")
+    add_training_flags(parser, TrainJob())
     parser.add_argument(
-        "--augment",
-        default=d.augment,
-        choices=["none", "shift", "shift+flip"],
-        help="data augmentation (none; shift for digits, shift+flip for natural images)",
+        "--out", type=Path, default=Path("base.safetensors"), help="model file to write"
     )
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed (0)")
-    parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="device")
-    parser.add_argument("--onnx", default=d.onnx, help="also export the network to this file")
-    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (0 = auto)")
+    parser.add_argument("--onnx", default="", help="also export the network to this file")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Pre-train and print a one-paragraph summary."""
-    config = PretrainConfig(
-        data=args.data,
-        classes=args.classes,
-        model=args.model,
-        out=args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        augment=args.augment,
-        seed=args.seed,
-        device=args.device,
-        onnx=args.onnx,
-        threads=args.threads,
-    )
-    report = pretrain(config)
+    """Pre-train and print a short summary."""
+    report = pretrain(job_from_args(args), args.out, onnx=args.onnx)
     sys.stdout.write(
         f"pretrained {report['model']} ({report['parameters']:,} parameters) on "
         f"{report['train_samples']} samples of {report['dataset']}: test accuracy "
@@ -107,78 +41,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def pretrain(config: PretrainConfig) -> dict[str, Any]:
-    """Train the base model on the source data; write the model file and its report."""
-    import torch
-
-    from common.datasets import filter_classes, load_dataset, parse_classes
-    from common.finetune import Trainable, TrainSettings, accuracy, train_network
+def pretrain(job: TrainJob, out: Path, *, onnx: str = "") -> dict[str, Any]:
+    """Train the base model on the source data; write the model file and its JSON report."""
     from common.modelfile import from_torch, write_model_file
-    from common.zoo import ModelSpec, build_model, parameter_count
+    from common.zoo import parameter_count
 
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    started = time.perf_counter()
-    data = load_dataset(config.data)
-    if config.classes:
-        data = filter_classes(data, parse_classes(config.classes))
-    spec = ModelSpec(config.model, *data.input_shape, data.num_classes)
-    settings = TrainSettings(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        augment=config.augment != "none",
-        hflip=config.augment == "shift+flip",
-        device=config.device,
-    )
-    model = build_model(spec, seed=config.seed)
-
-    def on_epoch(epoch: int, loss: float) -> None:
-        if epoch == 1 or epoch % 5 == 0 or epoch == config.epochs:
-            logger.info("pretrain epoch %d/%d: loss %.4f", epoch, config.epochs, loss)
-
-    logger.info(
-        "pretraining %s (%d parameters) on %d samples of %s",
-        spec.name,
-        parameter_count(model),
-        len(data.y_train),
-        data.name,
-    )
-    result = train_network(
-        model, data.x_train, data.y_train, Trainable("all"), settings, on_epoch=on_epoch
-    )
-    model.cpu()
-    test_acc = accuracy(model, data.x_test, data.y_test)
+    trained = train_job(job, what="pretrain")
+    data = trained.data
     meta = {
         "source_data": data.name,
-        "source_classes": config.classes or "all",
-        "source_test_accuracy": f"{test_acc:.6f}",
-        "seed": str(config.seed),
+        "source_classes": job.classes or "all",
+        "source_test_accuracy": f"{trained.test_accuracy:.6f}",
+        "seed": str(job.seed),
     }
-    digest = write_model_file(from_torch(spec, model, meta), config.out)
+    if job.train_noise:
+        meta["train_noise"] = job.train_noise
+    digest = write_model_file(from_torch(trained.spec, trained.model, meta), out)
     report: dict[str, Any] = {
-        "model": spec.name,
-        "spec": json.loads(spec.to_json()),
-        "parameters": parameter_count(model),
+        "model": trained.spec.name,
+        "spec": json.loads(trained.spec.to_json()),
+        "parameters": parameter_count(trained.model),
         "dataset": data.name,
         "train_samples": len(data.y_train),
         "test_samples": len(data.y_test),
-        "test_accuracy": test_acc,
-        "epochs": result.epochs,
-        "steps": result.steps,
-        "out": str(config.out),
+        "test_accuracy": trained.test_accuracy,
+        "epochs": trained.result.epochs,
+        "steps": trained.result.steps,
+        "out": str(out),
         "hash": digest,
     }
-    if config.onnx:
+    if onnx:
         from common.export import export_network
 
         sample = data.x_test[:64] if len(data.x_test) else data.x_train[:64]
-        report["onnx"] = config.onnx
-        report["onnx_max_abs_diff"] = export_network(model, config.onnx, sample)
-    report["seconds"] = time.perf_counter() - started
-    Path(config.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        report["onnx"] = onnx
+        report["onnx_max_abs_diff"] = export_network(trained.model, onnx, sample)
+    report["seconds"] = trained.seconds
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -108,6 +108,7 @@ def test_pretrain_writes_model_file_report_and_onnx(pretrained: Pretrained) -> N
         "height": 8,
         "width": 8,
         "num_classes": 10,  # the head keeps every class's output
+        "norm": "",  # the network's default (none for lenet)
     }
     model, read_digest = read_model_file(pretrained.out)
     assert read_digest == digest
