@@ -68,12 +68,21 @@ class DemoConfig:
     """transfer: how the nodes encode their deltas."""
     pretrain_epochs: int = 60
     """transfer: epochs of pre-training (and of the centralised baseline)."""
+    train_noise: str = ""
+    """latents: also run every node with a noise-aware encoder (``aware-i``, trained under this
+    weight-noise spec) beside the plain one, and compare their analog curves."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("latents", "transfer"):
             raise ConfigError(f"--mode must be latents or transfer, got {self.mode!r}")
         if self.pretrain_epochs < 1:
             raise ConfigError(f"--pretrain-epochs must be >= 1, got {self.pretrain_epochs}")
+        if self.train_noise:
+            if self.mode != "latents":
+                raise ConfigError("--train-noise applies to --mode latents (the nodes' encoders)")
+            from common.noise_aware import training_spec
+
+            training_spec(self.train_noise)
         if not 1 <= self.nodes <= 64:
             raise ConfigError(f"--nodes must be in 1..64, got {self.nodes}")
         if self.latent_dim < 1:
@@ -125,6 +134,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pretrain-epochs", type=int, default=d.pretrain_epochs, help="transfer: epochs (60)"
     )
+    parser.add_argument(
+        "--train-noise",
+        default=d.train_noise,
+        help="also run noise-aware encoders (trained under this weight-noise spec) beside plain",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         trainable=args.trainable,
         delta_encoding=args.delta_encoding,
         pretrain_epochs=args.pretrain_epochs,
+        train_noise=args.train_noise,
     )
     if config.mode == "transfer":
         from latentedge.demo_transfer import human_summary, run_transfer_demo
@@ -211,15 +226,22 @@ class DemoServer:
 
 
 def start_edges(
-    config: DemoConfig, address: str, *, data: str = "", branch_args: list[str] | None = None
+    config: DemoConfig,
+    address: str,
+    *,
+    data: str = "",
+    branch_args: list[str] | None = None,
+    prefix: str = "node",
+    extra: tuple[str, ...] = (),
 ) -> list[tuple[str, subprocess.Popen[str], Path]]:
-    """Start the edge node processes.
+    """Start the edge node processes ``PREFIX-0``, ``PREFIX-1``, ...
 
-    ``branch_args`` replace the latents flags; ``data`` replaces the dataset.
+    ``branch_args`` replace the latents flags; ``data`` replaces the dataset; ``extra`` flags
+    are added to every node's command line.
     """
     edges = []
     for i in range(config.nodes):
-        node_id = f"node-{i}"
+        node_id = f"{prefix}-{i}"
         log_path = config.out / f"{node_id}.log"
         branch = branch_args or [
             "--latent-dim",
@@ -249,6 +271,7 @@ def start_edges(
             str(config.out / f"{node_id}.json"),
             "--retry-window-s",
             "60",
+            *extra,
         ]
         if config.epochs:
             args += ["--epochs", str(config.epochs)]
@@ -324,6 +347,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     try:
         logger.info("server listening on %s", server.address)
         edges = start_edges(config, server.address)
+        if config.train_noise:
+            edges += start_edges(
+                config, server.address, prefix="aware", extra=("--train-noise", config.train_noise)
+            )
         logger.info("started %d edge node processes", len(edges))
         try:
             wait_edges(edges)
@@ -373,8 +400,21 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         },
         "seconds": 0.0,
     }
+    if config.train_noise:
+        aware = [
+            json.loads((config.out / f"aware-{i}.json").read_text()) for i in range(config.nodes)
+        ]
+        summary["noise_aware"] = {
+            "train_noise": config.train_noise,
+            "accuracy": sum(r["correct"] for r in aware) / sum(r["test_samples"] for r in aware),
+            "per_node": {r["node_id"]: {"accuracy": r["accuracy"]} for r in aware},
+        }
     if config.analog_sweep:
-        summary["analog"] = _analog(config, summary)
+        summary["analog"] = _analog(config, list(summary["per_node"]))
+        if config.train_noise:
+            summary["noise_aware"]["analog"] = _analog(
+                config, list(summary["noise_aware"]["per_node"])
+            )
     _plot(config, summary)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -416,7 +456,7 @@ def build_pipelines(out: Path, nodes: list[str]) -> dict[str, Path]:
     return pipelines
 
 
-def _analog(config: DemoConfig, summary: dict[str, Any]) -> dict[str, Any]:
+def _analog(config: DemoConfig, nodes: list[str]) -> dict[str, Any]:
     """Each node's encoder on a simulated analog device, feeding the server's classifier.
 
     Only the encoder's weights (``^encoder/``) are analog; the classifier stays digital on
@@ -430,7 +470,7 @@ def _analog(config: DemoConfig, summary: dict[str, Any]) -> dict[str, Any]:
     clean = 0.0
     values: tuple[float, ...] = ()
     weights = []
-    for node_id, pipeline in build_pipelines(config.out, list(summary["per_node"])).items():
+    for node_id, pipeline in build_pipelines(config.out, nodes).items():
         test = np.load(config.out / "onnx" / f"test_{node_id}.npz")
         logger.info("%s: analog encoder sweep %s", node_id, config.analog_sweep)
         sweep = simulate_sweep(
@@ -486,7 +526,16 @@ def _plot(config: DemoConfig, summary: dict[str, Any]) -> None:
     if "analog" in summary:
         ax, ax_analog = bottom.subplots(1, 2, width_ratios=[3, 2])
         analog = summary["analog"]
-        ax_analog.plot(analog["levels"], analog["accuracy_mean"], "o-", label="analog encoder")
+        plain_label = "plain encoder" if "noise_aware" in summary else "analog encoder"
+        ax_analog.plot(analog["levels"], analog["accuracy_mean"], "o-", label=plain_label)
+        if "analog" in summary.get("noise_aware", {}):
+            aware = summary["noise_aware"]
+            ax_analog.plot(
+                aware["analog"]["levels"],
+                aware["analog"]["accuracy_mean"],
+                "s-",
+                label=f"noise-aware encoder ({aware['train_noise']})",
+            )
         ax_analog.axhline(analog["clean_accuracy"], color="gray", ls="--", label="digital")
         ax_analog.set_xlabel(analog["sweep"].split("=")[0])
         ax_analog.set_ylabel("test accuracy (mean of draws)")
@@ -512,6 +561,18 @@ def _plot(config: DemoConfig, summary: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def _analog_line(label: str, analog: dict[str, Any]) -> str:
+    parameter = analog["sweep"].split("=")[0]
+    pairs = ", ".join(
+        f"{level:g}: {acc:.3f}"
+        for level, acc in zip(analog["levels"], analog["accuracy_mean"], strict=True)
+    )
+    return (
+        f"{label} accuracy at {parameter} {pairs} "
+        f"({analog['draws']} draws each; digital {analog['clean_accuracy']:.3f})"
+    )
+
+
 def _human_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"dataset            {summary['dataset']} across {summary['nodes']} nodes",
@@ -529,16 +590,15 @@ def _human_summary(summary: dict[str, Any]) -> str:
             f"  {node_id:<16} accuracy {node['accuracy']:.4f} on {node['test_samples']} test "
             f"samples, {node['train_samples']} uploaded"
         )
-    if "analog" in summary:
-        analog = summary["analog"]
-        parameter = analog["sweep"].split("=")[0]
-        pairs = ", ".join(
-            f"{level:g}: {acc:.3f}"
-            for level, acc in zip(analog["levels"], analog["accuracy_mean"], strict=True)
-        )
+    aware = summary.get("noise_aware")
+    if aware is not None:
         lines.append(
-            f"analog encoders    accuracy at {parameter} {pairs} "
-            f"({analog['draws']} draws each; digital {analog['clean_accuracy']:.3f})"
+            f"noise-aware        {aware['accuracy']:.4f} end to end with encoders trained under "
+            f"{aware['train_noise']} (nodes aware-0..)"
         )
+    if "analog" in summary:
+        lines.append(_analog_line("analog encoders   ", summary["analog"]))
+    if aware is not None and "analog" in aware:
+        lines.append(_analog_line("  noise-aware     ", aware["analog"]))
     lines.append(f"time               {summary['seconds']:.1f} s")
     return "\n".join(lines) + "\n"

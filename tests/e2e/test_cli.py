@@ -297,3 +297,30 @@ def test_edge_refuses_a_bad_train_noise_spec_before_any_work() -> None:
         "pcm:t=3600+adc:bits=8",
     )
     _one_line_error(proc, 3, "act on activations")
+
+
+def test_demo_with_noise_aware_encoders_beside_plain_ones(tmp_path: Path) -> None:
+    proc = _run(
+        "demo",
+        "--train-noise",
+        "awgn:snr_db=5",
+        "--epochs",
+        "60",
+        "--analog-sweep",
+        "awgn:snr_db=0,30",
+        "--analog-draws",
+        "5",
+        "--out",
+        str(tmp_path),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    aware = summary["noise_aware"]
+    assert aware["train_noise"] == "awgn:snr_db=5"
+    assert set(aware["per_node"]) == {"aware-0", "aware-1", "aware-2"}
+    assert aware["accuracy"] > 0.8
+    plain_0db = summary["analog"]["accuracy_mean"][0]
+    aware_0db = aware["analog"]["accuracy_mean"][0]
+    assert aware_0db > plain_0db + 0.05  # trained under the noise, it tolerates it far better
+    assert "noise-aware" in proc.stdout
