@@ -21,6 +21,26 @@ def latentedge_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "latentedge", *args]
 
 
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``latentedge ARGS`` in a subprocess from the checkout; capture its output."""
+    return subprocess.run(
+        latentedge_cmd(*args),
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
+    """The CLI exited with ``code`` and one ``latentedge ...: error`` line naming ``needle``."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("latentedge ")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+
+
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen[str]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +15,17 @@ from tests.conftest import (
     ROOT,
     SHARED_DATA,
     ServerProcess,
-    latentedge_cmd,
+    assert_one_line_error,
+    run_cli,
     start_server_process,
 )
 
 pytestmark = pytest.mark.e2e
 
 
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        latentedge_cmd(*args),
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _one_line_error(proc: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("latentedge ")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr
-
-
 def test_version_and_help() -> None:
-    assert _run("--version").stdout.startswith("latentedge ")
-    helptext = _run("--help").stdout
+    assert run_cli("--version").stdout.startswith("latentedge ")
+    helptext = run_cli("--help").stdout
     for command in (
         "demo",
         "server",
@@ -58,7 +40,7 @@ def test_version_and_help() -> None:
 
 
 def test_demo_on_digits_meets_targets(tmp_path: Path) -> None:
-    proc = _run("demo", "--out", str(tmp_path), timeout=600)
+    proc = run_cli("demo", "--out", str(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in (
@@ -84,7 +66,7 @@ def test_demo_on_digits_meets_targets(tmp_path: Path) -> None:
 
 
 def test_demo_on_mnist_tiny(tmp_path: Path) -> None:
-    proc = _run(
+    proc = run_cli(
         "demo",
         "--dataset",
         str(MNIST_TINY),
@@ -106,7 +88,7 @@ def test_demo_on_mnist_tiny(tmp_path: Path) -> None:
 
 def test_server_and_edge_processes(server_process: ServerProcess, tmp_path: Path) -> None:
     report = tmp_path / "n0.json"
-    proc = _run(
+    proc = run_cli(
         "edge",
         "--server",
         server_process.address,
@@ -137,7 +119,7 @@ def test_server_and_edge_processes(server_process: ServerProcess, tmp_path: Path
     test_split = np.load(tmp_path / "onnx" / "test_n0.npz")
     np.testing.assert_array_equal(test_split["x"], expected.x_test)
 
-    status = _run("status", "--server", server_process.address)
+    status = run_cli("status", "--server", server_process.address)
     assert status.returncode == 0, status.stderr
     doc = json.loads(status.stdout)
     assert doc["nodes"][0]["node_id"] == "n0"
@@ -153,10 +135,10 @@ def test_edge_reads_deploy_example_config(server_process: ServerProcess, tmp_pat
     text = text.replace("epochs = 0", "epochs = 2")
     config = tmp_path / "edge.toml"
     config.write_text(text)
-    proc = _run("edge", "--config", str(config), "--shard", "0/4")
+    proc = run_cli("edge", "--config", str(config), "--shard", "0/4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "edge-report.json").exists()
-    status = json.loads(_run("status", "--server", server_process.address).stdout)
+    status = json.loads(run_cli("status", "--server", server_process.address).stdout)
     assert status["nodes"][0]["has_profile"] is True
     assert status["nodes"][0]["samples"] == len(shard(load_dataset(str(MNIST_TINY)), 0, 4).y_train)
 
@@ -174,14 +156,14 @@ def test_scheduled_edge_with_deploy_configs(tmp_path: Path) -> None:
         text = text.replace("epochs = 0", "epochs = 2").replace(
             "scheduled = false", "scheduled = true"
         )
-        proc = _run("edge", "--config", str(_write(tmp_path / "edge.toml", text)))
+        proc = run_cli("edge", "--config", str(_write(tmp_path / "edge.toml", text)))
         assert proc.returncode == 0, proc.stderr[-2000:]
         report = json.loads((tmp_path / "edge-report.json").read_text())
         assert report["schedule"]["round"] == 1
         # a lone node must upload to reach min_samples, with the whole band
         assert report["schedule"]["upload"] is True
         assert report["schedule"]["bandwidth_hz"] == pytest.approx(2.0e7)
-        status = json.loads(_run("status", "--server", server.address).stdout)
+        status = json.loads(run_cli("status", "--server", server.address).stdout)
         assert status["last_plan"]["devices"][0]["id"] == "plant-a-camera-1"
         assert status["nodes"][0]["samples"] == report["samples"] > 0
     finally:
@@ -214,24 +196,26 @@ def _write(path: Path, text: str) -> Path:
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args: tuple[str, ...], code: int, needle: str) -> None:
-    _one_line_error(_run(*args, timeout=60), code, needle)
+    assert_one_line_error(run_cli(*args, timeout=60), code, needle)
 
 
 def test_bad_flag_type_is_usage_error() -> None:
-    proc = _run("edge", "--latent-dim", "abc")
+    proc = run_cli("edge", "--latent-dim", "abc")
     assert proc.returncode == 2 and "invalid int value" in proc.stderr
 
 
 def test_unknown_config_key_names_it(tmp_path: Path) -> None:
     config = tmp_path / "s.toml"
     config.write_text('[server]\nlisten = "127.0.0.1:0"\ndb_path = "x"\n')
-    _one_line_error(_run("server", "--config", str(config)), 3, "unknown key 'server.db_path'")
+    assert_one_line_error(
+        run_cli("server", "--config", str(config)), 3, "unknown key 'server.db_path'"
+    )
 
 
 def test_config_file_gives_flag_defaults_to_any_subcommand(tmp_path: Path) -> None:
     scenario_dir = tmp_path / "alloc"
     assert (
-        _run(
+        run_cli(
             "allocate",
             "generate",
             "--devices",
@@ -249,18 +233,22 @@ def test_config_file_gives_flag_defaults_to_any_subcommand(tmp_path: Path) -> No
         tmp_path / "allocate.toml",
         f'[allocate]\nscenario = "{scenario_dir / "s.toml"}"\nout = "{tmp_path / "plan.json"}"\n',
     )
-    proc = _run("allocate", "--config", str(config))
+    proc = run_cli("allocate", "--config", str(config))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "plan.json").read_text())["devices"]
     # the command line wins over the file
-    proc = _run("allocate", "--config", str(config), "--out", str(tmp_path / "other.json"))
+    proc = run_cli("allocate", "--config", str(config), "--out", str(tmp_path / "other.json"))
     assert proc.returncode == 0 and (tmp_path / "other.json").exists()
     _write(config, "[allocate]\nscenaro = 'x'\n")
-    _one_line_error(_run("allocate", "--config", str(config)), 3, "unknown key 'allocate.scenaro'")
+    assert_one_line_error(
+        run_cli("allocate", "--config", str(config)), 3, "unknown key 'allocate.scenaro'"
+    )
     _write(config, "[allocate]\nout = 3\n")
-    _one_line_error(_run("allocate", "--config", str(config)), 3, "allocate.out must be str, got 3")
+    assert_one_line_error(
+        run_cli("allocate", "--config", str(config)), 3, "allocate.out must be str, got 3"
+    )
     _write(config, "[status]\nserver = 'x:1'\n")
-    _one_line_error(_run("allocate", "--config", str(config)), 3, "expected [allocate]")
+    assert_one_line_error(run_cli("allocate", "--config", str(config)), 3, "expected [allocate]")
 
 
 def test_command_line_flag_beats_its_exclusive_twin_from_the_file(tmp_path: Path) -> None:
@@ -272,7 +260,7 @@ def test_command_line_flag_beats_its_exclusive_twin_from_the_file(tmp_path: Path
         tmp_path / "s.toml", f'[simulate]\ndata = "{data}"\nsweep = "awgn:snr_db=0,10"\ndraws = 2\n'
     )
     report = tmp_path / "r.json"
-    proc = _run(
+    proc = run_cli(
         "simulate",
         str(model),
         "--config",
@@ -287,7 +275,7 @@ def test_command_line_flag_beats_its_exclusive_twin_from_the_file(tmp_path: Path
 
 
 def test_edge_refuses_a_bad_train_noise_spec_before_any_work() -> None:
-    proc = _run(
+    proc = run_cli(
         "edge",
         "--server",
         "127.0.0.1:1",
@@ -296,11 +284,11 @@ def test_edge_refuses_a_bad_train_noise_spec_before_any_work() -> None:
         "--train-noise",
         "pcm:t=3600+adc:bits=8",
     )
-    _one_line_error(proc, 3, "act on activations")
+    assert_one_line_error(proc, 3, "act on activations")
 
 
 def test_demo_with_noise_aware_encoders_beside_plain_ones(tmp_path: Path) -> None:
-    proc = _run(
+    proc = run_cli(
         "demo",
         "--train-noise",
         "awgn:snr_db=5",

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import ROOT, latentedge_cmd
+from tests.conftest import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.e2e
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        latentedge_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
 def test_train_exports_a_model_that_simulate_runs_unchanged(tmp_path: Path) -> None:
     out = tmp_path / "lenet.onnx"
-    proc = _run(
+    proc = run_cli(
         "train",
         "--model",
         "lenet",
@@ -50,7 +43,7 @@ def test_train_exports_a_model_that_simulate_runs_unchanged(tmp_path: Path) -> N
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "BatchNormalization" in ops  # the L1 norm exports as BN, so it folds like BN
     assert "clean test accuracy" in proc.stdout
-    sim = _run(
+    sim = run_cli(
         "simulate",
         str(out),
         "--data",
@@ -79,8 +72,5 @@ def test_train_exports_a_model_that_simulate_runs_unchanged(tmp_path: Path) -> N
 def test_bad_input_is_a_one_line_error_with_exit_3(
     args: list[str], needle: str, tmp_path: Path
 ) -> None:
-    proc = _run("train", "--epochs", "1", *args, "--out", str(tmp_path / "m.onnx"))
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("latentedge ")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+    proc = run_cli("train", "--epochs", "1", *args, "--out", str(tmp_path / "m.onnx"))
+    assert_one_line_error(proc, 3, needle)

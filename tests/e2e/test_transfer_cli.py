@@ -20,30 +20,17 @@ from common.datasets import filter_classes, load_dataset
 from common.modelfile import read_model_file
 from common.zoo import ModelSpec, parameter_count
 from edge.uplink import RetryPolicy, UplinkClient
-from tests.conftest import ROOT, ServerProcess, latentedge_cmd, start_server_process
+from tests.conftest import (
+    ServerProcess,
+    assert_one_line_error,
+    run_cli,
+    start_server_process,
+)
 
 pytestmark = pytest.mark.e2e
 
 SOURCE = "0,1,2,3,4"
 TARGET = "5,6,7,8,9"
-
-
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        latentedge_cmd(*args),
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _one_line_error(proc: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
-    assert proc.returncode == code, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("latentedge ")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
 
 
 @dataclass
@@ -58,7 +45,7 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Pretrained:
     """`latentedge pretrain` of lenet on the digits 0-4 (the source task), 3 epochs."""
     folder = tmp_path_factory.mktemp("pretrain")
     out, onnx_path = folder / "base.safetensors", folder / "base.onnx"
-    proc = _run(
+    proc = run_cli(
         "pretrain",
         "--data",
         "digits",
@@ -137,7 +124,7 @@ def test_edge_finetune_against_the_served_base(
     pretrained: Pretrained, base_server: ServerProcess, tmp_path: Path
 ) -> None:
     cache, report_path = tmp_path / "cache", tmp_path / "n0.json"
-    proc = _run(
+    proc = run_cli(
         "edge",
         "--server",
         base_server.address,
@@ -194,7 +181,7 @@ def test_edge_finetune_against_the_served_base(
 
 
 def test_trainable_bn_on_lenet_exits_3(base_server: ServerProcess, tmp_path: Path) -> None:
-    proc = _run(
+    proc = run_cli(
         "edge",
         "--server",
         base_server.address,
@@ -211,13 +198,13 @@ def test_trainable_bn_on_lenet_exits_3(base_server: ServerProcess, tmp_path: Pat
         "--model-cache",
         str(tmp_path / "cache"),
     )
-    _one_line_error(proc, 3, "trainable bn: this network has no normalisation layers")
+    assert_one_line_error(proc, 3, "trainable bn: this network has no normalisation layers")
 
 
 def test_bad_delta_encoding_flag_exits_3(tmp_path: Path) -> None:
     # (the other flag checks, e.g. --trainable adapters:x, are unit tests of the same parsers;
     # this one proves the CLI maps them to exit code 3 with one precise line)
-    proc = _run(
+    proc = run_cli(
         "edge",
         "--server",
         "127.0.0.1:1",  # never reached: the flag is refused first
@@ -234,14 +221,14 @@ def test_bad_delta_encoding_flag_exits_3(tmp_path: Path) -> None:
         "--delta-encoding",
         "topk:2",
     )
-    _one_line_error(proc, 3, "delta encoding 'topk:2': FRACTION must be in (0, 1], got 2.0")
+    assert_one_line_error(proc, 3, "delta encoding 'topk:2': FRACTION must be in (0, 1], got 2.0")
     assert not (tmp_path / "cache").exists()
 
 
 def test_finetune_against_a_server_without_base_model_exits_4(
     server_process: ServerProcess, tmp_path: Path
 ) -> None:
-    proc = _run(
+    proc = run_cli(
         "edge",
         "--server",
         server_process.address,
@@ -254,7 +241,7 @@ def test_finetune_against_a_server_without_base_model_exits_4(
         "--model-cache",
         str(tmp_path / "cache"),
     )
-    _one_line_error(proc, 4, "--base-model")
+    assert_one_line_error(proc, 4, "--base-model")
     assert "NOT_FOUND" in proc.stderr
 
 
@@ -262,7 +249,7 @@ def test_models_cli_lists_aggregates_and_downloads(
     pretrained: Pretrained, base_server: ServerProcess, tmp_path: Path
 ) -> None:
     # a delta from a second node (top-k: sparse fine-tuning), then aggregate and fetch
-    proc = _run(
+    proc = run_cli(
         "edge",
         "--server",
         base_server.address,
@@ -282,18 +269,18 @@ def test_models_cli_lists_aggregates_and_downloads(
         str(tmp_path / "cache"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    listed = _run("models", "--server", base_server.address)
+    listed = run_cli("models", "--server", base_server.address)
     assert listed.returncode == 0, listed.stderr[-3000:]
     doc = json.loads(listed.stdout)
     _, digest = read_model_file(pretrained.out)
     assert doc["models"][0]["version"] == 1 and doc["models"][0]["hash"] == digest
     assert doc["deltas"]["n-models"]["deltas"] == 1
-    made = _run("models", "--server", base_server.address, "--aggregate")
+    made = run_cli("models", "--server", base_server.address, "--aggregate")
     assert made.returncode == 0, made.stderr[-3000:]
     version = json.loads(made.stdout)
     assert version["parent_version"] == 1 and "n-models" in version["nodes"]
     out, onnx_path = tmp_path / "n.safetensors", tmp_path / "n.onnx"
-    got = _run(
+    got = run_cli(
         "models",
         "--server",
         base_server.address,
@@ -318,12 +305,12 @@ def test_models_cli_lists_aggregates_and_downloads(
     with torch.no_grad():
         expected = model.to_torch()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(session.run(None, {"image": x})[0], expected, atol=1e-4)
-    missing = _run("models", "--server", base_server.address, "--get", "99", "--out", str(out))
-    _one_line_error(missing, 4, "base version 99 does not exist")
+    missing = run_cli("models", "--server", base_server.address, "--get", "99", "--out", str(out))
+    assert_one_line_error(missing, 4, "base version 99 does not exist")
 
 
 def test_demo_transfer_on_digits_meets_targets(tmp_path: Path) -> None:
-    proc = _run("demo", "--mode", "transfer", "--out", str(tmp_path), timeout=600)
+    proc = run_cli("demo", "--mode", "transfer", "--out", str(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in (
