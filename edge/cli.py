@@ -26,6 +26,7 @@ from common.config import read_tables
 from common.constants import RETRY_WINDOW_S
 from common.errors import ConfigError, UplinkError
 from common.records import EnergyProfile, NodeRegistration
+from common.tls import ClientTls, add_client_tls_flags
 
 if TYPE_CHECKING:
     from common.datasets import Dataset
@@ -91,6 +92,13 @@ class EdgeConfig:
     train_noise: str = ""
     """Noise-aware training of the encoder: a device_sim weight-noise spec (e.g.
     ``awgn:snr_db=10``) injected on every training step; empty = plain training."""
+    tls_ca: str = ""
+    """PEM CA of the server's certificate: connect with TLS (empty = plaintext, unless a client
+    certificate is given)."""
+    tls_cert: str = ""
+    """PEM client certificate for mutual TLS."""
+    tls_key: str = ""
+    """PEM key of ``tls_cert``."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("latents", "finetune"):
@@ -136,6 +144,9 @@ _FLAG_KEYS = (
     "model_cache",
     "cycles_per_mac",
     "train_noise",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
 )
 _BOOL_KEYS = ("evaluate", "reset", "scheduled")
 
@@ -185,6 +196,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-cache", dest="model_cache", help="downloaded models (~/.cache/latentedge/models)"
     )
+    add_client_tls_flags(parser)
     parser.add_argument(
         "--train-noise",
         dest="train_noise",
@@ -216,6 +228,7 @@ def load_config(args: argparse.Namespace) -> tuple[EdgeConfig, EnergyProfile | N
         if not getattr(config, key):
             raise ConfigError(f"--{key.replace('_', '-')} is required (or edge.{key} in --config)")
     _finetune_config(config)  # refuse a bad --trainable / --delta-encoding before any work
+    ClientTls.from_paths(config.tls_ca, config.tls_cert, config.tls_key)  # and bad TLS files
     if config.train_noise:
         from edge.trainer import TrainConfig
 
@@ -375,7 +388,9 @@ def run_edge(config: EdgeConfig, profile: EnergyProfile | None = None) -> dict[s
         reset=config.reset,
     )
     ft = _finetune_config(config)
-    with UplinkClient(config.server, retry=RetryPolicy(window_s=config.retry_window_s)) as client:
+    tls = ClientTls.from_paths(config.tls_ca, config.tls_cert, config.tls_key)
+    retry = RetryPolicy(window_s=config.retry_window_s)
+    with UplinkClient(config.server, retry=retry, tls=tls) as client:
         base = None
         if config.mode == "finetune" or config.scheduled:
             base = _base_if_served(client, config, ft)

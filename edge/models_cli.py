@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.constants import DEFAULT_LISTEN
 from common.errors import ConfigError
+from common.tls import add_client_tls_flags, client_tls_from_args
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-nodes", type=int, default=1, help="--aggregate: at least (1)")
     parser.add_argument("--out", type=Path, help="where to write the downloaded model file")
     parser.add_argument("--onnx", type=Path, help="also export the downloaded model to ONNX")
+    add_client_tls_flags(parser)
     parser.add_argument(
         "--retry-window-s", type=float, default=5.0, help="retry an unreachable server (5 s)"
     )
@@ -55,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--get/--fine-tuned need --out PATH (and/or --onnx PATH)")
     if args.min_nodes < 1:
         raise ConfigError(f"--min-nodes must be >= 1, got {args.min_nodes}")
-    with UplinkClient(args.server, retry=RetryPolicy(window_s=args.retry_window_s)) as client:
+    tls = client_tls_from_args(args)
+    retry = RetryPolicy(window_s=args.retry_window_s)
+    with UplinkClient(args.server, retry=retry, tls=tls) as client:
         if args.aggregate:
             made = client.aggregate(args.min_nodes)
             sys.stdout.write(json.dumps(asdict(made), indent=2) + "\n")

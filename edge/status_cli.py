@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 
 from common.constants import DEFAULT_LISTEN
+from common.tls import add_client_tls_flags, client_tls_from_args
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +16,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})"
     )
+    add_client_tls_flags(parser)
     parser.add_argument(
         "--retry-window-s",
         type=float,
@@ -27,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     """Fetch the status and print it."""
     from edge.uplink import RetryPolicy, UplinkClient
 
-    with UplinkClient(args.server, retry=RetryPolicy(window_s=args.retry_window_s)) as client:
+    tls = client_tls_from_args(args)
+    retry = RetryPolicy(window_s=args.retry_window_s)
+    with UplinkClient(args.server, retry=retry, tls=tls) as client:
         status = client.status()
     doc = {
         "server": args.server,

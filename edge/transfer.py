@@ -234,6 +234,13 @@ def run_finetune(
     tuned_file = client.download_model(config.cache(), node_id=node_id, fine_tuned_for=node_id)
     tuned, _ = read_model_file(tuned_file.path)
     tuned_net = tuned.to_torch()
+    if ack.base_version != ack.current_version:
+        logger.warning(
+            "the server moved to base v%d while this delta was made on v%d: it serves this "
+            "node's model but is not in the next aggregation",
+            ack.current_version,
+            ack.base_version,
+        )
     report.update(
         train_seconds=result.seconds,
         train_steps=result.steps,
@@ -339,6 +346,8 @@ def derive_profile(
       (the same CPU model as encoding, docs/allocation.md);
     * ``delta_bits`` from the delta encoding.
     """
+    if not profile.cpu_hz > 0:
+        raise ConfigError(f"profile.cpu_hz must be > 0 to derive CPU costs, got {profile.cpu_hz}")
     values: dict[str, float] = {}
     if profile.upload_bits == 0:
         values["upload_bits"] = samples * latent_bits_per_sample

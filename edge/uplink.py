@@ -61,6 +61,7 @@ from common.serde import (
     upload_ack_from_proto,
 )
 from common.tensors import to_wire
+from common.tls import ClientTls
 from protos import uplink_pb2, uplink_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,11 @@ class _Download:
             raise UplinkError(
                 f"GetModel: the manifest's hash is not SHA-256 hex: {manifest.hash!r}"
             )
+        if not 0 < manifest.size_bytes <= MAX_MODEL_BYTES:
+            raise UplinkError(
+                f"GetModel: the manifest's size {manifest.size_bytes} is not in "
+                f"1..{MAX_MODEL_BYTES} bytes"
+            )
         self.hash, self.version, self.size = manifest.hash, manifest.version, manifest.size_bytes
         self.delta_upload_id = manifest.delta_upload_id
         # one process at a time downloads a given model into a cache (nodes on one host share
@@ -177,6 +183,8 @@ class _Download:
             return True
         if self.part_path.exists():
             held = self.part_path.read_bytes()[: self.size]
+            with self.part_path.open("r+b") as fh:  # drop anything past what is kept
+                fh.truncate(len(held))
             if held:
                 self.data = bytearray(held)
                 self.resumed_from = len(held)
@@ -184,6 +192,13 @@ class _Download:
         return False
 
     def on_data(self, offset: int, data: bytes) -> None:
+        if not self.hash:
+            raise UplinkError("GetModel: data arrived before the manifest (protocol error)")
+        if offset + len(data) > self.size:
+            raise UplinkError(
+                f"GetModel: the server sent bytes past the manifest's size {self.size} "
+                "(protocol error)"
+            )
         if offset != len(self.data):
             raise UplinkError(
                 f"GetModel: chunk at byte {offset}, expected {len(self.data)} (protocol error)"
@@ -208,6 +223,9 @@ class _Download:
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
+MAX_MODEL_BYTES = 4 * 1024**3
+"""Largest model file a client accepts to download (a manifest claiming more is refused)."""
+
 
 def _verified(path: Path, digest: str) -> bool:
     return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest
@@ -223,6 +241,7 @@ class UplinkClient:
         retry: RetryPolicy | None = None,
         rpc_timeout_s: float = RPC_TIMEOUT_S,
         upload_timeout_s: float = UPLOAD_TIMEOUT_S,
+        tls: ClientTls | None = None,
     ) -> None:
         if ":" not in address:
             raise ConfigError(f"server address must be HOST:PORT, got {address!r}")
@@ -230,6 +249,7 @@ class UplinkClient:
         self._retry = retry or RetryPolicy()
         self._rpc_timeout_s = rpc_timeout_s
         self._upload_timeout_s = upload_timeout_s
+        self._tls = tls
         self._state = ClientState.UNOPENED
         self._channel: grpc.Channel | None = None
         self._stub: uplink_pb2_grpc.UplinkStub | None = None
@@ -237,13 +257,19 @@ class UplinkClient:
     def __enter__(self) -> UplinkClient:
         if self._state is not ClientState.UNOPENED:
             raise UplinkError(f"client is {self._state.name.lower()}; open a new one")
-        self._channel = grpc.insecure_channel(
-            self._address,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if self._tls is None:
+            self._channel = grpc.insecure_channel(self._address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self._tls.ca,
+                private_key=self._tls.key,
+                certificate_chain=self._tls.cert,
+            )
+            self._channel = grpc.secure_channel(self._address, credentials, options=options)
         self._stub = uplink_pb2_grpc.UplinkStub(self._channel)
         self._state = ClientState.OPENED
         return self

@@ -10,10 +10,16 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from common.config import read_tables
 from common.constants import DEFAULT_LISTEN, MAX_UPLOAD_BYTES
 from common.errors import ConfigError
+from common.tls import ServerTls, is_loopback
+
+if TYPE_CHECKING:
+    from server.core import SplitLearningServer
+    from server.store import Store
 from server.allocation import Cell
 
 logger = logging.getLogger(__name__)
@@ -42,7 +48,15 @@ class ServerConfig:
     empty = keep serving the newest version stored in the database (if any)."""
     aggregate_after: int = 0
     """Average the nodes' deltas into the next base version as soon as this many nodes sent
-    one against the current base (0 = only on request: ``latentedge aggregate``)."""
+    one against the current base (0 = only on request: ``latentedge models --aggregate``)."""
+    tls_cert: str = ""
+    """PEM certificate chain of the server; with ``tls_key``, the port speaks TLS only."""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: str = ""
+    """PEM CA that client certificates must chain to: mutual TLS (clients without one fail)."""
+    insecure: bool = False
+    """Allow plaintext on a non-loopback ``listen`` address (refused otherwise)."""
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -75,6 +89,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-model", dest="base_model", help="model file to serve for fine-tuning nodes"
     )
+    parser.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain (TLS on)")
+    parser.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", dest="tls_client_ca", help="PEM CA of client certificates (mTLS)"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow plaintext on a non-loopback --listen address",
+    )
     parser.add_argument(
         "--aggregate-after",
         dest="aggregate_after",
@@ -99,6 +124,10 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
             "seed",
             "base_model",
             "aggregate_after",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "insecure",
         )
         if getattr(args, key) is not None
     }
@@ -111,20 +140,24 @@ def run(args: argparse.Namespace) -> int:
     return run_server(config)
 
 
-def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
-    """Open the store, start the gRPC server and block until a stop signal."""
-    import torch
+def check_exposure(config: ServerConfig) -> None:
+    """Refuse plaintext on a non-loopback address unless ``insecure`` (after flags and file)."""
+    plaintext = not (config.tls_cert or config.tls_key)
+    if plaintext and not config.insecure and not is_loopback(config.listen):
+        raise ConfigError(
+            f"server.listen {config.listen!r} is not a loopback address and TLS is off: give "
+            "--tls-cert and --tls-key (see README, 'Securing a deployment'), or --insecure "
+            "to serve plaintext anyway"
+        )
 
+
+def _open_core(config: ServerConfig) -> tuple[Store, SplitLearningServer]:
+    """The store and the domain core, with the base model loaded (not started yet)."""
     from common.models import ClassifierConfig
     from server.classifier import ClassifierMode
     from server.core import IngestLimits, SplitLearningServer
-    from server.grpc_app import create_server
-    from server.servicer import UplinkServicer
     from server.store import open_store
 
-    # The classifier MLPs are tiny: one intra-op thread is several times faster than two
-    # when other processes (edge nodes on the same host) compete for the cores.
-    torch.set_num_threads(1)
     store = open_store(config.db)
     core = SplitLearningServer(
         store,
@@ -142,9 +175,25 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
         except ConfigError:
             store.close()
             raise
+    return store, core
+
+
+def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
+    """Open the store, start the gRPC server and block until a stop signal."""
+    import torch
+
+    from server.grpc_app import create_server
+    from server.servicer import UplinkServicer
+
+    check_exposure(config)
+    tls = ServerTls.from_paths(config.tls_cert, config.tls_key, config.tls_client_ca)
+    # The classifier MLPs are tiny: one intra-op thread is several times faster than two
+    # when other processes (edge nodes on the same host) compete for the cores.
+    torch.set_num_threads(1)
+    store, core = _open_core(config)
     core.start()
     try:
-        server, port, health = create_server(config.listen, UplinkServicer(core))
+        server, port, health = create_server(config.listen, UplinkServicer(core), tls=tls)
     except ConfigError:
         core.stop()
         store.close()
@@ -152,6 +201,8 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
     host = config.listen.rsplit(":", 1)[0]
     served = core.hub.current_version()
     base = f", base model v{served}" if served else ""
+    if tls is not None:
+        base += ", mutual TLS" if tls.client_ca else ", TLS"
     sys.stdout.write(f"latentedge server listening on {host}:{port} (db {config.db}{base})\n")
     sys.stdout.flush()
     stop = threading.Event()

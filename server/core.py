@@ -462,6 +462,15 @@ class SplitLearningServer:
                 ack = self._stage_delta(first, chunks, base)
         self._scheduler.on_upload_committed(node.node_id)
         current = self._hub.current_version()
+        if ack.base_version != current:
+            logger.warning(
+                "delta %s of %s is on base v%d but v%d is current: it serves the node's own "
+                "model and is not part of the next aggregation",
+                ack.upload_id,
+                node.node_id,
+                ack.base_version,
+                current,
+            )
         if self._aggregate_after and len(self._hub.pending()) >= self._aggregate_after:
             made = self._hub.aggregate(self._aggregate_after)
             current = made.version if made is not None else self._hub.current_version()
@@ -473,6 +482,8 @@ class SplitLearningServer:
         payload = count = 0
         names: set[str] = set()
         for seq, chunk in enumerate(_in_order(first, chunks, "delta")):
+            if not chunk.tensors and not chunk.last:
+                raise InvalidRequestError(f"chunk {seq} carries no tensors (only the last may)")
             for entry in chunk.tensors:
                 if entry.name in names:
                     raise InvalidRequestError(

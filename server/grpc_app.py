@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.constants import MAX_MESSAGE_BYTES
 from common.errors import ConfigError
+from common.tls import ServerTls
 from protos import uplink_pb2_grpc
 from server.servicer import UplinkServicer
 
@@ -32,9 +33,16 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 
 def create_server(
-    address: str, servicer: UplinkServicer, *, max_workers: int = 16
+    address: str,
+    servicer: UplinkServicer,
+    *,
+    max_workers: int = 16,
+    tls: ServerTls | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and start a gRPC server for ``servicer`` on ``address`` (port 0 picks a free port).
+
+    With ``tls`` the port speaks TLS only (and requires client certificates when
+    ``tls.client_ca`` is set); without, plaintext.
 
     Returns:
         The started server, the bound port, and its health servicer (SERVING).
@@ -50,7 +58,15 @@ def create_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key, tls.cert)],
+                root_certificates=tls.client_ca,
+                require_client_auth=tls.client_ca is not None,
+            )
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {address!r}: {exc}") from exc
     if port == 0:

@@ -735,10 +735,20 @@ class SqliteStore(Store):
                 raise InvalidRequestError(
                     f"delta upload {upload_id!r} has {have[0]} chunks staged, expected {chunks}"
                 )
+            # commit times only grow, even if the clock steps back: "newest" stays newest
+            (last,) = c.execute(
+                "SELECT COALESCE(MAX(committed_at), 0) FROM deltas WHERE state = 'committed'"
+            ).fetchone()
             c.execute(
                 "UPDATE deltas SET state = 'committed', tensors = ?, params = ?, "
                 "payload_bytes = ?, committed_at = ? WHERE upload_id = ?",
-                (int(have[1]), int(have[2]), int(have[3]), time.time(), upload_id),
+                (
+                    int(have[1]),
+                    int(have[2]),
+                    int(have[3]),
+                    max(time.time(), float(last) + 1e-6),
+                    upload_id,
+                ),
             )
         return DeltaAck(
             upload_id=upload_id,

@@ -112,12 +112,15 @@ class ModelHub:
         Raises:
             NotFoundError: no base model is served, or that version does not exist.
         """
+        current = self.current_version()
         if version == 0:
-            version = self.current_version()
+            version = current
             if version == 0:
                 raise NotFoundError(
                     "this server serves no base model; start it with --base-model PATH"
                 )
+        if version > current:  # (also keeps numbers past SQLite's 63-bit range away from it)
+            raise NotFoundError(f"base version {version} does not exist (current is {current})")
         key = (version, "")
         with self._lock:
             hit = self._cache.get(key)

@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 
 from common.models import ClassifierConfig
+from common.tls import ServerTls
 from server.allocation import Cell
 from server.classifier import ClassifierMode
 from server.core import IngestLimits, SplitLearningServer
@@ -24,7 +25,10 @@ class RunningServer:
 
 
 def running_server(
-    tmp_path: Path, cell: Cell | None = None, round_timeout_s: float = 600.0
+    tmp_path: Path,
+    cell: Cell | None = None,
+    round_timeout_s: float = 600.0,
+    tls: ServerTls | None = None,
 ) -> Iterator[RunningServer]:
     """A real gRPC server on 127.0.0.1:0 over a real SQLite file; small upload limit."""
     db = tmp_path / "server.db"
@@ -38,7 +42,7 @@ def running_server(
         round_timeout_s=round_timeout_s,
     )
     core.start()
-    server, port, _health = create_server("127.0.0.1:0", UplinkServicer(core))
+    server, port, _health = create_server("127.0.0.1:0", UplinkServicer(core), tls=tls)
     address = f"127.0.0.1:{port}"
     channel = grpc.insecure_channel(address)
     yield RunningServer(address=address, db=db, core=core, channel=channel)

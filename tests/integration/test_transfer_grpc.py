@@ -792,3 +792,70 @@ def test_download_resumes_after_dropped_connections(hub: Hub) -> None:
     assert got.path.read_bytes() == hub.base_bytes
     assert hashlib.sha256(got.path.read_bytes()).hexdigest() == hub.base_hash
     assert not list(hub.cache.glob("*.part"))
+
+
+# -- review fixes: hostile numbers and hostile servers ---------------------------------------
+
+
+def test_versions_past_the_stores_range_are_not_found(hub: Hub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(_stub(hub).GetModel(uplink_pb2.GetModelRequest(version=2**63), timeout=10))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with hub.client() as client:
+        _register(client, "n0")
+        with pytest.raises(UplinkError, match=r"FAILED_PRECONDITION.*does not exist"):
+            _push(hub, client, "n0", hand_delta(hub.base.tensors)[0], base_version=2**63)
+        assert client.status().nodes[0].deltas == 0  # and the server keeps serving
+
+
+def test_an_empty_chunk_before_the_last_is_refused(hub: Hub) -> None:
+    with hub.client() as client:
+        _register(client, "n0")
+    entries = hand_delta(hub.base.tensors)[0]
+    chunks = [
+        delta_chunk_to_proto(
+            DeltaChunk("n0", "u-empty", seq, seq == 1, tuple(group), 1, hub.base_hash, 20)
+        )
+        for seq, group in enumerate(([], entries))
+    ]
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(hub).PushDelta(iter(chunks), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chunk 0 carries no tensors" in str(info.value.details())
+
+
+class _LyingServicer(UplinkServicer):
+    """A hostile server: announces a 100-byte model, then keeps sending data."""
+
+    def __init__(self, core: SplitLearningServer, *, manifest_first: bool) -> None:
+        super().__init__(core)
+        self.manifest_first = manifest_first
+
+    def GetModel(
+        self, request: uplink_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[uplink_pb2.ModelChunk]:
+        if self.manifest_first:
+            yield uplink_pb2.ModelChunk(
+                manifest=uplink_pb2.ModelManifest(version=1, hash="a" * 64, size_bytes=100)
+            )
+        for i in range(50):
+            yield uplink_pb2.ModelChunk(offset=i * 65536, data=b"x" * 65536)
+
+
+@pytest.mark.parametrize("manifest_first", [True, False])
+def test_a_lying_server_cannot_fill_the_clients_memory_or_disk(
+    hub: Hub, tmp_path: Path, manifest_first: bool
+) -> None:
+    server, port, _ = create_server(
+        "127.0.0.1:0", _LyingServicer(hub.core, manifest_first=manifest_first)
+    )
+    cache = tmp_path / "lying-cache"
+    try:
+        with (
+            UplinkClient(f"127.0.0.1:{port}", retry=RetryPolicy(window_s=1)) as client,
+            pytest.raises(UplinkError, match="protocol error"),
+        ):
+            client.download_model(cache)
+    finally:
+        server.stop(grace=None).wait()
+    assert sum(f.stat().st_size for f in cache.glob("*")) <= 100

@@ -172,3 +172,18 @@ def test_sparse_fine_tuning_sends_what_it_trained(trainable: str) -> None:
     applied = apply_delta(base.tensors, tuned.entries)
     for name in new:
         np.testing.assert_allclose(applied[name], new[name], rtol=0, atol=1e-6)  # f32 a+(b-a)
+
+
+def test_derive_profile_needs_a_cpu_clock() -> None:
+    profile = EnergyProfile(
+        cpu_hz=0.0, kappa=1e-28, tx_power_w=0.2, channel_gain=1e-9, energy_budget_j=5.0
+    )
+    with pytest.raises(ConfigError, match=r"cpu_hz must be > 0"):
+        derive_profile(
+            profile,
+            cycles_per_mac=1.0,
+            samples=10,
+            encode_macs_per_sample=100,
+            latent_bits_per_sample=64.0,
+            finetune_macs_per_sample=100,
+        )

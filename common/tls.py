@@ -1,0 +1,106 @@
+"""TLS settings of servers and clients: PEM files read and checked, loopback addresses recognised.
+
+The gRPC credentials are built where gRPC lives (``server/grpc_app.py``, ``edge/uplink.py``);
+this module only turns paths into checked PEM bytes, with a ConfigError naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import ConfigError
+
+LOOPBACK_NAMES = ("localhost",)
+"""Host names treated as loopback besides the 127.0.0.0/8 and ::1 addresses."""
+
+
+def read_pem(path: str | Path, flag: str) -> bytes:
+    """The bytes of a PEM file; ConfigError naming ``flag`` if it is missing or not PEM."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {str(p)!r} cannot be read: {exc}") from exc
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{flag} {str(p)!r} is not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def host_of(address: str) -> str:
+    """The host part of ``HOST:PORT`` (``[::1]:50051`` -> ``::1``)."""
+    host = address.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def is_loopback(address: str) -> bool:
+    """True when ``HOST:PORT`` names only this machine (127.0.0.0/8, ::1 or localhost)."""
+    host = host_of(address)
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A server's certificate chain and key, and the CA that client certificates must chain to."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None
+    """Set: mutual TLS (every client must present a certificate signed by this CA)."""
+
+    @classmethod
+    def from_paths(cls, cert: str, key: str, client_ca: str = "") -> ServerTls | None:
+        """Read the files (None when no TLS is configured); ConfigError on a half setting."""
+        if not cert and not key:
+            if client_ca:
+                raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if not cert or not key:
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        return cls(
+            cert=read_pem(cert, "--tls-cert"),
+            key=read_pem(key, "--tls-key"),
+            client_ca=read_pem(client_ca, "--tls-client-ca") if client_ca else None,
+        )
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """What a client trusts (the server's CA) and, for mutual TLS, what it presents."""
+
+    ca: bytes | None = None
+    """PEM of the CA the server's certificate must chain to (None = the system roots)."""
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def from_paths(cls, ca: str = "", cert: str = "", key: str = "") -> ClientTls | None:
+        """Read the files (None when no TLS flag is given); ConfigError on a half setting."""
+        if not (ca or cert or key):
+            return None
+        if bool(cert) != bool(key):
+            raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+        return cls(
+            ca=read_pem(ca, "--tls-ca") if ca else None,
+            cert=read_pem(cert, "--tls-cert") if cert else None,
+            key=read_pem(key, "--tls-key") if key else None,
+        )
+
+
+def add_client_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """``--tls-ca``, ``--tls-cert``, ``--tls-key`` for a command that connects to a server."""
+    parser.add_argument("--tls-ca", dest="tls_ca", help="PEM CA of the server's certificate (TLS)")
+    parser.add_argument("--tls-cert", dest="tls_cert", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", dest="tls_key", help="PEM key of --tls-cert")
+
+
+def client_tls_from_args(args: argparse.Namespace) -> ClientTls | None:
+    """The :class:`ClientTls` of :func:`add_client_tls_flags` (None without TLS flags)."""
+    return ClientTls.from_paths(args.tls_ca or "", args.tls_cert or "", args.tls_key or "")
