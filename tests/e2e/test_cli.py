@@ -19,6 +19,7 @@ from tests.conftest import (
     run_cli,
     start_server_process,
 )
+from tests.support_tls import Pki, make_pki
 
 pytestmark = pytest.mark.e2e
 
@@ -127,29 +128,48 @@ def test_server_and_edge_processes(server_process: ServerProcess, tmp_path: Path
     assert doc["classifier"]["nodes"] == ["n0"]
 
 
-def test_edge_reads_deploy_example_config(server_process: ServerProcess, tmp_path: Path) -> None:
-    text = (ROOT / "deploy" / "edge.toml").read_text()
-    text = text.replace('"latentedge-server:50051"', f'"{server_process.address}"')
-    text = text.replace('"/data/local.npz"', f'"{MNIST_TINY}"')
-    text = text.replace("/var/lib/latentedge", str(tmp_path))
-    text = text.replace("epochs = 0", "epochs = 2")
-    config = tmp_path / "edge.toml"
-    config.write_text(text)
-    proc = run_cli("edge", "--config", str(config), "--shard", "0/4")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "edge-report.json").exists()
-    status = json.loads(run_cli("status", "--server", server_process.address).stdout)
+def _tls_paths(text: str, pki: Pki) -> str:
+    """The deploy configs' TLS paths pointed at a test PKI made with openssl."""
+    return (
+        text.replace("/etc/latentedge/tls/ca.pem", str(pki.ca))
+        .replace("/etc/latentedge/tls/server.pem", str(pki.server_cert))
+        .replace("/etc/latentedge/tls/server.key", str(pki.server_key))
+    )
+
+
+def test_edge_reads_deploy_example_config(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    server = start_server_process(
+        tmp_path / "s.db", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)
+    )
+    try:
+        text = _tls_paths((ROOT / "deploy" / "edge.toml").read_text(), pki)
+        text = text.replace('"latentedge-server:50051"', f'"{server.address}"')
+        text = text.replace('"/data/local.npz"', f'"{MNIST_TINY}"')
+        text = text.replace("/var/lib/latentedge", str(tmp_path))
+        text = text.replace("epochs = 0", "epochs = 2")
+        config = tmp_path / "edge.toml"
+        config.write_text(text)
+        proc = run_cli("edge", "--config", str(config), "--shard", "0/4")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / "edge-report.json").exists()
+        status = json.loads(
+            run_cli("status", "--server", server.address, "--tls-ca", str(pki.ca)).stdout
+        )
+    finally:
+        server.stop()
     assert status["nodes"][0]["has_profile"] is True
     assert status["nodes"][0]["samples"] == len(shard(load_dataset(str(MNIST_TINY)), 0, 4).y_train)
 
 
 def test_scheduled_edge_with_deploy_configs(tmp_path: Path) -> None:
-    server_toml = (ROOT / "deploy" / "server.toml").read_text()
+    pki = make_pki(tmp_path / "pki")
+    server_toml = _tls_paths((ROOT / "deploy" / "server.toml").read_text(), pki)
     server = start_server_process(
         tmp_path / "s.db", "--config", str(_write(tmp_path / "server.toml", server_toml))
     )
     try:
-        text = (ROOT / "deploy" / "edge.toml").read_text()
+        text = _tls_paths((ROOT / "deploy" / "edge.toml").read_text(), pki)
         text = text.replace('"latentedge-server:50051"', f'"{server.address}"')
         text = text.replace('"/data/local.npz"', f'"{MNIST_TINY}"')
         text = text.replace("/var/lib/latentedge", str(tmp_path))
@@ -163,7 +183,9 @@ def test_scheduled_edge_with_deploy_configs(tmp_path: Path) -> None:
         # a lone node must upload to reach min_samples, with the whole band
         assert report["schedule"]["upload"] is True
         assert report["schedule"]["bandwidth_hz"] == pytest.approx(2.0e7)
-        status = json.loads(run_cli("status", "--server", server.address).stdout)
+        status = json.loads(
+            run_cli("status", "--server", server.address, "--tls-ca", str(pki.ca)).stdout
+        )
         assert status["last_plan"]["devices"][0]["id"] == "plant-a-camera-1"
         assert status["nodes"][0]["samples"] == report["samples"] > 0
     finally:
