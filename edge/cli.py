@@ -166,12 +166,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--latent-dtype", dest="latent_dtype", choices=["float32", "float16", "int8"]
     )
-    parser.add_argument("--evaluate", action="store_true", default=None, help="classify test split")
+    on_off = argparse.BooleanOptionalAction  # --x / --no-x: the command line beats the file
+    parser.add_argument("--evaluate", action=on_off, default=None, help="classify test split")
     parser.add_argument("--export", help="export the encoder to ONNX in this directory")
     parser.add_argument("--report", help="write a JSON report of the run here")
-    parser.add_argument("--reset", action="store_true", default=None, help="drop stored latents")
+    parser.add_argument("--reset", action=on_off, default=None, help="drop stored latents")
     parser.add_argument(
-        "--scheduled", action="store_true", default=None, help="upload only when scheduled"
+        "--scheduled", action=on_off, default=None, help="upload only when scheduled"
     )
     parser.add_argument(
         "--retry-window-s", dest="retry_window_s", type=float, help="retry window (60 s)"
@@ -222,7 +223,7 @@ def load_config(args: argparse.Namespace) -> tuple[EdgeConfig, EnergyProfile | N
     overrides: dict[str, Any] = {
         k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k) is not None
     }
-    overrides.update({k: True for k in _BOOL_KEYS if getattr(args, k)})
+    overrides.update({k: getattr(args, k) for k in _BOOL_KEYS if getattr(args, k) is not None})
     config = replace(config, **overrides)
     for key in ("server", "node_id"):
         if not getattr(config, key):

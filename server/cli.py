@@ -96,7 +96,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--insecure",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="allow plaintext on a non-loopback --listen address",
     )
