@@ -188,6 +188,20 @@ def stored_scale(spec: str) -> float:
     return 255.0
 
 
+def halve_train(ds: Dataset, seed: int) -> tuple[Dataset, Dataset]:
+    """Two disjoint halves of the training split (a seeded permutation), each with the test split.
+
+    E.g. the server's source data and the nodes' target data of a transfer study.
+    """
+    order = np.random.default_rng(seed).permutation(len(ds.y_train))
+    half = len(order) // 2
+    everything = np.arange(len(ds.y_test))
+    return (
+        ds.subset(f"{ds.name}[train half 0]", np.sort(order[:half]), everything),
+        ds.subset(f"{ds.name}[train half 1]", np.sort(order[half:]), everything),
+    )
+
+
 def filter_classes(ds: Dataset, classes: Sequence[int]) -> Dataset:
     """Keep only the samples whose label is in ``classes`` (both splits).
 

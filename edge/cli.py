@@ -323,7 +323,7 @@ def _derived_profile(
     from edge.uplink import label_dtype_for
 
     encode_macs = flops_per_sample(ConvAutoencoder(ae_config).encoder, data.input_shape)
-    value_bits = {"float32": 32, "float16": 16, "int8": 8}[config.latent_dtype]
+    value_bits = 8 * np.dtype(config.latent_dtype).itemsize
     latent_bits = config.latent_dim * value_bits + 8 * label_dtype_for(data.num_classes).itemsize
     extra: dict[str, Any] = {}
     if base is not None:

@@ -321,7 +321,7 @@ def delta_bits_estimate(network: nn.Module, trainable: Trainable, encoding: Delt
         return 8.0 * stats(sent).payload_bytes
     n = sum(p.numel() for p in network.parameters() if p.requires_grad)  # what k counts
     index_bits = 16 if all(v.size <= 65536 for v in dense.values()) else 32
-    value_bits = {"float32": 32, "float16": 16, "int8": 8}[encoding.values]
+    value_bits = 8 * np.dtype(encoding.values).itemsize
     scales = 32 * len(dense) if encoding.values == "int8" else 0
     return float(topk_count(encoding.topk, n) * (value_bits + index_bits) + scales)
 

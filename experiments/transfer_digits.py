@@ -19,10 +19,9 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common.datasets import Dataset, filter_classes, load_dataset, shard
+from common.datasets import Dataset, filter_classes, halve_train, load_dataset, shard
 from common.delta import DeltaEncoding, apply_delta, stats
 from common.finetune import Trainable, TrainSettings, accuracy, train_network
 from common.modelfile import ModelFile, from_torch
@@ -45,11 +44,7 @@ GRID: list[tuple[str, str]] = [
 
 
 def split(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
-    order = np.random.default_rng(seed).permutation(len(data.y_train))
-    half = len(order) // 2
-    s, t = np.sort(order[:half]), np.sort(order[half:])
-    source = Dataset("source", data.x_train[s], data.y_train[s], data.x_test, data.y_test, 10)
-    target = Dataset("target", data.x_train[t], data.y_train[t], data.x_test, data.y_test, 10)
+    source, target = halve_train(data, seed)  # the demo's split
     return filter_classes(source, range(8)), target
 
 

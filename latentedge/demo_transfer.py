@@ -33,30 +33,25 @@ from latentedge.demo import DemoConfig, DemoServer, _cli, start_edges, wait_edge
 logger = logging.getLogger(__name__)
 
 
-def _split_data(config: DemoConfig) -> tuple[Path, Path, int]:
-    """Write the server's half (source.npz) and the nodes' half (target.npz); return classes."""
-    from common.datasets import load_dataset
+def _split_data(config: DemoConfig) -> tuple[Path, Path]:
+    """Write the server's half (source.npz) and the nodes' half (target.npz)."""
+    from common.datasets import halve_train, load_dataset
 
     data = load_dataset(config.dataset)
-    order = np.random.default_rng(config.seed).permutation(len(data.y_train))
-    half = len(order) // 2
+    halves = halve_train(data, config.seed)
     paths = (config.out / "source.npz", config.out / "target.npz")
-    for path, rows in zip(paths, (order[:half], order[half:]), strict=True):
+    for path, part in zip(paths, halves, strict=True):
         np.savez_compressed(
-            path,
-            x_train=data.x_train[np.sort(rows)],
-            y_train=data.y_train[np.sort(rows)],
-            x_test=data.x_test,
-            y_test=data.y_test,
+            path, x_train=part.x_train, y_train=part.y_train, x_test=part.x_test, y_test=part.y_test
         )
     logger.info(
         "demo: %s split into the server's %d and the nodes' %d training images (%d test)",
         data.name,
-        half,
-        len(order) - half,
+        len(halves[0].y_train),
+        len(halves[1].y_train),
         len(data.y_test),
     )
-    return paths[0], paths[1], data.num_classes
+    return paths
 
 
 def _pretrain(config: DemoConfig, source: Path) -> Path:
@@ -99,7 +94,7 @@ def run_transfer_demo(config: DemoConfig) -> dict[str, Any]:
     torch.set_num_threads(1)
     started = time.perf_counter()
     (config.out / "onnx").mkdir(parents=True, exist_ok=True)
-    source, target, _ = _split_data(config)
+    source, target = _split_data(config)
     base_path = _pretrain(config, source)
     server = DemoServer(
         config, "--base-model", str(base_path), "--aggregate-after", str(config.nodes)

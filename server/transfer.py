@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.delta import DeltaEntry, check_delta, dense_delta
+from common.delta import DeltaEntry, apply_delta, check_delta, dense_delta
 from common.errors import CodecError, ConflictError, InvalidRequestError, NotFoundError
 from common.modelfile import ModelFile, content_hash, parse_model_bytes, read_model_file
 from common.records import ModelVersion, StoredDelta
@@ -188,9 +188,7 @@ class ModelHub:
         if hit is not None:
             return hit
         base = self.base(delta.base_version)
-        tensors = dict(base.model.tensors)
-        for name, d in dense_delta(tensors, delta.entries).items():
-            tensors[name] = tensors[name] + d
+        tensors = apply_delta(base.model.tensors, delta.entries)
         meta = {
             **base.model.meta,
             "base_version": str(delta.base_version),
