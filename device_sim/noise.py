@@ -11,6 +11,7 @@ comma-separated values) parse into a list of them. Every formula and its source 
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -482,13 +483,17 @@ def _build(text: str, terms: list[tuple[str, dict[str, object]]]) -> NoiseSpec:
     return NoiseSpec(text=text, weight_models=tuple(models), dac=dac, adc=adc)
 
 
+_MODEL_JOIN = re.compile(r"(?<![0-9.][eE])\+")
+
+
 def _terms(text: str) -> list[str]:
     stripped = text.strip()
     if not stripped:
         raise NoiseInjectionError(
             f"noise spec is empty; valid kinds: {', '.join(NOISE_KINDS)}, none"
         )
-    return [t.strip() for t in stripped.split("+")]
+    # "+" joins models, except inside a number's exponent (t=3.15e+07)
+    return [t.strip() for t in _MODEL_JOIN.split(stripped)]
 
 
 def _values(kind: str, raw: dict[str, list[str]], where: str) -> dict[str, object]:

@@ -208,6 +208,11 @@ def test_spec_composition_and_defaults() -> None:
         PcmNoise(t=0.0, compensate=False),
     )
     assert parse_noise_spec("none").is_clean
+    # a "+" inside a number's exponent is part of the number, not a model separator
+    assert parse_noise_spec("pcm:t=3.1536e+07+quant:bits=8").weight_models == (
+        PcmNoise(t=31536000.0),
+        QuantNoise(bits=8),
+    )
     assert not parse_noise_spec("quant:bits=4").is_random
 
 
