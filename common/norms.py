@@ -130,6 +130,8 @@ def fold_into_conv(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
         dilation=conv.dilation,  # type: ignore[arg-type]
         groups=conv.groups,
         bias=True,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
     )
     with torch.no_grad():
         folded.weight.copy_(conv.weight * factor.view(-1, 1, 1, 1))
