@@ -332,6 +332,15 @@ def cmd_run(args: argparse.Namespace) -> None:
             for norm, noise in (("bn", ""), ("none", ""), ("l1", ""), ("bn", "pcm:t=86400"))
         ]
         args.draws, args.limit = 2, 200
+    elif args.lr_sweep:  # the learning-rate study alone, on another model and dataset
+        data = args.data
+        settings = {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "weight_decay": args.weight_decay,
+            "augment": "none",
+        }
+        todo = [Job(args.lr_sweep, "bn", lr, "", s, ("lr",)) for lr in LRS for s in args.seeds]
     else:
         data = str(prepare_cifar(Path(args.cifar_dir), Path(args.cache)))
         settings = {
@@ -498,11 +507,13 @@ def _plots(table: list[dict[str, Any]], out_dir: Path) -> None:
     axes[0].set_ylabel("normalised accuracy")
     axes[0].legend()
     axes[0].grid(alpha=0.3)
-    lr_rows = sorted(
-        (r for r in table if "lr" in r["studies"] and r["model"] == "resnet20"),
-        key=lambda r: r["lr"],
-    )
-    if lr_rows:
+    for model, marker in (("resnet20", "o"), ("lenet", "^")):
+        lr_rows = sorted(
+            (r for r in table if "lr" in r["studies"] and r["model"] == model),
+            key=lambda r: r["lr"],
+        )
+        if not lr_rows:
+            continue
         lrs = [r["lr"] for r in lr_rows]
         axes[1].errorbar(
             lrs,
@@ -511,8 +522,8 @@ def _plots(table: list[dict[str, Any]], out_dir: Path) -> None:
                 [r["clean"]["mean"] - r["clean"]["min"] for r in lr_rows],
                 [r["clean"]["max"] - r["clean"]["mean"] for r in lr_rows],
             ],
-            marker="o",
-            label="clean accuracy",
+            marker=marker,
+            label=f"{model}: clean accuracy",
         )
         axes[1].errorbar(
             lrs,
@@ -521,12 +532,13 @@ def _plots(table: list[dict[str, Any]], out_dir: Path) -> None:
                 [r["avg_norm_tensor"]["mean"] - r["avg_norm_tensor"]["min"] for r in lr_rows],
                 [r["avg_norm_tensor"]["max"] - r["avg_norm_tensor"]["mean"] for r in lr_rows],
             ],
-            marker="s",
-            label="average normalised accuracy",
+            marker=marker,
+            linestyle="--",
+            label=f"{model}: average normalised accuracy",
         )
         axes[1].set_xscale("log")
         axes[1].set_xlabel("peak learning rate (AdamW, one-cycle)")
-        axes[1].set_title("ResNet-20 (BN): learning rate")
+        axes[1].set_title("learning rate (BN networks)")
         axes[1].legend()
         axes[1].grid(alpha=0.3)
     fig.tight_layout()
@@ -573,6 +585,8 @@ def main() -> None:
     run.add_argument("--budget-s", type=float, default=1e9, help="no job starts after this")
     run.add_argument("--only", default="", help="comma-separated key substrings")
     run.add_argument("--quick", action="store_true", help="digits, resnet8, 1 epoch")
+    run.add_argument("--lr-sweep", default="", help="only the LR study, on this zoo model")
+    run.add_argument("--data", default="digits", help="dataset of --lr-sweep")
     report = sub.add_parser("report", help="tables and plots from the run files")
     report.add_argument("--runs-dir", default="docs/robustness_runs")
     report.add_argument("--out", default="docs/robustness.json")
