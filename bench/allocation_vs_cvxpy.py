@@ -2,7 +2,7 @@
 
 The solver decides who uploads, splits the bandwidth and fixes the round latency. The baseline
 gets the solver's own upload set and solves just the remaining convex problem (bandwidth and
-round latency, DESIGN.md's equations, exponential cones) with cvxpy + Clarabel at default
+round latency; docs/allocation.md's equations, exponential cones) with cvxpy + Clarabel at default
 tolerances, in the same run. Medians over repeats; the objectives are printed to show both
 answer the same question.
 

@@ -11,8 +11,10 @@ Library code raises these; only ``cli.py`` modules map them to exit codes.
     │   ├── InvalidRequestError     malformed field             -> INVALID_ARGUMENT
     │   ├── NotFoundError           unknown node or object      -> NOT_FOUND
     │   ├── ConflictError           state forbids it right now  -> FAILED_PRECONDITION
-    │   ├── TooLargeError           over a size limit           -> RESOURCE_EXHAUSTED
+    │   ├── TooLargeError           over a size/quota/capacity  -> RESOURCE_EXHAUSTED
     │   ├── BusyError               try again shortly           -> UNAVAILABLE
+    │   ├── AuthenticationError     no or bad credential        -> UNAUTHENTICATED
+    │   ├── PermissionDeniedError   credential may not do this  -> PERMISSION_DENIED
     │   └── StreamAbortedError      the client went away        -> CANCELLED
     ├── UplinkError                 a gRPC call from an edge node failed for good
     │   └── ServerUnreachableError  retries with backoff ran out
@@ -62,11 +64,19 @@ class ConflictError(RequestError):
 
 
 class TooLargeError(RequestError):
-    """The request exceeds a size limit (RESOURCE_EXHAUSTED)."""
+    """The request exceeds a size limit, a quota or the server's capacity (RESOURCE_EXHAUSTED)."""
 
 
 class BusyError(RequestError):
     """The server cannot take the request right now; the client retries (UNAVAILABLE)."""
+
+
+class AuthenticationError(RequestError):
+    """The request carries no valid credential (UNAUTHENTICATED)."""
+
+
+class PermissionDeniedError(RequestError):
+    """The credential is valid but may not do this (PERMISSION_DENIED)."""
 
 
 class StreamAbortedError(RequestError):

@@ -221,3 +221,19 @@ class StoredDelta:
     base_version: int
     samples: int
     entries: tuple[DeltaEntry, ...]
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A stored credential: who it speaks for and a salted hash of its secret (never the secret)."""
+
+    token_id: str
+    """Public part of the token (also in the token text), the key to look it up by."""
+    subject: str
+    """The node id it acts for (admin tokens: a free label)."""
+    admin: bool
+    salt: bytes
+    digest: bytes
+    """SHA-256 of ``salt + secret``."""
+    created_at: float
+    revoked_at: float | None = None

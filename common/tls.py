@@ -1,4 +1,7 @@
-"""TLS settings of servers and clients: PEM files read and checked, loopback addresses recognised.
+"""Transport security of servers and clients: TLS files, loopback addresses, client tokens.
+
+PEM files are read and checked, loopback addresses recognised, and a client's credential
+(token) taken from a flag, a file or the environment.
 
 The gRPC credentials are built where gRPC lives (``server/grpc_app.py``, ``edge/uplink.py``);
 this module only turns paths into checked PEM bytes, with a ConfigError naming the flag.
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +108,40 @@ def add_client_tls_flags(parser: argparse.ArgumentParser) -> None:
 def client_tls_from_args(args: argparse.Namespace) -> ClientTls | None:
     """The :class:`ClientTls` of :func:`add_client_tls_flags` (None without TLS flags)."""
     return ClientTls.from_paths(args.tls_ca or "", args.tls_cert or "", args.tls_key or "")
+
+
+TOKEN_ENV = "LATENTEDGE_TOKEN"
+"""Environment variable a client reads its token from when no flag gives one."""
+
+
+def add_client_token_flags(parser: argparse.ArgumentParser) -> None:
+    """``--token`` and ``--token-file`` (else ``$LATENTEDGE_TOKEN``) for a client command."""
+    parser.add_argument("--token", help=f"credential for the server (else ${TOKEN_ENV})")
+    parser.add_argument("--token-file", dest="token_file", help="file holding the credential")
+
+
+def read_token(token: str = "", token_file: str = "") -> str:
+    """The client's token: ``token``, else the content of ``token_file``, else the environment.
+
+    Raises:
+        ConfigError: both given, an unreadable or empty file, or a token with whitespace inside.
+    """
+    if token and token_file:
+        raise ConfigError("give --token or --token-file, not both")
+    if token_file:
+        try:
+            text = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--token-file {token_file!r} cannot be read: {exc}") from exc
+        if not text:
+            raise ConfigError(f"--token-file {token_file!r} is empty")
+        token = text
+    token = (token or os.environ.get(TOKEN_ENV, "")).strip()
+    if any(ch.isspace() for ch in token) or not token.isascii():
+        raise ConfigError("the token must be one word of ASCII characters (as issued)")
+    return token
+
+
+def client_token_from_args(args: argparse.Namespace) -> str:
+    """The token of :func:`add_client_token_flags` ("" when none is given anywhere)."""
+    return read_token(args.token or "", args.token_file or "")

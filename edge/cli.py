@@ -26,7 +26,8 @@ from common.config import read_tables
 from common.constants import RETRY_WINDOW_S
 from common.errors import ConfigError, UplinkError
 from common.records import EnergyProfile, NodeRegistration
-from common.tls import ClientTls, add_client_tls_flags
+from common.tls import ClientTls, add_client_tls_flags, add_client_token_flags, read_token
+from edge.privacy import check_noise_std
 
 if TYPE_CHECKING:
     from common.datasets import Dataset
@@ -62,6 +63,9 @@ class EdgeConfig:
     """Seed of sharding and training."""
     latent_dtype: str = "float32"
     """Wire encoding of latents: float32, float16 or int8."""
+    latent_noise: float = 0.0
+    """Gaussian noise added to every latent the node sends (uploads and classification), std
+    as a fraction of each latent dimension's std (``edge.privacy``; docs/privacy.md); 0 = none."""
     evaluate: bool = False
     """Classify the test split through the server and report accuracy."""
     export: str = ""
@@ -99,6 +103,11 @@ class EdgeConfig:
     """PEM client certificate for mutual TLS."""
     tls_key: str = ""
     """PEM key of ``tls_cert``."""
+    token: str = ""
+    """This node's credential (``latentedge token issue NODE_ID``); prefer ``token_file`` or
+    ``$LATENTEDGE_TOKEN`` (a token on a command line shows in ``ps``)."""
+    token_file: str = ""
+    """File holding this node's credential."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("latents", "finetune"):
@@ -120,6 +129,7 @@ class EdgeConfig:
             raise ConfigError(f"edge.latent_dim must be >= 1, got {self.latent_dim}")
         if self.epochs < 0:
             raise ConfigError(f"edge.epochs must be >= 0, got {self.epochs}")
+        check_noise_std(self.latent_noise)
 
 
 _FLAG_KEYS = (
@@ -133,6 +143,7 @@ _FLAG_KEYS = (
     "epochs",
     "seed",
     "latent_dtype",
+    "latent_noise",
     "export",
     "report",
     "retry_window_s",
@@ -147,6 +158,8 @@ _FLAG_KEYS = (
     "tls_ca",
     "tls_cert",
     "tls_key",
+    "token",
+    "token_file",
 )
 _BOOL_KEYS = ("evaluate", "reset", "scheduled")
 
@@ -165,6 +178,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed (0)")
     parser.add_argument(
         "--latent-dtype", dest="latent_dtype", choices=["float32", "float16", "int8"]
+    )
+    parser.add_argument(
+        "--latent-noise",
+        dest="latent_noise",
+        type=float,
+        help="defence: add Gaussian noise to the latents sent, std as a fraction of each latent "
+        "dimension's std (0 = none; see docs/privacy.md)",
     )
     on_off = argparse.BooleanOptionalAction  # --x / --no-x: the command line beats the file
     parser.add_argument("--evaluate", action=on_off, default=None, help="classify test split")
@@ -198,6 +218,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--model-cache", dest="model_cache", help="downloaded models (~/.cache/latentedge/models)"
     )
     add_client_tls_flags(parser)
+    add_client_token_flags(parser)
     parser.add_argument(
         "--train-noise",
         dest="train_noise",
@@ -230,6 +251,7 @@ def load_config(args: argparse.Namespace) -> tuple[EdgeConfig, EnergyProfile | N
             raise ConfigError(f"--{key.replace('_', '-')} is required (or edge.{key} in --config)")
     _finetune_config(config)  # refuse a bad --trainable / --delta-encoding before any work
     ClientTls.from_paths(config.tls_ca, config.tls_cert, config.tls_key)  # and bad TLS files
+    read_token(config.token, config.token_file)  # and a bad token file
     if config.train_noise:
         from edge.trainer import TrainConfig
 
@@ -391,7 +413,8 @@ def run_edge(config: EdgeConfig, profile: EnergyProfile | None = None) -> dict[s
     ft = _finetune_config(config)
     tls = ClientTls.from_paths(config.tls_ca, config.tls_cert, config.tls_key)
     retry = RetryPolicy(window_s=config.retry_window_s)
-    with UplinkClient(config.server, retry=retry, tls=tls) as client:
+    token = read_token(config.token, config.token_file)
+    with UplinkClient(config.server, retry=retry, tls=tls, token=token) as client:
         base = None
         if config.mode == "finetune" or config.scheduled:
             base = _base_if_served(client, config, ft)
@@ -443,6 +466,7 @@ def _run_latents(
     report: dict[str, Any],
 ) -> None:
     """Train the autoencoder, upload latents, classify through the server, export."""
+    from edge.privacy import LatentNoise, LatentNoiseConfig
     from edge.trainer import TrainConfig, encode, reconstruct, train_autoencoder
 
     train_config = TrainConfig(seed=config.seed, train_noise=config.train_noise)
@@ -457,9 +481,15 @@ def _run_latents(
     t0 = time.perf_counter()
     model = train_autoencoder(data.x_train, ae_config, train_config, on_epoch=on_epoch)
     report["train_seconds"] = time.perf_counter() - t0
+    latents = encode(model, data.x_train)
+    # calibrated on the clean training latents; fresh OS-entropy noise on everything sent
+    noise = LatentNoise(LatentNoiseConfig(config.latent_noise), latents)
+    report["latent_noise"] = config.latent_noise
+    if config.latent_noise:
+        logger.info("adding latent noise: std %g x each latent dimension's std", config.latent_noise)
     ack = client.push_latents(
         config.node_id,
-        encode(model, data.x_train),
+        noise(latents),
         data.y_train,
         num_classes=data.num_classes,
         encoding=config.latent_dtype,
@@ -470,7 +500,7 @@ def _run_latents(
     if config.evaluate and len(data.y_test):
         client.wait_for_classifier(config.node_id)
         pred = client.classify(
-            config.node_id, encode(model, data.x_test), encoding=config.latent_dtype
+            config.node_id, noise(encode(model, data.x_test)), encoding=config.latent_dtype
         )
         correct = int(np.sum(pred.labels == data.y_test))
         report.update(

@@ -18,7 +18,12 @@ from pathlib import Path
 
 from common.constants import DEFAULT_LISTEN
 from common.errors import ConfigError
-from common.tls import add_client_tls_flags, client_tls_from_args
+from common.tls import (
+    add_client_tls_flags,
+    add_client_token_flags,
+    client_tls_from_args,
+    client_token_from_args,
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +48,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="where to write the downloaded model file")
     parser.add_argument("--onnx", type=Path, help="also export the downloaded model to ONNX")
     add_client_tls_flags(parser)
+    add_client_token_flags(parser)
     parser.add_argument(
         "--retry-window-s", type=float, default=5.0, help="retry an unreachable server (5 s)"
     )
@@ -58,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     if args.min_nodes < 1:
         raise ConfigError(f"--min-nodes must be >= 1, got {args.min_nodes}")
     tls = client_tls_from_args(args)
+    token = client_token_from_args(args)
     retry = RetryPolicy(window_s=args.retry_window_s)
-    with UplinkClient(args.server, retry=retry, tls=tls) as client:
+    with UplinkClient(args.server, retry=retry, tls=tls, token=token) as client:
         if args.aggregate:
             made = client.aggregate(args.min_nodes)
             sys.stdout.write(json.dumps(asdict(made), indent=2) + "\n")

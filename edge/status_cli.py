@@ -8,7 +8,12 @@ import sys
 from dataclasses import asdict
 
 from common.constants import DEFAULT_LISTEN
-from common.tls import add_client_tls_flags, client_tls_from_args
+from common.tls import (
+    add_client_tls_flags,
+    add_client_token_flags,
+    client_tls_from_args,
+    client_token_from_args,
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +22,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--server", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})"
     )
     add_client_tls_flags(parser)
+    add_client_token_flags(parser)
     parser.add_argument(
         "--retry-window-s",
         type=float,
@@ -30,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from edge.uplink import RetryPolicy, UplinkClient
 
     tls = client_tls_from_args(args)
+    token = client_token_from_args(args)
     retry = RetryPolicy(window_s=args.retry_window_s)
-    with UplinkClient(args.server, retry=retry, tls=tls) as client:
+    with UplinkClient(args.server, retry=retry, tls=tls, token=token) as client:
         status = client.status()
     doc = {
         "server": args.server,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -231,6 +231,38 @@ def _verified(path: Path, digest: str) -> bool:
     return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization: Bearer <token>`` to the metadata of every call."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._entry]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Unary call with the token."""
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Response-streaming call with the token."""
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        """Request-streaming call with the token."""
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        """Bidirectional call with the token."""
+        return continuation(self._details(details), requests)
+
+
 class UplinkClient:
     """A context-managed connection to one latentedge server."""
 
@@ -242,6 +274,7 @@ class UplinkClient:
         rpc_timeout_s: float = RPC_TIMEOUT_S,
         upload_timeout_s: float = UPLOAD_TIMEOUT_S,
         tls: ClientTls | None = None,
+        token: str = "",
     ) -> None:
         if ":" not in address:
             raise ConfigError(f"server address must be HOST:PORT, got {address!r}")
@@ -250,6 +283,7 @@ class UplinkClient:
         self._rpc_timeout_s = rpc_timeout_s
         self._upload_timeout_s = upload_timeout_s
         self._tls = tls
+        self._token = token
         self._state = ClientState.UNOPENED
         self._channel: grpc.Channel | None = None
         self._stub: uplink_pb2_grpc.UplinkStub | None = None
@@ -270,7 +304,10 @@ class UplinkClient:
                 certificate_chain=self._tls.cert,
             )
             self._channel = grpc.secure_channel(self._address, credentials, options=options)
-        self._stub = uplink_pb2_grpc.UplinkStub(self._channel)
+        channel = self._channel
+        if self._token:
+            channel = grpc.intercept_channel(channel, _BearerToken(self._token))
+        self._stub = uplink_pb2_grpc.UplinkStub(channel)
         self._state = ClientState.OPENED
         return self
 

@@ -57,6 +57,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "server.train_cli",
         "train a zoo network (optionally noise-aware) and export it to ONNX for simulate",
     ),
+    "token": ("server.token_cli", "issue, revoke and list node and admin credentials"),
     "edge": ("edge.cli", "run one edge node: train its autoencoder, upload latents, evaluate"),
     "status": ("edge.status_cli", "print a running server's state as JSON"),
     "models": (

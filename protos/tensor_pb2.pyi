@@ -29,7 +29,10 @@ class Tensor(_message.Message):
     data: _builtins.bytes
     """Raw C-order little-endian bytes; length must equal prod(shape) * itemsize(dtype)."""
     dtype: _builtins.str
-    """numpy dtype name: "float32", "float16", "int64", "int32" or "int8"."""
+    """numpy dtype name, one of common/tensors.py WIRE_DTYPES: "float32", "float16", "int8",
+    "uint8", "int16", "uint16", "int32", "uint32", "int64". Each message field below says which
+    of these it accepts (latents: float32, float16, int8; labels: uint8, int16, int32, int64).
+    """
     scale: _builtins.float
     """For dtype "int8" only: real value = scale * stored value (0 means "not scaled")."""
     @_builtins.property

@@ -210,11 +210,11 @@ class LatentChunk(_message.Message):
     """Read from seq 0 only: samples in the whole upload, checked at the end."""
     @_builtins.property
     def latents(self) -> _tensor_pb2.Tensor:
-        """(n, latent_dim) float32 or float16."""
+        """(n, latent_dim) float32, float16 or int8 (int8 with Tensor.scale > 0)."""
 
     @_builtins.property
     def labels(self) -> _tensor_pb2.Tensor:
-        """(n,) integer labels in [0, num_classes)."""
+        """(n,) integer labels in [0, num_classes): uint8, int16, int32 or int64."""
 
     def __init__(
         self,
@@ -278,7 +278,9 @@ class ClassifyRequest(_message.Message):
     LATENTS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     @_builtins.property
-    def latents(self) -> _tensor_pb2.Tensor: ...
+    def latents(self) -> _tensor_pb2.Tensor:
+        """(n, latent_dim) float32, float16 or int8, as uploaded."""
+
     def __init__(
         self,
         *,

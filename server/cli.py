@@ -16,9 +16,20 @@ from common.config import read_tables
 from common.constants import DEFAULT_LISTEN, MAX_UPLOAD_BYTES
 from common.errors import ConfigError
 from common.tls import ServerTls, is_loopback
+from server.limits import (
+    DEFAULT_DEDUPE_DRAIN_TIMEOUT_S,
+    DEFAULT_MAX_CONCURRENT_RPCS,
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_NODE_BYTES,
+    DEFAULT_MAX_NODES,
+    DEFAULT_RETRAIN_MIN_INTERVAL_S,
+    DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    StreamLimits,
+)
 
 if TYPE_CHECKING:
     from server.core import SplitLearningServer
+    from server.metrics import ServerMetrics
     from server.store import Store
 from server.allocation import Cell
 
@@ -37,6 +48,27 @@ class ServerConfig:
     """``per_node`` (one classifier per node) or ``shared`` (one, told the node identity)."""
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     """Largest upload payload (bytes) accepted; more is RESOURCE_EXHAUSTED."""
+    max_node_bytes: int = DEFAULT_MAX_NODE_BYTES
+    """Largest committed latent payload (bytes) of one node; an upload that would take a node
+    past it is refused at commit (RESOURCE_EXHAUSTED), nothing of it stored."""
+    max_nodes: int = DEFAULT_MAX_NODES
+    """Most registered nodes; registering a new one beyond it is RESOURCE_EXHAUSTED (an
+    existing node may always re-register)."""
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    """Upload streams (PushLatents, PushDelta) in flight at once; one more is refused at once
+    with RESOURCE_EXHAUSTED."""
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+    """RPCs of any kind in flight at once (also the worker threads); one more is refused at once
+    with RESOURCE_EXHAUSTED. Must exceed ``max_concurrent_streams``."""
+    stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    """An upload whose client sends no chunk for this long is cut off (CANCELLED) and its
+    staged chunks discarded."""
+    dedupe_drain_timeout_s: float = DEFAULT_DEDUPE_DRAIN_TIMEOUT_S
+    """A re-sent, already committed upload is read and discarded for at most this long (and at
+    most its original bytes), then acknowledged."""
+    retrain_min_interval_s: float = DEFAULT_RETRAIN_MIN_INTERVAL_S
+    """Seconds from the end of one classifier training to the start of the next (debounce;
+    the last upload always leads to a training)."""
     seed: int = 0
     """Seed of classifier training."""
     round_timeout_s: float = 600.0
@@ -57,6 +89,12 @@ class ServerConfig:
     """PEM CA that client certificates must chain to: mutual TLS (clients without one fail)."""
     insecure: bool = False
     """Allow plaintext on a non-loopback ``listen`` address (refused otherwise)."""
+    metrics_listen: str = ""
+    """HOST:PORT to serve Prometheus metrics on (``/metrics``, plain HTTP); empty = off;
+    port 0 picks a free port (printed on start)."""
+    require_tokens: bool = False
+    """Require a credential on every RPC (except health) even without TLS. With TLS it is
+    always required (tokens: ``latentedge token``; or client certificates under mTLS)."""
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
@@ -70,8 +108,43 @@ class ServerConfig:
             raise ConfigError(f"server.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.max_upload_bytes <= 0:
             raise ConfigError(f"server.max_upload_bytes must be > 0, got {self.max_upload_bytes}")
+        self._check_limits()
         if self.aggregate_after < 0:
             raise ConfigError(f"server.aggregate_after must be >= 0, got {self.aggregate_after}")
+        if self.metrics_listen and ":" not in self.metrics_listen:
+            raise ConfigError(
+                f"server.metrics_listen must be HOST:PORT, got {self.metrics_listen!r}"
+            )
+
+    def _check_limits(self) -> None:
+        for key in ("max_node_bytes", "max_nodes", "max_concurrent_streams"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"server.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_concurrent_rpcs <= self.max_concurrent_streams:
+            raise ConfigError(
+                f"server.max_concurrent_rpcs ({self.max_concurrent_rpcs}) must exceed "
+                f"server.max_concurrent_streams ({self.max_concurrent_streams}), or stalled "
+                "uploads can hold every worker thread"
+            )
+        for key in ("stream_idle_timeout_s", "dedupe_drain_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"server.{key} must be > 0, got {getattr(self, key)}")
+        if not self.retrain_min_interval_s >= 0:
+            raise ConfigError(
+                f"server.retrain_min_interval_s must be >= 0, got {self.retrain_min_interval_s}"
+            )
+
+
+_LIMIT_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("max_node_bytes", int, "largest committed latent payload of one node (bytes)"),
+    ("max_nodes", int, "most registered nodes"),
+    ("max_concurrent_streams", int, "upload streams in flight at once"),
+    ("max_concurrent_rpcs", int, "RPCs in flight at once (> --max-concurrent-streams)"),
+    ("stream_idle_timeout_s", float, "cut off an upload idle this long (s)"),
+    ("dedupe_drain_timeout_s", float, "drain a re-sent committed upload at most this long (s)"),
+    ("retrain_min_interval_s", float, "least time between classifier trainings (s)"),
+)
+"""Resource-limit keys of ``[server]`` with their flag type and help (``--max-nodes`` ...)."""
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +158,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--classifier-mode", choices=["per_node", "shared"], help="classifier family"
     )
     parser.add_argument("--max-upload-bytes", type=int, help="largest accepted upload (bytes)")
+    for key, kind, text in _LIMIT_FLAGS:
+        default = getattr(ServerConfig, key)
+        parser.add_argument(
+            "--" + key.replace("_", "-"), dest=key, type=kind, help=f"{text} (default {default})"
+        )
     parser.add_argument("--seed", type=int, help="classifier training seed")
     parser.add_argument(
         "--base-model", dest="base_model", help="model file to serve for fine-tuning nodes"
@@ -101,10 +179,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="allow plaintext on a non-loopback --listen address",
     )
     parser.add_argument(
+        "--require-tokens",
+        dest="require_tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require node/admin credentials without TLS too (always on with TLS)",
+    )
+    parser.add_argument(
         "--aggregate-after",
         dest="aggregate_after",
         type=int,
         help="aggregate the deltas once this many nodes sent one (0 = on request)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        dest="metrics_listen",
+        help="HOST:PORT to serve Prometheus /metrics on, plain HTTP (default off; port 0 = any)",
     )
 
 
@@ -121,6 +211,7 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
             "db",
             "classifier_mode",
             "max_upload_bytes",
+            *(key for key, _kind, _text in _LIMIT_FLAGS),
             "seed",
             "base_model",
             "aggregate_after",
@@ -128,6 +219,8 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
             "tls_key",
             "tls_client_ca",
             "insecure",
+            "metrics_listen",
+            "require_tokens",
         )
         if getattr(args, key) is not None
     }
@@ -161,13 +254,19 @@ def _open_core(config: ServerConfig) -> tuple[Store, SplitLearningServer]:
     store = open_store(config.db)
     core = SplitLearningServer(
         store,
-        limits=IngestLimits(max_upload_bytes=config.max_upload_bytes),
+        limits=IngestLimits(
+            max_upload_bytes=config.max_upload_bytes,
+            max_node_bytes=config.max_node_bytes,
+            max_nodes=config.max_nodes,
+            dedupe_drain_timeout_s=config.dedupe_drain_timeout_s,
+        ),
         classifier_mode=ClassifierMode(config.classifier_mode),
         classifier_config=ClassifierConfig(),
         cell=config.cell,
         round_timeout_s=config.round_timeout_s,
         seed=config.seed,
         aggregate_after=config.aggregate_after,
+        retrain_min_interval_s=config.retrain_min_interval_s,
     )
     if config.base_model:
         try:
@@ -178,11 +277,55 @@ def _open_core(config: ServerConfig) -> tuple[Store, SplitLearningServer]:
     return store, core
 
 
+def _start_metrics(config: ServerConfig, core: SplitLearningServer) -> ServerMetrics | None:
+    """Serve the Prometheus metrics of ``core`` on ``config.metrics_listen`` (None when off)."""
+    if not config.metrics_listen:
+        return None
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(core.status)
+    try:
+        metrics.serve(config.metrics_listen)
+    except ConfigError:
+        metrics.close()
+        raise
+    return metrics
+
+
+def _stop_metrics(metrics: ServerMetrics | None) -> None:
+    if metrics is not None:
+        metrics.close()
+
+
+def _banner(
+    config: ServerConfig,
+    port: int,
+    core: SplitLearningServer,
+    *,
+    tls: ServerTls | None,
+    credentials: bool,
+    metrics: ServerMetrics | None,
+) -> None:
+    """The start-up lines on stdout (tests and scripts read the address from the first)."""
+    host = config.listen.rsplit(":", 1)[0]
+    served = core.hub.current_version()
+    base = f", base model v{served}" if served else ""
+    if tls is not None:
+        base += ", mutual TLS" if tls.client_ca else ", TLS"
+    if credentials:
+        base += ", credentials required"
+    sys.stdout.write(f"latentedge server listening on {host}:{port} (db {config.db}{base})\n")
+    sys.stdout.write(f"metrics on {metrics.url}\n" if metrics is not None else "")
+    sys.stdout.flush()
+
+
 def run_server(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
     """Open the store, start the gRPC server and block until a stop signal."""
     import torch
 
+    from server.auth import Authenticator
     from server.grpc_app import create_server
+    from server.health import StoreHealth
     from server.servicer import UplinkServicer
 
     check_exposure(config)
@@ -192,19 +335,27 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
     torch.set_num_threads(1)
     store, core = _open_core(config)
     core.start()
+    metrics: ServerMetrics | None = None
     try:
-        server, port, health = create_server(config.listen, UplinkServicer(core), tls=tls)
+        metrics = _start_metrics(config, core)
+        auth = Authenticator(store, required=tls is not None or config.require_tokens)
+        streams = StreamLimits(config.max_concurrent_streams, config.stream_idle_timeout_s)
+        servicer = UplinkServicer(core, auth=auth, stream_limits=streams)
+        server, port, health = create_server(
+            config.listen,
+            servicer,
+            max_concurrent_rpcs=config.max_concurrent_rpcs,
+            tls=tls,
+            metrics=metrics,
+        )
     except ConfigError:
+        _stop_metrics(metrics)
         core.stop()
         store.close()
         raise
-    host = config.listen.rsplit(":", 1)[0]
-    served = core.hub.current_version()
-    base = f", base model v{served}" if served else ""
-    if tls is not None:
-        base += ", mutual TLS" if tls.client_ca else ", TLS"
-    sys.stdout.write(f"latentedge server listening on {host}:{port} (db {config.db}{base})\n")
-    sys.stdout.flush()
+    store_health = StoreHealth(store, health)
+    store_health.start()
+    _banner(config, port, core, tls=tls, credentials=auth.required, metrics=metrics)
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -219,8 +370,10 @@ def run_server(config: ServerConfig, *, ready: threading.Event | None = None) ->
     try:
         stop.wait()
     finally:
+        store_health.stop()
         health.enter_graceful_shutdown()
         server.stop(grace=5.0).wait()
+        _stop_metrics(metrics)
         core.stop()
         store.close()
     return 0

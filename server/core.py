@@ -24,6 +24,7 @@ from common.errors import (
     AllocationError,
     BusyError,
     CodecError,
+    ConfigError,
     ConflictError,
     InvalidRequestError,
     LatentEdgeError,
@@ -41,10 +42,16 @@ from common.records import (
     Schedule,
     ServerStatus,
     UploadAck,
+    UploadMode,
 )
 from common.tensors import WireTensor, from_wire
 from server.allocation import Cell
 from server.classifier import ClassifierMode, LatentClassifier, train_classifier
+from server.limits import (
+    DEFAULT_DEDUPE_DRAIN_TIMEOUT_S,
+    DEFAULT_MAX_NODE_BYTES,
+    DEFAULT_MAX_NODES,
+)
 from server.scheduler import RoundScheduler, device_for
 from server.store import Store
 from server.transfer import ModelHub, ServedModel
@@ -58,6 +65,10 @@ MAX_CLASSES = 65536
 MAX_CLASSIFY_ROWS = 1_000_000
 MAX_DELTA_SAMPLES = 2**53
 """Largest training-sample count a delta may declare (exact as a float64 weight)."""
+MAX_NODE_SAMPLES = 2**53
+"""Largest sample count a node may declare (exact in the scheduler's float64 columns)."""
+MAX_PROFILE_VALUE = 1e30
+"""Largest energy-profile number: products of a few stay finite in the scheduler."""
 UPLOAD_LOCK_WAIT_S = 30.0
 """How long a stream waits for another stream of the same upload_id before UNAVAILABLE."""
 _LATENT_DTYPES = ("float32", "float16", "int8")
@@ -66,10 +77,27 @@ _LABEL_DTYPES = ("uint8", "int16", "int32", "int64")
 
 @dataclass(frozen=True)
 class IngestLimits:
-    """Size limits of one upload."""
+    """Size limits of uploads, of what one node may store and of the node count."""
 
     max_upload_bytes: int
     """Largest payload (latents + labels, bytes) of one upload."""
+    max_node_bytes: int = DEFAULT_MAX_NODE_BYTES
+    """Largest committed latent payload (bytes) of one node; an upload that would take the node
+    past it is refused (RESOURCE_EXHAUSTED) and nothing of it is stored."""
+    max_nodes: int = DEFAULT_MAX_NODES
+    """Most registered nodes; registering one more is refused (RESOURCE_EXHAUSTED)."""
+    dedupe_drain_timeout_s: float = DEFAULT_DEDUPE_DRAIN_TIMEOUT_S
+    """A re-sent, already committed upload is read and discarded for at most this long (and at
+    most its original payload bytes), then acknowledged without reading the rest."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_node_bytes", "max_nodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.dedupe_drain_timeout_s > 0:
+            raise ConfigError(
+                f"server.dedupe_drain_timeout_s must be > 0, got {self.dedupe_drain_timeout_s}"
+            )
 
 
 class _StreamChunk(Protocol):
@@ -84,7 +112,24 @@ class _StreamChunk(Protocol):
 
 
 _C = TypeVar("_C", bound=_StreamChunk)
-_A = TypeVar("_A")
+
+
+class _Acked(Protocol):
+    """An acknowledgement of a committed upload (latents or delta)."""
+
+    @property
+    def payload_bytes(self) -> int: ...
+
+
+_P = TypeVar("_P", bound=_Acked)
+
+
+def _latent_bytes(chunk: LatentChunk) -> int:
+    return len(chunk.latents.data) + len(chunk.labels.data)
+
+
+def _delta_bytes(chunk: DeltaChunk) -> int:
+    return stats(chunk.tensors).payload_bytes
 
 
 @contextlib.contextmanager
@@ -138,7 +183,7 @@ def _in_order(first: _L, chunks: Iterator[_L], what: str) -> Iterator[_L]:
 
 
 def _check_id(value: str, field: str, pattern: re.Pattern[str]) -> None:
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):  # whole string: "$" alone lets a trailing newline through
         raise InvalidRequestError(
             f"{field} must match {pattern.pattern} (letters, digits, '_', '.', '-'), got {value!r}"
         )
@@ -153,10 +198,16 @@ def validate_registration(reg: NodeRegistration) -> None:
         )
     if not 2 <= reg.num_classes <= MAX_CLASSES:
         raise InvalidRequestError(f"num_classes must be in 2..{MAX_CLASSES}, got {reg.num_classes}")
+    if not 0 <= reg.samples <= MAX_NODE_SAMPLES:
+        raise InvalidRequestError(f"samples must be in 0..{MAX_NODE_SAMPLES}, got {reg.samples}")
     if reg.profile is not None:
         for name, value in vars(reg.profile).items():
             if not math.isfinite(value) or value < 0:
                 raise InvalidRequestError(f"profile.{name} must be finite and >= 0, got {value}")
+            if value > MAX_PROFILE_VALUE:
+                raise InvalidRequestError(
+                    f"profile.{name} must be <= {MAX_PROFILE_VALUE:g}, got {value}"
+                )
         try:  # the scheduler's own rules (e.g. channel_gain > 0), checked before storing it
             device_for(reg)
         except AllocationError as exc:
@@ -188,12 +239,15 @@ class SplitLearningServer:
         round_timeout_s: float = 600.0,
         seed: int = 0,
         aggregate_after: int = 0,
+        retrain_min_interval_s: float = 0.0,
     ) -> None:
         self._store = store
         self._limits = limits
         self._hub = ModelHub(store)
         self._aggregate_after = aggregate_after
-        self._trainer = _ClassifierTrainer(store, classifier_mode, classifier_config, seed)
+        self._trainer = _ClassifierTrainer(
+            store, classifier_mode, classifier_config, seed, min_interval_s=retrain_min_interval_s
+        )
         self._scheduler = RoundScheduler(store, cell, round_timeout_s=round_timeout_s)
         self._upload_locks: dict[str, tuple[threading.Lock, int]] = {}
         self._upload_locks_guard = threading.Lock()
@@ -221,7 +275,7 @@ class SplitLearningServer:
     def register(self, reg: NodeRegistration) -> int:
         """Register a node; return the samples already stored for it."""
         validate_registration(reg)
-        stored = self._store.register_node(reg)
+        stored = self._store.register_node(reg, max_nodes=self._limits.max_nodes)
         if reg.reset:
             self._trainer.notify()
         return stored
@@ -237,7 +291,9 @@ class SplitLearningServer:
         # One stream per upload_id at a time: a client retry that overlaps its own earlier
         # attempt waits for it, then finds it committed (dedupe) or aborted (stores it).
         with self._upload_lock(first.upload_id):
-            done = self._replayed(first, node, chunks, self._store.committed_ack(first.upload_id))
+            done = self._replayed(
+                first, node, chunks, self._store.committed_ack(first.upload_id), _latent_bytes
+            )
             if done is not None:
                 return done
             self._store.begin_upload(first.upload_id, node.node_id, first.mode)
@@ -258,14 +314,19 @@ class SplitLearningServer:
             raise InvalidRequestError(f"seq of the first chunk must be 0, got {first.seq}")
         return first, self._store.get_node(first.node_id)
 
-    @staticmethod
     def _replayed(
+        self,
         first: _C,
         node: NodeRegistration,
         chunks: Iterator[_C],
-        done: tuple[str, _A] | None,
-    ) -> _A | None:
-        """The original ack when ``first.upload_id`` is committed (the re-sent stream drained)."""
+        done: tuple[str, _P] | None,
+        size: Callable[[_C], int],
+    ) -> _P | None:
+        """The original ack when ``first.upload_id`` is committed (the re-sent stream drained).
+
+        The drain is bounded: it stops after the original upload's payload bytes or
+        ``dedupe_drain_timeout_s`` seconds, and the ack goes out without reading the rest.
+        """
         if done is None:
             return None
         owner, ack = done
@@ -273,8 +334,23 @@ class SplitLearningServer:
             raise ConflictError(
                 f"upload_id {first.upload_id!r} belongs to node {owner!r}; choose a new upload_id"
             )
-        for _ in chunks:  # drain the re-sent stream; nothing is stored twice
-            pass
+        # drain the re-sent stream (nothing is stored twice), but not forever
+        limit_s = self._limits.dedupe_drain_timeout_s
+        deadline = time.monotonic() + limit_s
+        drained = size(first)
+        for chunk in chunks:
+            drained += size(chunk)
+            if drained > ack.payload_bytes or time.monotonic() > deadline:
+                logger.info(
+                    "upload %s of %s already committed: stopped draining the re-sent stream "
+                    "after %d bytes (original %d bytes, server.dedupe_drain_timeout_s = %g)",
+                    first.upload_id,
+                    owner,
+                    drained,
+                    ack.payload_bytes,
+                    limit_s,
+                )
+                break
         logger.info("upload %s of %s already committed: deduplicated", first.upload_id, owner)
         return ack
 
@@ -310,10 +386,21 @@ class SplitLearningServer:
         self, first: LatentChunk, chunks: Iterator[LatentChunk], node: NodeRegistration
     ) -> UploadAck:
         samples = payload = count = 0
+        # what the node keeps besides this upload (checked again, exactly, at commit)
+        kept = (
+            self._store.node_payload_bytes(node.node_id) if first.mode is UploadMode.APPEND else 0
+        )
         for seq, chunk in enumerate(_in_order(first, chunks, "upload")):
             n = self._validate_chunk(chunk, node, seq)
             payload += chunk.latents.nbytes + chunk.labels.nbytes
             self._check_size(first.upload_id, payload, seq)
+            if kept + payload > self._limits.max_node_bytes:
+                raise TooLargeError(
+                    f"upload {first.upload_id!r} would take node {node.node_id!r} to "
+                    f"{kept + payload} bytes stored ({kept} kept + {payload} so far, at chunk "
+                    f"{seq}), over server.max_node_bytes = {self._limits.max_node_bytes}; "
+                    "nothing of it was stored"
+                )
             self._store.put_chunk(first.upload_id, seq, chunk.latents, chunk.labels, n)
             samples += n
             count = seq + 1
@@ -321,13 +408,15 @@ class SplitLearningServer:
             raise InvalidRequestError(
                 f"total_samples declared {first.total_samples}, stream carried {samples}"
             )
-        return self._store.commit_upload(first.upload_id, count)
+        return self._store.commit_upload(
+            first.upload_id, count, max_node_bytes=self._limits.max_node_bytes
+        )
 
     def _check_size(self, upload_id: str, payload: int, seq: int) -> None:
         if payload > self._limits.max_upload_bytes:
             raise TooLargeError(
-                f"upload {upload_id!r} exceeds max_upload_bytes="
-                f"{self._limits.max_upload_bytes} at chunk {seq}"
+                f"upload {upload_id!r} exceeds max_upload_bytes={self._limits.max_upload_bytes} "
+                f"at chunk {seq} ({payload} bytes so far; config key server.max_upload_bytes)"
             )
 
     def _validate_chunk(self, chunk: LatentChunk, node: NodeRegistration, seq: int) -> int:
@@ -441,7 +530,7 @@ class SplitLearningServer:
         first, node = self._open_stream(chunks, "delta")
         with self._upload_lock(first.upload_id):
             done = self._replayed(
-                first, node, chunks, self._store.committed_delta_ack(first.upload_id)
+                first, node, chunks, self._store.committed_delta_ack(first.upload_id), _delta_bytes
             )
             if done is not None:
                 return replace(done, current_version=self._hub.current_version())
@@ -505,15 +594,32 @@ class SplitLearningServer:
 
 
 class _ClassifierTrainer:
-    """Retrains the classifier in a daemon thread whenever committed latents change."""
+    """Retrains the classifier in a daemon thread whenever committed latents change.
+
+    Debounced: a training starts at least ``min_interval_s`` after the previous one ended, so
+    a stream of small uploads cannot keep a core busy; changes that arrive meanwhile are all
+    covered by the next training (the last upload always leads to one).
+    """
 
     def __init__(
-        self, store: Store, mode: ClassifierMode, config: ClassifierConfig, seed: int
+        self,
+        store: Store,
+        mode: ClassifierMode,
+        config: ClassifierConfig,
+        seed: int,
+        *,
+        min_interval_s: float = 0.0,
     ) -> None:
+        if min_interval_s < 0:
+            raise ConfigError(f"server.retrain_min_interval_s must be >= 0, got {min_interval_s}")
         self._store = store
         self._mode = mode
         self._config = config
         self._seed = seed
+        self._min_interval_s = min_interval_s
+        self._not_before = 0.0
+        """Monotonic time before which no training starts (the debounce)."""
+        self._halt = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -539,6 +645,7 @@ class _ClassifierTrainer:
 
     def stop(self) -> None:
         self._stopping = True
+        self._halt.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=60)
@@ -569,6 +676,9 @@ class _ClassifierTrainer:
     def _loop(self) -> None:
         while not self._stopping:
             self._wake.wait()
+            delay = self._not_before - time.monotonic()
+            if delay > 0 and self._halt.wait(delay):  # debounce; notifications accumulate
+                return
             self._wake.clear()
             if self._stopping:
                 return
@@ -585,6 +695,10 @@ class _ClassifierTrainer:
 
     def _train_once(self) -> None:
         data_version = self._store.data_version()
+        if data_version == self._trained_data_version:  # a late wake-up: nothing new
+            with self._lock:
+                self._pending = False
+            return
         data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         num_classes = 0
         for node in self._store.list_nodes():
@@ -596,7 +710,12 @@ class _ClassifierTrainer:
                 self._pending = self._store.data_version() != data_version
             return
         started = time.perf_counter()
-        classifier = train_classifier(data, num_classes, self._mode, self._config, seed=self._seed)
+        try:
+            classifier = train_classifier(
+                data, num_classes, self._mode, self._config, seed=self._seed
+            )
+        finally:
+            self._not_before = time.monotonic() + self._min_interval_s
         summary = classifier.summary()
         meta: dict[str, object] = {
             "mode": self._mode.value,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent import futures
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,7 +14,11 @@ from common.constants import MAX_MESSAGE_BYTES
 from common.errors import ConfigError
 from common.tls import ServerTls
 from protos import uplink_pb2_grpc
+from server.limits import DEFAULT_MAX_CONCURRENT_RPCS
 from server.servicer import UplinkServicer
+
+if TYPE_CHECKING:
+    from server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +42,48 @@ def create_server(
     address: str,
     servicer: UplinkServicer,
     *,
-    max_workers: int = 16,
+    max_workers: int | None = None,
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     tls: ServerTls | None = None,
+    metrics: ServerMetrics | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and start a gRPC server for ``servicer`` on ``address`` (port 0 picks a free port).
 
     With ``tls`` the port speaks TLS only (and requires client certificates when
-    ``tls.client_ca`` is set); without, plaintext.
+    ``tls.client_ca`` is set); without, plaintext. With ``metrics`` every RPC is counted and
+    timed there (its interceptor runs first, then ``interceptors``).
+
+    At most ``max_concurrent_rpcs`` RPCs (health checks included) are in flight: gRPC refuses
+    one more at once with RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!"), without
+    queueing it. The pool has ``max_workers`` threads (default: one per admitted RPC, so none
+    waits for a thread); it must exceed the servicer's ``max_concurrent_streams`` so that
+    stalled uploads never hold every thread and unary RPCs and health keep being served.
 
     Returns:
         The started server, the bound port, and its health servicer (SERVING).
 
     Raises:
-        ConfigError: when the address cannot be bound.
+        ConfigError: when the address cannot be bound, or the limits leave no thread for
+            unary RPCs.
     """
+    workers = max_concurrent_rpcs if max_workers is None else max_workers
+    streams = servicer.stream_limits.max_concurrent_streams
+    if min(workers, max_concurrent_rpcs) <= streams:
+        raise ConfigError(
+            f"server.max_concurrent_rpcs ({max_concurrent_rpcs}) and the worker threads "
+            f"({workers}) must exceed server.max_concurrent_streams ({streams}), or stalled "
+            "uploads can hold every thread"
+        )
+    chain: list[grpc.ServerInterceptor[Any, Any]] = []
+    if metrics is not None:
+        chain.append(metrics.interceptor())
+    chain.extend(interceptors)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        interceptors=chain or None,
     )
     uplink_pb2_grpc.add_UplinkServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

@@ -5,8 +5,10 @@ over the registered nodes that reported an energy profile. A round's plan is mad
 first schedule request, and a new round starts once every node selected to upload has
 committed an upload. A node that registers after its round's plan was made waits for the next
 round (``upload=False``): a plan, once handed out, is never changed under the nodes holding it.
-A round that selects no uploader stays current; a round whose selected nodes have not all
-uploaded within ``round_timeout_s`` is closed anyway, so one silent node cannot stall the cell.
+A round whose selected nodes have not all uploaded within ``round_timeout_s`` is closed anyway,
+so one silent node cannot stall the cell. A round that selects no uploader has nothing to wait
+for: it closes as soon as a node outside its plan asks (so late joiners are scheduled), or after
+``round_timeout_s``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class RoundScheduler:
         self._plan: AllocationPlan | None = None
         self._decisions: dict[str, Schedule] = {}
         self._waiting: set[str] = set()
+        self._selected = 0
+        """Uploaders the current plan selected."""
         self._closed = False
 
     def schedule(self, node_id: str) -> Schedule:
@@ -85,14 +89,19 @@ class RoundScheduler:
                 "table to its config to take part in scheduling"
             )
         with self._lock:
-            overdue = (
-                bool(self._waiting) and time.monotonic() - self._opened_at > self._round_timeout_s
-            )
-            if overdue:
+            expired = time.monotonic() - self._opened_at > self._round_timeout_s
+            idle = self._plan is not None and not self._selected
+            overdue = expired and (bool(self._waiting) or idle)
+            if overdue and self._waiting:
                 logger.warning(
                     "round %d timed out waiting for %s", self._round, sorted(self._waiting)
                 )
-            if self._plan is None or self._closed or overdue:
+            joiner = idle and node_id not in self._decisions
+            if joiner:
+                logger.info(
+                    "round %d selected no uploader; %s joined: new round", self._round, node_id
+                )
+            if self._plan is None or self._closed or overdue or joiner:
                 self._new_round(self._cell)
             decision = self._decisions.get(node_id)
             if decision is None:
@@ -139,6 +148,7 @@ class RoundScheduler:
             for d in plan.decisions()
         }
         self._waiting = {d.id for d in plan.decisions() if d.upload}
+        self._selected = len(self._waiting)
         self._closed = False
         self._opened_at = time.monotonic()
         logger.info(

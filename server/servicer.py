@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 
 from common.constants import CHUNK_BYTES
 from common.errors import (
     AllocationError,
+    AuthenticationError,
     BusyError,
     CodecError,
     ConflictError,
     InvalidRequestError,
     LatentEdgeError,
     NotFoundError,
+    PermissionDeniedError,
     StoreError,
     StreamAbortedError,
     TooLargeError,
 )
-from common.records import DeltaChunk, LatentChunk
+from common.records import DeltaChunk, LatentChunk, ServerStatus
 from common.serde import (
     delta_ack_to_proto,
     delta_chunk_from_proto,
@@ -36,7 +39,9 @@ from common.serde import (
     upload_ack_to_proto,
 )
 from protos import uplink_pb2, uplink_pb2_grpc
+from server.auth import OPEN, Authenticator, Principal
 from server.core import SplitLearningServer
+from server.limits import StreamGate, StreamLimits
 from server.transfer import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,8 @@ _STATUS_OF: tuple[tuple[type[LatentEdgeError], grpc.StatusCode], ...] = (
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (TooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BusyError, grpc.StatusCode.UNAVAILABLE),
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (StreamAbortedError, grpc.StatusCode.CANCELLED),
     (AllocationError, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreError, grpc.StatusCode.INTERNAL),
@@ -90,6 +97,36 @@ def _delta_chunks_from(
         raise StreamAbortedError("the client ended the stream before its last chunk") from exc
 
 
+class _FromNode(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+
+_C = TypeVar("_C", bound=_FromNode)
+
+
+def _acting_for(chunks: Iterator[_C], caller: Principal, what: str) -> Iterator[_C]:
+    """``chunks``, each checked to come from a node ``caller`` may act for (before use)."""
+    for chunk in chunks:
+        caller.require_node(chunk.node_id, what)
+        yield chunk
+
+
+def _visible_to(caller: Principal, status: ServerStatus) -> ServerStatus:
+    """All of ``status`` for admins and open servers; a node's own part for a node."""
+    if caller.admin or caller.via == "open":
+        return status
+    me = caller.subject
+    return replace(
+        status,
+        nodes=tuple(n for n in status.nodes if n.node_id == me),
+        classifier=replace(
+            status.classifier, nodes=tuple(n for n in status.classifier.nodes if n == me)
+        ),
+        last_plan_json="",  # the plan describes every node
+    )
+
+
 def manifest_of(served: ServedModel) -> uplink_pb2.ModelManifest:
     """The manifest that opens a GetModel stream."""
     return uplink_pb2.ModelManifest(
@@ -108,16 +145,43 @@ def manifest_of(served: ServedModel) -> uplink_pb2.ModelManifest:
 class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
     """The ``latentedge.v1.Uplink`` service over a :class:`SplitLearningServer`."""
 
-    def __init__(self, core: SplitLearningServer, *, model_chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(
+        self,
+        core: SplitLearningServer,
+        *,
+        model_chunk_bytes: int = CHUNK_BYTES,
+        auth: Authenticator | None = None,
+        stream_limits: StreamLimits | None = None,
+    ) -> None:
         self._core = core
         self._model_chunk_bytes = model_chunk_bytes
+        self._auth = auth
+        self._streams = StreamGate(stream_limits or StreamLimits())
+
+    @property
+    def stream_limits(self) -> StreamLimits:
+        """Concurrent upload streams and their idle timeout."""
+        return self._streams.limits
+
+    def _caller(self, context: grpc.ServicerContext, method: str) -> Principal:
+        """Who calls (UNAUTHENTICATED abort when credentials are required and bad)."""
+        if self._auth is None or not self._auth.required:
+            return OPEN
+        try:
+            found: bytes | Iterable[bytes] = context.auth_context().get("x509_common_name", [])
+            names = [found] if isinstance(found, bytes) else list(found)
+            return self._auth.principal(context.invocation_metadata() or (), names)
+        except LatentEdgeError as exc:
+            _abort(context, method, exc)
 
     def RegisterNode(  # noqa: N802 (generated method name)
         self, request: uplink_pb2.RegisterNodeRequest, context: grpc.ServicerContext
     ) -> uplink_pb2.RegisterNodeReply:
         """Register or re-register a node."""
         started = time.perf_counter()
+        caller = self._caller(context, "RegisterNode")
         try:
+            caller.require_node(request.node_id, "RegisterNode")
             stored = self._core.register(registration_from_proto(request))
         except LatentEdgeError as exc:
             _abort(context, "RegisterNode", exc)
@@ -136,8 +200,12 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
     ) -> uplink_pb2.PushLatentsReply:
         """Durably store one streamed upload, then acknowledge it."""
         started = time.perf_counter()
+        caller = self._caller(context, "PushLatents")
         try:
-            ack = self._core.ingest(_chunks_from(request_iterator))
+            with self._streams.admit(context, "PushLatents") as stream:
+                ack = self._core.ingest(
+                    _acting_for(_chunks_from(stream.watch(request_iterator)), caller, "PushLatents")
+                )
         except LatentEdgeError as exc:
             _abort(context, "PushLatents", exc)
         logger.info(
@@ -155,7 +223,9 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
     ) -> uplink_pb2.ClassifyReply:
         """Classify latents from the calling node's encoder."""
         started = time.perf_counter()
+        caller = self._caller(context, "Classify")
         try:
+            caller.require_node(request.node_id, "Classify")
             pred = self._core.classify(request.node_id, tensor_from_proto(request.latents))
         except LatentEdgeError as exc:
             _abort(context, "Classify", exc)
@@ -173,7 +243,9 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
     ) -> uplink_pb2.GetScheduleReply:
         """This round's upload decision and bandwidth share for one node."""
         started = time.perf_counter()
+        caller = self._caller(context, "GetSchedule")
         try:
+            caller.require_node(request.node_id, "GetSchedule")
             schedule = self._core.schedule(request.node_id)
         except LatentEdgeError as exc:
             _abort(context, "GetSchedule", exc)
@@ -190,9 +262,10 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
     def GetStatus(  # noqa: N802 (generated method name)
         self, request: uplink_pb2.GetStatusRequest, context: grpc.ServicerContext
     ) -> uplink_pb2.GetStatusReply:
-        """Report nodes, stored samples, classifier and last plan."""
+        """Report nodes, stored samples, classifier and last plan (a node sees only itself)."""
+        caller = self._caller(context, "GetStatus")
         try:
-            return status_to_proto(self._core.status())
+            return status_to_proto(_visible_to(caller, self._core.status()))
         except LatentEdgeError as exc:
             _abort(context, "GetStatus", exc)
 
@@ -201,7 +274,12 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
     ) -> Iterator[uplink_pb2.ModelChunk]:
         """Stream a model file: manifest, then byte chunks from ``offset``."""
         started = time.perf_counter()
+        caller = self._caller(context, "GetModel")
         try:
+            if request.node_id:
+                caller.require_node(request.node_id, "GetModel")
+            if request.fine_tuned_for:
+                caller.require_node(request.fine_tuned_for, "GetModel (fine_tuned_for)")
             served = self._core.model(
                 request.node_id, version=request.version, fine_tuned_for=request.fine_tuned_for
             )
@@ -245,8 +323,14 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
     ) -> uplink_pb2.PushDeltaReply:
         """Durably store one streamed fine-tuning delta, then acknowledge it."""
         started = time.perf_counter()
+        caller = self._caller(context, "PushDelta")
         try:
-            ack = self._core.ingest_delta(_delta_chunks_from(request_iterator))
+            with self._streams.admit(context, "PushDelta") as stream:
+                ack = self._core.ingest_delta(
+                    _acting_for(
+                        _delta_chunks_from(stream.watch(request_iterator)), caller, "PushDelta"
+                    )
+                )
         except LatentEdgeError as exc:
             _abort(context, "PushDelta", exc)
         logger.info(
@@ -264,8 +348,10 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
     def Aggregate(  # noqa: N802 (generated method name)
         self, request: uplink_pb2.AggregateRequest, context: grpc.ServicerContext
     ) -> uplink_pb2.AggregateReply:
-        """Average the pending deltas into the next base version."""
+        """Average the pending deltas into the next base version (admin)."""
+        caller = self._caller(context, "Aggregate")
         try:
+            caller.require_admin("Aggregate")
             made = self._core.aggregate(request.min_nodes)
         except LatentEdgeError as exc:
             _abort(context, "Aggregate", exc)

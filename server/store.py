@@ -29,7 +29,13 @@ import numpy as np
 from typing_extensions import override
 
 from common.delta import DeltaEntry, pack_entries, stats, unpack_entries
-from common.errors import ConflictError, InvalidRequestError, NotFoundError, StoreError
+from common.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    StoreError,
+    TooLargeError,
+)
 from common.records import (
     DeltaAck,
     EnergyProfile,
@@ -37,6 +43,7 @@ from common.records import (
     NodeRegistration,
     NodeStatus,
     StoredDelta,
+    TokenRecord,
     UploadAck,
     UploadMode,
 )
@@ -126,18 +133,39 @@ CREATE TABLE IF NOT EXISTS plans (
     created_at REAL NOT NULL
 );
 """
+"""Schema version 1: the first schema (databases written before versioning carry 0)."""
+
+_MIGRATIONS: dict[int, str] = {
+    2: """
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,
+    subject TEXT NOT NULL,
+    admin INTEGER NOT NULL,
+    salt BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE INDEX IF NOT EXISTS tokens_by_subject ON tokens (subject);
+""",
+}
+"""Version -> the statements that turn the previous version into it (applied in order)."""
+
+SCHEMA_VERSION = max(_MIGRATIONS)
+"""The store schema this code writes (SQLite ``PRAGMA user_version``)."""
 
 
 class Store(abc.ABC):
     """What the server needs from durable storage."""
 
     @abc.abstractmethod
-    def register_node(self, reg: NodeRegistration) -> int:
+    def register_node(self, reg: NodeRegistration, *, max_nodes: int | None = None) -> int:
         """Create or update a node; return the samples stored for it.
 
         Raises:
             ConflictError: changing ``latent_dim``/``num_classes`` while latents are stored
                 (unless ``reg.reset``).
+            TooLargeError: ``reg`` is a new node and ``max_nodes`` nodes are registered.
         """
 
     @abc.abstractmethod
@@ -163,8 +191,19 @@ class Store(abc.ABC):
         """Stage one validated chunk (durable, invisible until commit)."""
 
     @abc.abstractmethod
-    def commit_upload(self, upload_id: str, chunks: int) -> UploadAck:
-        """Atomically make an upload's ``chunks`` staged chunks visible; return its ack."""
+    def commit_upload(
+        self, upload_id: str, chunks: int, *, max_node_bytes: int | None = None
+    ) -> UploadAck:
+        """Atomically make an upload's ``chunks`` staged chunks visible; return its ack.
+
+        Raises:
+            TooLargeError: the node would then hold more than ``max_node_bytes`` payload bytes
+                (nothing changes; the upload stays open for the caller to abort).
+        """
+
+    @abc.abstractmethod
+    def node_payload_bytes(self, node_id: str) -> int:
+        """Payload bytes (latents + labels) of a node's committed uploads."""
 
     @abc.abstractmethod
     def abort_upload(self, upload_id: str) -> None:
@@ -249,6 +288,26 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def check(self) -> None:
+        """Raise StoreError when the storage cannot serve (file removed or replaced, unreadable)."""
+
+    @abc.abstractmethod
+    def add_token(self, token: TokenRecord) -> None:
+        """Store a new credential."""
+
+    @abc.abstractmethod
+    def find_token(self, token_id: str) -> TokenRecord | None:
+        """The credential ``token_id`` (revoked ones too), None when unknown."""
+
+    @abc.abstractmethod
+    def revoke_tokens(self, *, subject: str = "", token_id: str = "") -> int:
+        """Revoke the live credentials of ``subject`` or the one ``token_id``; how many."""
+
+    @abc.abstractmethod
+    def list_tokens(self) -> list[TokenRecord]:
+        """Every credential, oldest first."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Release connections."""
 
@@ -266,9 +325,10 @@ class SqliteStore(Store):
         # One writer at a time in this process: threads queue here instead of polling
         # SQLite's busy handler, which sleeps up to 100 ms and leaves the write lock idle.
         self._write_lock = threading.Lock()
-        conn = self._conn()
         try:
-            conn.executescript(_SCHEMA)
+            self._migrate()
+            stat = self._path.stat()
+            self._identity = (stat.st_dev, stat.st_ino)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{str(self._path)!r} is not a usable SQLite database: {exc}") from exc
         swept = self._sweep_open_uploads()
@@ -296,6 +356,39 @@ class SqliteStore(Store):
             with self._lock:
                 self._connections.append(conn)
         return conn
+
+    def _schema_version(self, c: sqlite3.Connection) -> int:
+        found = int(c.execute("PRAGMA user_version").fetchone()[0])
+        if found > SCHEMA_VERSION:
+            raise StoreError(
+                f"{str(self._path)!r} has store schema version {found}, newer than this "
+                f"latentedge reads (up to {SCHEMA_VERSION}): upgrade latentedge, or give "
+                "another --db"
+            )
+        return found
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older database up to :data:`SCHEMA_VERSION`.
+
+        Version 0 is a new file or one written before versioning (schema 1 without the
+        mark): the version-1 statements are idempotent, then each migration applies in order,
+        all in one transaction, so a failure leaves the database as it was.
+        """
+        if self._schema_version(self._conn()) == SCHEMA_VERSION:
+            return
+        with self._write() as c:
+            found = self._schema_version(c)  # another process may have migrated meanwhile
+            steps = [(1, _SCHEMA)] if found < 1 else []
+            steps += [(v, _MIGRATIONS[v]) for v in sorted(_MIGRATIONS) if v > found]
+            for version, script in steps:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {int(version)}")
+            if found:
+                logger.info(
+                    "migrated %s from store schema %d to %d", self._path, found, SCHEMA_VERSION
+                )
 
     def _write(self, *, durable: bool = True) -> _Transaction:
         """A write transaction; ``durable=False`` skips the fsync (only for staged chunks)."""
@@ -326,12 +419,19 @@ class SqliteStore(Store):
     # -- nodes --------------------------------------------------------------------------------
 
     @override
-    def register_node(self, reg: NodeRegistration) -> int:
+    def register_node(self, reg: NodeRegistration, *, max_nodes: int | None = None) -> int:
         profile_json = json.dumps(asdict(reg.profile)) if reg.profile is not None else None
         with self._write() as c:
             row = c.execute(
                 "SELECT latent_dim, num_classes FROM nodes WHERE node_id = ?", (reg.node_id,)
             ).fetchone()
+            if row is None and max_nodes is not None:
+                (count,) = c.execute("SELECT COUNT(*) FROM nodes").fetchone()
+                if int(count) >= max_nodes:
+                    raise TooLargeError(
+                        f"node {reg.node_id!r} not registered: the server holds {count} nodes, "
+                        f"its limit (server.max_nodes = {max_nodes})"
+                    )
             if reg.reset:
                 self._drop_node_latents(c, reg.node_id)
                 _bump_data_version(c)
@@ -489,7 +589,9 @@ class SqliteStore(Store):
             )
 
     @override
-    def commit_upload(self, upload_id: str, chunks: int) -> UploadAck:
+    def commit_upload(
+        self, upload_id: str, chunks: int, *, max_node_bytes: int | None = None
+    ) -> UploadAck:
         with self._write() as c:
             row = c.execute(
                 "SELECT node_id, mode, state FROM uploads WHERE upload_id = ?", (upload_id,)
@@ -517,6 +619,13 @@ class SqliteStore(Store):
                     f"node {node_id!r} changed its latent_dim while upload {upload_id!r} was "
                     "streaming; re-send the upload with latents of the registered size"
                 )
+            kept = 0 if mode is UploadMode.REPLACE else self._payload_bytes(c, node_id)
+            if max_node_bytes is not None and kept + int(have[2]) > max_node_bytes:
+                raise TooLargeError(
+                    f"upload {upload_id!r} would take node {node_id!r} to "
+                    f"{kept + int(have[2])} bytes stored ({kept} kept + {have[2]}), over "
+                    f"server.max_node_bytes = {max_node_bytes}; nothing of it was stored"
+                )
             if mode is UploadMode.REPLACE:
                 self._drop_node_latents(c, node_id)
             _bump_data_version(c)
@@ -538,6 +647,19 @@ class SqliteStore(Store):
     def abort_upload(self, upload_id: str) -> None:
         with self._write() as c:
             _discard_open(c, _LATENTS, upload_id)
+
+    @override
+    def node_payload_bytes(self, node_id: str) -> int:
+        return self._payload_bytes(self._conn(), node_id)
+
+    @staticmethod
+    def _payload_bytes(c: sqlite3.Connection, node_id: str) -> int:
+        (total,) = c.execute(
+            "SELECT COALESCE(SUM(payload_bytes), 0) FROM uploads "
+            "WHERE node_id = ? AND state = 'committed'",
+            (node_id,),
+        ).fetchone()
+        return int(total)
 
     def _node_chunks(self, node_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         rows = self._conn().execute(
@@ -794,6 +916,91 @@ class SqliteStore(Store):
                 entries.extend(unpack_entries(bytes(blob)))
             out.append(StoredDelta(upload_id, node, int(version), int(samples), tuple(entries)))
         return out
+
+    @override
+    def check(self) -> None:
+        try:
+            now = self._path.stat()
+        except OSError as exc:
+            raise StoreError(f"database {str(self._path)!r} is gone: {exc}") from exc
+        if (now.st_dev, now.st_ino) != self._identity:
+            raise StoreError(
+                f"database {str(self._path)!r} was replaced by another file since it was opened"
+            )
+        try:
+            self._conn().execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {str(self._path)!r} cannot be read: {exc}") from exc
+
+    # -- credentials --------------------------------------------------------------------------
+
+    @override
+    def add_token(self, token: TokenRecord) -> None:
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO tokens (token_id, subject, admin, salt, digest, created_at, "
+                "revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    token.token_id,
+                    token.subject,
+                    int(token.admin),
+                    token.salt,
+                    token.digest,
+                    token.created_at,
+                    token.revoked_at,
+                ),
+            )
+
+    @staticmethod
+    def _token_row(row: tuple[object, ...]) -> TokenRecord:
+        token_id, subject, admin, salt, digest, created, revoked = row
+        return TokenRecord(
+            token_id=str(token_id),
+            subject=str(subject),
+            admin=bool(admin),
+            salt=bytes(salt),  # type: ignore[call-overload]
+            digest=bytes(digest),  # type: ignore[call-overload]
+            created_at=float(created),  # type: ignore[arg-type]
+            revoked_at=None if revoked is None else float(revoked),  # type: ignore[arg-type]
+        )
+
+    _TOKEN_COLUMNS = "token_id, subject, admin, salt, digest, created_at, revoked_at"
+
+    @override
+    def find_token(self, token_id: str) -> TokenRecord | None:
+        try:
+            row = (
+                self._conn()
+                .execute(
+                    f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)
+                )
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read credentials: {exc}") from exc
+        return None if row is None else self._token_row(row)
+
+    @override
+    def revoke_tokens(self, *, subject: str = "", token_id: str = "") -> int:
+        if bool(subject) == bool(token_id):
+            raise InvalidRequestError("revoke needs exactly one of a subject and a token id")
+        column, value = ("subject", subject) if subject else ("token_id", token_id)
+        with self._write() as c:
+            return int(
+                c.execute(
+                    f"UPDATE tokens SET revoked_at = ? WHERE {column} = ? AND revoked_at IS NULL",
+                    (time.time(), value),
+                ).rowcount
+            )
+
+    @override
+    def list_tokens(self) -> list[TokenRecord]:
+        rows = (
+            self._conn()
+            .execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens ORDER BY created_at, token_id")
+            .fetchall()
+        )
+        return [self._token_row(r) for r in rows]
 
     @override
     def close(self) -> None:

@@ -87,3 +87,11 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     server = start_server_process(tmp_path / "server.db")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> Path:
+    """The Prometheus server binary; apt-installed when missing and root (fails, never skips)."""
+    from tests.support_prometheus import find_or_install_prometheus
+
+    return find_or_install_prometheus()

@@ -9,6 +9,7 @@ import grpc
 from common.models import ClassifierConfig
 from common.tls import ServerTls
 from server.allocation import Cell
+from server.auth import Authenticator
 from server.classifier import ClassifierMode
 from server.core import IngestLimits, SplitLearningServer
 from server.grpc_app import create_server
@@ -29,8 +30,12 @@ def running_server(
     cell: Cell | None = None,
     round_timeout_s: float = 600.0,
     tls: ServerTls | None = None,
+    auth: bool = False,
 ) -> Iterator[RunningServer]:
-    """A real gRPC server on 127.0.0.1:0 over a real SQLite file; small upload limit."""
+    """A real gRPC server on 127.0.0.1:0 over a real SQLite file; small upload limit.
+
+    ``auth``: credentials required on every RPC (as ``latentedge server`` with TLS does).
+    """
     db = tmp_path / "server.db"
     store = SqliteStore(db)
     core = SplitLearningServer(
@@ -42,7 +47,8 @@ def running_server(
         round_timeout_s=round_timeout_s,
     )
     core.start()
-    server, port, _health = create_server("127.0.0.1:0", UplinkServicer(core), tls=tls)
+    servicer = UplinkServicer(core, auth=Authenticator(store, required=auth))
+    server, port, _health = create_server("127.0.0.1:0", servicer, tls=tls)
     address = f"127.0.0.1:{port}"
     channel = grpc.insecure_channel(address)
     yield RunningServer(address=address, db=db, core=core, channel=channel)

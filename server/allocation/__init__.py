@@ -1,6 +1,6 @@
 """Joint energy/latency allocation: who uploads this round, and how the bandwidth is split.
 
-The model and its equations are DESIGN.md, "The allocation model"; the method and the
+The model and its equations are docs/allocation.md, "The model"; the method and the
 lower-bound derivation are in docs/allocation.md.
 """
 

@@ -1,6 +1,6 @@
 """Per-device quantities derived once from a problem, and the building blocks of the solver.
 
-Notation (DESIGN.md): device k uploads ``s`` bits at rate ``r(b)``; ``a = p g / N0`` (Hz),
+Notation (docs/allocation.md): device k uploads ``s`` bits at rate ``r(b)``; ``a = p g / N0`` (Hz),
 ``t_min = s ln2 / a`` is its upload time at infinite bandwidth; the upload time at bandwidth
 ``b`` is ``t = t_min / φ(a/b)``. Encoding takes ``T^c = c n / f`` seconds and
 ``E^c = κ c n f²`` joules. Every array is float64 and may be 1-D (K devices) or 2-D

@@ -174,7 +174,7 @@ def write_scenario(path: Path, devices_csv: Path, cell: Cell) -> None:
 
 
 def write_plan_json(plan: AllocationPlan, path: Path) -> None:
-    """Write the plan JSON of DESIGN.md to ``path``."""
+    """Write the plan JSON of docs/allocation.md to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:
         json.dump(plan.to_json_dict(), fh, indent=1)

@@ -1,6 +1,6 @@
 """Input of the allocation model: devices, the cell, and the columnar problem the solver reads.
 
-The equations are those of DESIGN.md, section "The allocation model". A device is one row of
+The equations are those of docs/allocation.md, section "The model". A device is one row of
 the devices file; the solver works on columns (one ``float64`` array per field), so that a
 problem with 100,000 devices is a handful of arrays, not 100,000 objects.
 """
@@ -46,7 +46,7 @@ DEVICE_COLUMNS: dict[str, _Rule] = {
 """Numeric device columns in file order (after ``id``) with their admissible ranges."""
 
 CSV_COLUMNS: tuple[str, ...] = ("id", *DEVICE_COLUMNS)
-"""Header of a devices file, exactly as DESIGN.md lists it."""
+"""Header of a devices file, exactly as docs/allocation.md lists it."""
 
 
 def _check_value(name: str, value: float, where: str) -> None:

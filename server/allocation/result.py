@@ -83,7 +83,7 @@ class AllocationPlan:
         )
 
     def to_json_dict(self) -> dict[str, Any]:
-        """Return the plan JSON of DESIGN.md (plain Python types, ready for ``json.dump``)."""
+        """The plan JSON of docs/allocation.md (plain Python types, ready for ``json.dump``)."""
         up = self.upload.tolist()
         bw = self.bandwidth_hz.tolist()
         en = self.energy_j.tolist()

@@ -137,13 +137,25 @@ def _tls_paths(text: str, pki: Pki) -> str:
     )
 
 
+def _credentials(tmp_path: Path, db: Path, node_id: str) -> tuple[Path, str]:
+    """A token file for ``node_id`` and an admin token, issued into ``db`` by the CLI."""
+    node = run_cli("token", "issue", node_id, "--db", str(db))
+    admin = run_cli("token", "issue", "--admin", "--db", str(db))
+    assert node.returncode == 0 and admin.returncode == 0, node.stderr + admin.stderr
+    token_file = tmp_path / "node.token"
+    token_file.write_text(node.stdout)
+    return token_file, admin.stdout.strip()
+
+
 def test_edge_reads_deploy_example_config(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
+    token_file, admin = _credentials(tmp_path, tmp_path / "s.db", "plant-a-camera-1")
     server = start_server_process(
         tmp_path / "s.db", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)
     )
     try:
         text = _tls_paths((ROOT / "deploy" / "edge.toml").read_text(), pki)
+        text = text.replace("/etc/latentedge/node.token", str(token_file))
         text = text.replace('"latentedge-server:50051"', f'"{server.address}"')
         text = text.replace('"/data/local.npz"', f'"{MNIST_TINY}"')
         text = text.replace("/var/lib/latentedge", str(tmp_path))
@@ -154,7 +166,9 @@ def test_edge_reads_deploy_example_config(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert (tmp_path / "edge-report.json").exists()
         status = json.loads(
-            run_cli("status", "--server", server.address, "--tls-ca", str(pki.ca)).stdout
+            run_cli(
+                "status", "--server", server.address, "--tls-ca", str(pki.ca), "--token", admin
+            ).stdout
         )
     finally:
         server.stop()
@@ -164,6 +178,7 @@ def test_edge_reads_deploy_example_config(tmp_path: Path) -> None:
 
 def test_scheduled_edge_with_deploy_configs(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
+    token_file, admin = _credentials(tmp_path, tmp_path / "s.db", "plant-a-camera-1")
     server_toml = _tls_paths((ROOT / "deploy" / "server.toml").read_text(), pki)
     server = start_server_process(
         tmp_path / "s.db", "--config", str(_write(tmp_path / "server.toml", server_toml))
@@ -176,6 +191,7 @@ def test_scheduled_edge_with_deploy_configs(tmp_path: Path) -> None:
         text = text.replace("epochs = 0", "epochs = 2").replace(
             "scheduled = false", "scheduled = true"
         )
+        text = text.replace("/etc/latentedge/node.token", str(token_file))
         proc = run_cli("edge", "--config", str(_write(tmp_path / "edge.toml", text)))
         assert proc.returncode == 0, proc.stderr[-2000:]
         report = json.loads((tmp_path / "edge-report.json").read_text())
@@ -184,7 +200,9 @@ def test_scheduled_edge_with_deploy_configs(tmp_path: Path) -> None:
         assert report["schedule"]["upload"] is True
         assert report["schedule"]["bandwidth_hz"] == pytest.approx(2.0e7)
         status = json.loads(
-            run_cli("status", "--server", server.address, "--tls-ca", str(pki.ca)).stdout
+            run_cli(
+                "status", "--server", server.address, "--tls-ca", str(pki.ca), "--token", admin
+            ).stdout
         )
         assert status["last_plan"]["devices"][0]["id"] == "plant-a-camera-1"
         assert status["nodes"][0]["samples"] == report["samples"] > 0

@@ -58,7 +58,7 @@ def _register_fleet(client: UplinkClient) -> None:
 def _device_cost(
     upload: bool, bandwidth_hz: float, p: EnergyProfile, samples: int
 ) -> tuple[float, float]:
-    """(energy J, time s) of one device, straight from DESIGN.md's equations."""
+    """(energy J, time s) of one device, straight from the equations of docs/allocation.md."""
     if not upload:
         return p.finetune_energy_j, p.finetune_latency_s
     snr = p.tx_power_w * p.channel_gain / (CELL.noise_psd_w_per_hz * bandwidth_hz)
@@ -170,9 +170,33 @@ def test_plan_is_stable_for_late_joiners_and_idle_rounds(tmp_path: Path) -> None
                     profile=_profile(1e-9, 1e-3),
                 )
             )
+            # nothing to wait for in an idle round: a late joiner opens the next round, whose
+            # plan includes it (before the fix it got round 1's "not planned" answer forever)
             late = client.schedule("n1")
-            assert (late.round, late.upload, late.bandwidth_hz) == (first.round, False, 0.0)
-            assert client.schedule("n0") == first  # the plan handed out is not changed
+            assert late.round == first.round + 1
+            plan = json.loads(client.status().last_plan_json)
+            assert sorted(d["id"] for d in plan["devices"]) == ["n0", "n1"]
+            assert client.schedule("n1") == late  # the new plan is stable for its holders
+            assert client.schedule("n0").round == late.round
+
+
+def test_an_idle_round_closes_after_its_timeout(tmp_path: Path) -> None:
+    idle = Cell(
+        bandwidth_hz=2e6,
+        noise_psd_w_per_hz=4e-21,
+        min_samples=0,
+        weight_energy=1.0,
+        weight_latency=0.0,
+    )
+    for server in running_server(tmp_path, cell=idle, round_timeout_s=0.3):
+        with UplinkClient(server.address) as client:
+            client.register(
+                NodeRegistration("n0", 4, 10, samples=600, profile=_profile(1e-9, 1e-3))
+            )
+            first = client.schedule("n0")
+            assert not first.upload and client.schedule("n0").round == first.round
+            time.sleep(0.5)
+            assert client.schedule("n0").round == first.round + 1
 
 
 def test_round_closes_after_its_timeout_when_a_node_stays_silent(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def test_server_cli_refuses_plaintext_off_loopback_and_serves_tls(tmp_path: Path
     proc = run_cli("server", "--listen", "0.0.0.0:0", "--db", str(tmp_path / "a.db"))
     assert proc.returncode == 3
     assert "not a loopback address" in proc.stderr and "--insecure" in proc.stderr
+    admin = run_cli("token", "issue", "--admin", "--db", str(tmp_path / "b.db"))
+    assert admin.returncode == 0, admin.stderr
     server = start_server_process(
         tmp_path / "b.db",
         "--tls-cert",
@@ -79,6 +82,7 @@ def test_server_cli_refuses_plaintext_off_loopback_and_serves_tls(tmp_path: Path
         port = server.address.rsplit(":", 1)[1]
         status = subprocess.run(
             latentedge_cmd("status", "--server", f"localhost:{port}", "--tls-ca", str(pki.ca)),
+            env={**os.environ, "LATENTEDGE_TOKEN": admin.stdout.strip()},  # TLS: tokens needed
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -1,4 +1,4 @@
-"""The import layering of DESIGN.md: protos <- common <- edge | server; device_sim without torch."""
+"""Import layering (docs/architecture.md): protos < common < edge | server; device_sim: no torch."""
 
 from __future__ import annotations
 

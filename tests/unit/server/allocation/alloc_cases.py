@@ -1,7 +1,7 @@
 """Shared by the allocation tests: small random instances and an independent cvxpy oracle.
 
 The oracle enumerates every upload set and solves each set's bandwidth subproblem with cvxpy
-(Clarabel, exponential cones), written directly from DESIGN.md's equations in MHz and Mbit
+(Clarabel, exponential cones), written from docs/allocation.md's equations in MHz and Mbit
 units; it shares no code with the solver.
 """
 

@@ -31,7 +31,7 @@ def _assert_feasible(problem: AllocationProblem, plan: AllocationPlan) -> None:
     assert np.all(plan.bandwidth_hz[up] > 0.0)
     assert col("samples")[up].sum() >= cell.min_samples
     assert np.all(plan.energy_j <= col("energy_budget_j") * (1 + 1e-9))
-    # Recompute every device's time and energy from DESIGN.md's equations.
+    # Recompute every device's time and energy from the equations of docs/allocation.md.
     n, f = col("samples"), col("cpu_hz")
     enc_s = col("cycles_per_sample") * n / f
     enc_j = col("kappa") * col("cycles_per_sample") * n * f**2
