@@ -69,6 +69,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_GRPC_RPC_CAP = "Concurrent RPC limit exceeded"
+"""Detail of gRPC's own RESOURCE_EXHAUSTED at the server's in-flight cap: transient, retried."""
 
 
 class ClientState(enum.Enum):
@@ -348,7 +350,8 @@ class UplinkClient:
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
                 details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-                if code not in _RETRYABLE:
+                capped = code == grpc.StatusCode.RESOURCE_EXHAUSTED and _GRPC_RPC_CAP in details
+                if code not in _RETRYABLE and not capped:
                     logger.info(
                         "[Uplink.%s] %s after %.3f s",
                         method,

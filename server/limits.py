@@ -1,9 +1,10 @@
 """Server resource limits: their defaults, and the gate of concurrent, idle upload streams.
 
 :class:`StreamGate` admits a client-streaming upload only while fewer than
-``max_concurrent_streams`` are in flight (over it: ``TooLargeError``, RESOURCE_EXHAUSTED, at
-once, never queued), and cuts off a stream whose client sends nothing for
-``stream_idle_timeout_s`` while the server waits for its next chunk.
+``max_concurrent_streams`` are in flight (over it: ``BusyError``, UNAVAILABLE — "try again
+shortly", which clients retry with backoff — at once, never queued), and cuts off a stream
+whose client sends nothing for ``stream_idle_timeout_s`` while the server waits for its next
+chunk.
 
 The cut-off needs no thread per stream: one watchdog thread (running only while streams are
 in flight) notes when each stream's handler started waiting for a chunk and, past the timeout,
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from common.errors import ConfigError, StreamAbortedError, TooLargeError
+from common.errors import BusyError, ConfigError, StreamAbortedError
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +126,14 @@ class StreamGate:
         """Hold a stream slot for the body; read the requests through ``.watch(requests)``.
 
         Raises:
-            TooLargeError: ``max_concurrent_streams`` streams are already in flight.
+            BusyError: ``max_concurrent_streams`` streams are already in flight (UNAVAILABLE:
+                transient, the client retries with backoff).
         """
         stream = _Stream(self, rpc, method)
         limit = self._limits.max_concurrent_streams
         with self._cond:
             if len(self._streams) >= limit:
-                raise TooLargeError(
+                raise BusyError(
                     f"{len(self._streams)} upload streams are in flight, the most this server "
                     f"takes (server.max_concurrent_streams = {limit}); retry later"
                 )

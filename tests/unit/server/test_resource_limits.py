@@ -14,6 +14,7 @@ import pytest
 
 from common.config import from_mapping
 from common.errors import (
+    BusyError,
     ConfigError,
     InvalidRequestError,
     StreamAbortedError,
@@ -63,7 +64,7 @@ def test_gate_refuses_a_stream_over_the_limit_at_once_and_frees_slots() -> None:
         assert gate.in_flight == 2
         started = time.monotonic()
         with (
-            pytest.raises(TooLargeError, match=r"server\.max_concurrent_streams = 2"),
+            pytest.raises(BusyError, match=r"server\.max_concurrent_streams = 2"),
             gate.admit(_Rpc(), "PushDelta"),
         ):
             pass  # pragma: no cover
