@@ -50,7 +50,7 @@ def test_200_concurrent_nodes_each_stored_exactly_once(tmp_path: Path) -> None:
                     ack = client.push_latents(node_id, x, y, num_classes=4, upload_id=upload)
                     again = client.push_latents(node_id, x, y, num_classes=4, upload_id=upload)
                     assert (ack.samples, again.deduplicated) == (SAMPLES, True), (ack, again)
-            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            except Exception as exc:
                 errors.append(f"{node_id}: {type(exc).__name__}: {exc}")
 
         threads = [threading.Thread(target=node, args=(f"load-{i:03d}", i)) for i in range(NODES)]
