@@ -20,6 +20,32 @@ NODES = 200
 SAMPLES = 40
 
 
+def _node(
+    address: str,
+    tls: ClientTls | None,
+    token: str,
+    seed: int,
+    start: threading.Barrier,
+    errors: list[str],
+) -> None:
+    """One node: register, upload, re-send the same upload (deduplicated)."""
+    node_id = f"load-{seed:03d}"
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(SAMPLES, 8)).astype(np.float32)
+    y = rng.integers(0, 4, SAMPLES)
+    retry = RetryPolicy(window_s=120.0, initial_backoff_s=0.2)
+    try:
+        with UplinkClient(address, retry=retry, tls=tls, token=token) as client:
+            start.wait(timeout=60)
+            client.register(NodeRegistration(node_id, 8, 4, samples=SAMPLES))
+            upload = f"{node_id}-u1"
+            ack = client.push_latents(node_id, x, y, num_classes=4, upload_id=upload)
+            again = client.push_latents(node_id, x, y, num_classes=4, upload_id=upload)
+            assert (ack.samples, again.deduplicated) == (SAMPLES, True), (ack, again)
+    except Exception as exc:  # noqa: BLE001 - collected and asserted by the test
+        errors.append(f"{node_id}: {type(exc).__name__}: {exc}")
+
+
 def test_200_concurrent_nodes_each_stored_exactly_once(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     tls = ServerTls.from_paths(str(pki.server_cert), str(pki.server_key))
@@ -34,24 +60,6 @@ def test_200_concurrent_nodes_each_stored_exactly_once(tmp_path: Path) -> None:
         store.close()
         start = threading.Barrier(NODES)
         errors: list[str] = []
-
-        def node(node_id: str, seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            x = rng.normal(size=(SAMPLES, 8)).astype(np.float32)
-            y = rng.integers(0, 4, SAMPLES)
-            retry = RetryPolicy(window_s=120.0, initial_backoff_s=0.2)
-            try:
-                with UplinkClient(
-                    server.address, retry=retry, tls=client_tls, token=tokens[node_id]
-                ) as client:
-                    start.wait(timeout=60)
-                    client.register(NodeRegistration(node_id, 8, 4, samples=SAMPLES))
-                    upload = f"{node_id}-u1"
-                    ack = client.push_latents(node_id, x, y, num_classes=4, upload_id=upload)
-                    again = client.push_latents(node_id, x, y, num_classes=4, upload_id=upload)
-                    assert (ack.samples, again.deduplicated) == (SAMPLES, True), (ack, again)
-            except Exception as exc:
-                errors.append(f"{node_id}: {type(exc).__name__}: {exc}")
 
         threads = [threading.Thread(target=node, args=(f"load-{i:03d}", i)) for i in range(NODES)]
         started = time.monotonic()
