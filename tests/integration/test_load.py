@@ -42,7 +42,7 @@ def _node(
             ack = client.push_latents(node_id, x, y, num_classes=4, upload_id=upload)
             again = client.push_latents(node_id, x, y, num_classes=4, upload_id=upload)
             assert (ack.samples, again.deduplicated) == (SAMPLES, True), (ack, again)
-    except Exception as exc:  # noqa: BLE001 - collected and asserted by the test
+    except Exception as exc:  # collected and asserted by the test
         errors.append(f"{node_id}: {type(exc).__name__}: {exc}")
 
 
@@ -61,7 +61,13 @@ def test_200_concurrent_nodes_each_stored_exactly_once(tmp_path: Path) -> None:
         start = threading.Barrier(NODES)
         errors: list[str] = []
 
-        threads = [threading.Thread(target=node, args=(f"load-{i:03d}", i)) for i in range(NODES)]
+        threads = [
+            threading.Thread(
+                target=_node,
+                args=(server.address, client_tls, tokens[f"load-{i:03d}"], i, start, errors),
+            )
+            for i in range(NODES)
+        ]
         started = time.monotonic()
         for t in threads:
             t.start()
