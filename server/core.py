@@ -408,8 +408,16 @@ class SplitLearningServer:
             raise InvalidRequestError(
                 f"total_samples declared {first.total_samples}, stream carried {samples}"
             )
+        if samples == 0:  # would replace the node's data with nothing
+            raise InvalidRequestError(
+                f"upload {first.upload_id!r} carried no samples; nothing was stored and the "
+                "node's data is unchanged"
+            )
         return self._store.commit_upload(
-            first.upload_id, count, max_node_bytes=self._limits.max_node_bytes
+            first.upload_id,
+            count,
+            max_node_bytes=self._limits.max_node_bytes,
+            num_classes=node.num_classes,
         )
 
     def _check_size(self, upload_id: str, payload: int, seq: int) -> None:

@@ -192,7 +192,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def commit_upload(
-        self, upload_id: str, chunks: int, *, max_node_bytes: int | None = None
+        self,
+        upload_id: str,
+        chunks: int,
+        *,
+        max_node_bytes: int | None = None,
+        num_classes: int | None = None,
     ) -> UploadAck:
         """Atomically make an upload's ``chunks`` staged chunks visible; return its ack.
 
@@ -590,7 +595,12 @@ class SqliteStore(Store):
 
     @override
     def commit_upload(
-        self, upload_id: str, chunks: int, *, max_node_bytes: int | None = None
+        self,
+        upload_id: str,
+        chunks: int,
+        *,
+        max_node_bytes: int | None = None,
+        num_classes: int | None = None,
     ) -> UploadAck:
         with self._write() as c:
             row = c.execute(
@@ -618,6 +628,14 @@ class SqliteStore(Store):
                 raise ConflictError(
                     f"node {node_id!r} changed its latent_dim while upload {upload_id!r} was "
                     "streaming; re-send the upload with latents of the registered size"
+                )
+            (registered,) = c.execute(
+                "SELECT num_classes FROM nodes WHERE node_id = ?", (node_id,)
+            ).fetchone()
+            if num_classes is not None and int(registered) != num_classes:
+                raise ConflictError(
+                    f"node {node_id!r} changed num_classes from {num_classes} to {registered} "
+                    f"while upload {upload_id!r} was streaming; re-send the upload"
                 )
             kept = 0 if mode is UploadMode.REPLACE else self._payload_bytes(c, node_id)
             if max_node_bytes is not None and kept + int(have[2]) > max_node_bytes:

@@ -1,0 +1,73 @@
+"""An empty upload never replaces data; a registration changed mid-upload is refused at commit."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from common.records import NodeRegistration
+from common.serde import tensor_to_proto
+from common.tensors import to_wire
+from edge.uplink import UplinkClient
+from protos import uplink_pb2, uplink_pb2_grpc
+from tests.support_grpc import running_server
+
+
+def _chunk(rows: int, upload_id: str, seq: int, last: bool) -> uplink_pb2.LatentChunk:
+    x = np.ones((rows, 4), dtype=np.float32)
+    y = (np.arange(rows) % 2).astype(np.uint8)
+    return uplink_pb2.LatentChunk(
+        node_id="n0",
+        upload_id=upload_id,
+        seq=seq,
+        last=last,
+        latents=tensor_to_proto(to_wire(x)),
+        labels=tensor_to_proto(to_wire(y)),
+    )
+
+
+def _paused(staged: threading.Event, go_on: threading.Event) -> Iterator[uplink_pb2.LatentChunk]:
+    """Two chunks with a pause between them (``staged`` set in it, waits for ``go_on``)."""
+    yield _chunk(6, "u1", 0, False)
+    staged.set()
+    go_on.wait(10)
+    yield _chunk(6, "u1", 1, True)
+
+
+def test_an_empty_upload_is_refused_and_keeps_the_data(tmp_path: Path) -> None:
+    for server in running_server(tmp_path):
+        with UplinkClient(server.address) as client:
+            client.register(NodeRegistration("n0", 4, 2))
+            x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+            client.push_latents("n0", x, np.arange(10) % 2, num_classes=2)
+        stub = uplink_pb2_grpc.UplinkStub(server.channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.PushLatents(iter([_chunk(0, "empty", 0, True)]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no samples" in (info.value.details() or "")
+        (node,) = server.core.status().nodes
+        assert node.samples == 10
+
+
+def test_num_classes_changed_while_streaming_is_refused_at_commit(tmp_path: Path) -> None:
+    for server in running_server(tmp_path):
+        stub = uplink_pb2_grpc.UplinkStub(server.channel)
+        stub.RegisterNode(uplink_pb2.RegisterNodeRequest(node_id="n0", latent_dim=4, num_classes=2))
+        staged = threading.Event()
+        go_on = threading.Event()
+
+        call = stub.PushLatents.future(_paused(staged, go_on), timeout=30)
+        assert staged.wait(10)
+        stub.RegisterNode(uplink_pb2.RegisterNodeRequest(node_id="n0", latent_dim=4, num_classes=5))
+        go_on.set()
+        with pytest.raises(grpc.RpcError) as info:
+            call.result(timeout=30)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "changed num_classes" in (info.value.details() or "")
+        (node,) = server.core.status().nodes
+        assert (node.samples, node.num_classes) == (0, 5)
