@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,9 @@ class NodeInfo:
     """Per-feature mean of the node's training latents, float32 ``(latent_dim,)``."""
     std: FloatArray
     """Per-feature std of the node's training latents (1 where below MIN_STD), float32."""
+    num_classes: int = 0
+    """The node's own class count (its replies have this many probabilities); 0 = the
+    classifier's."""
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able fields (no arrays), for summaries and the serialized header."""
@@ -84,6 +88,7 @@ class NodeInfo:
             "latent_dim": self.latent_dim,
             "samples": self.samples,
             "train_accuracy": self.train_accuracy,
+            "num_classes": self.num_classes,
         }
 
 
@@ -134,7 +139,8 @@ class LatentClassifier:
             latents: Floating array ``(N, latent_dim)``.
 
         Returns:
-            ``(labels, probabilities)``: int64 ``(N,)`` and float32 ``(N, num_classes)``.
+            ``(labels, probabilities)``: int64 ``(N,)`` and float32 ``(N, C)``, ``C`` the node's
+            own class count (another node's classes never change the reply's shape).
 
         Raises:
             DataError: unknown node, wrong shape or dtype, or NaN/Inf values.
@@ -143,6 +149,7 @@ class LatentClassifier:
         x = _check_latents(latents, f"latents of node {node_id!r}", info.latent_dim)
         with torch.no_grad():
             logits = self.node_network(node_id)(torch.from_numpy(x))
+            logits = logits[:, : info.num_classes or self.num_classes]
             probs = torch.softmax(logits, dim=1).numpy().astype(np.float32)
         return probs.argmax(axis=1).astype(np.int64), probs
 
@@ -182,6 +189,7 @@ class LatentClassifier:
             "config": dataclasses.asdict(self.config),
             "nodes": [info.describe() for info in self._infos],
             "in_features": [net.in_features for net in self._networks],
+            "out_features": [net.num_classes for net in self._networks],
         }
         arrays: dict[str, AnyArray] = {
             "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
@@ -231,12 +239,16 @@ class LatentClassifier:
                     train_accuracy=float(entry["train_accuracy"]),
                     mean=arrays[f"node{k}.mean"],
                     std=arrays[f"node{k}.std"],
+                    num_classes=int(entry.get("num_classes", num_classes)),
                 )
                 for k, entry in enumerate(header["nodes"])
             ]
             networks = []
-            for j, in_features in enumerate(header["in_features"]):
-                net = MLPClassifier(in_features, num_classes, config.hidden_units, config.dropout)
+            widths = header.get("out_features", [num_classes] * len(header["in_features"]))
+            for j, (in_features, width) in enumerate(
+                zip(header["in_features"], widths, strict=True)
+            ):
+                net = MLPClassifier(in_features, int(width), config.hidden_units, config.dropout)
                 prefix = f"net{j}."
                 state = {
                     key[len(prefix) :]: torch.from_numpy(value)
@@ -280,7 +292,7 @@ class LatentClassifier:
 
 def train_classifier(
     data: Mapping[str, tuple[AnyArray, AnyArray]],
-    num_classes: int,
+    num_classes: int | Mapping[str, int],
     mode: ClassifierMode = DEFAULT_MODE,
     config: ClassifierConfig | None = None,
     *,
@@ -288,9 +300,14 @@ def train_classifier(
 ) -> LatentClassifier:
     """Train a classifier on the latents and labels of several nodes.
 
+    One node's data never stops or changes another's classifier: in per-node mode each node's
+    network has its own class count and a seed of its own id; a node whose data fail the checks
+    is left out (logged) while any node remains.
+
     Args:
         data: ``node_id -> (latents (N, latent_dim) float, labels (N,) int)``.
-        num_classes: Number of classes; labels must be in ``0..num_classes-1``.
+        num_classes: Number of classes (labels in ``0..num_classes-1``), one for all nodes or
+            per node id.
         mode: Per-node classifiers or one shared classifier.
         config: Network size and schedule (defaults to ``ClassifierConfig()``).
         seed: Seed of initialisation, dropout and shuffling.
@@ -302,47 +319,58 @@ def train_classifier(
     config = config or ClassifierConfig()
     if not data:
         raise DataError("cannot train a classifier: no nodes have uploaded latents")
-    if num_classes < 1:
-        raise DataError(f"num_classes must be >= 1, got {num_classes}")
-    node_ids = list(data)
+    classes = (
+        dict.fromkeys(data, num_classes) if isinstance(num_classes, int) else dict(num_classes)
+    )
+    if any(classes.get(n, 0) < 1 for n in data):
+        raise DataError(f"num_classes must be >= 1 for every node, got {classes}")
+    node_ids: list[str] = []
     xs: list[FloatArray] = []
     ys: list[LabelArray] = []
     stats: list[tuple[FloatArray, FloatArray]] = []
-    for node_id in node_ids:
+    failures: list[DataError] = []
+    for node_id in data:
         latents, labels = data[node_id]
-        x = _check_latents(latents, f"latents of node {node_id!r}", None)
-        y = _check_labels(labels, f"labels of node {node_id!r}", len(x), num_classes)
-        if len(x) == 0:
-            raise DataError(f"node {node_id!r} has no training samples")
+        try:
+            x, y = _node_data(node_id, latents, labels, classes[node_id])
+        except DataError as exc:
+            failures.append(exc)
+            logger.warning("classifier: leaving out node %r: %s", node_id, exc)
+            continue
+        node_ids.append(node_id)
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
         std = x.std(axis=0, dtype=np.float64)
         std = np.where(std < MIN_STD, 1.0, std).astype(np.float32)
         stats.append((mean, std))
         xs.append((x - mean) / std)
         ys.append(y)
+    if not node_ids:
+        raise failures[0]
+    width = max(classes[n] for n in node_ids)
     started = time.perf_counter()
     networks: list[MLPClassifier] = []
     if mode is ClassifierMode.PER_NODE:
         for k, node_id in enumerate(node_ids):
-            networks.append(_fit(xs[k], ys[k], num_classes, config, seed + k))
+            own = seed + zlib.crc32(node_id.encode())  # independent of the other nodes
+            networks.append(_fit(xs[k], ys[k], classes[node_id], config, own))
             logger.info("trained classifier for node %r on %d latents", node_id, len(xs[k]))
     else:
         padded = max(x.shape[1] for x in xs)
         features = np.concatenate(
             [_shared_features(x, k, padded, len(node_ids)) for k, x in enumerate(xs)]
         )
-        networks.append(_fit(features, np.concatenate(ys), num_classes, config, seed))
+        networks.append(_fit(features, np.concatenate(ys), width, config, seed))
         logger.info("trained shared classifier for %d nodes", len(node_ids))
     provisional = [
-        NodeInfo(node_id, x.shape[1], len(x), 0.0, mean, std)
+        NodeInfo(node_id, x.shape[1], len(x), 0.0, mean, std, classes[node_id])
         for node_id, x, (mean, std) in zip(node_ids, xs, stats, strict=True)
     ]
-    model = LatentClassifier(mode, num_classes, config, provisional, networks)
+    model = LatentClassifier(mode, width, config, provisional, networks)
     nodes = []
     for node_id, y, info in zip(node_ids, ys, provisional, strict=True):
         predicted, _ = model.predict(node_id, data[node_id][0])
         nodes.append(dataclasses.replace(info, train_accuracy=float(np.mean(predicted == y))))
-    model = LatentClassifier(mode, num_classes, config, nodes, networks)
+    model = LatentClassifier(mode, width, config, nodes, networks)
     logger.info(
         "%s classifier: %d nodes, train accuracy %.4f, %.1f s",
         mode.value,
@@ -442,6 +470,17 @@ def _fit(
             )
     net.eval()
     return net
+
+
+def _node_data(
+    node_id: str, latents: AnyArray, labels: AnyArray, num_classes: int
+) -> tuple[FloatArray, LabelArray]:
+    """One node's checked training data (DataError naming the node and the problem)."""
+    x = _check_latents(latents, f"latents of node {node_id!r}", None)
+    y = _check_labels(labels, f"labels of node {node_id!r}", len(x), num_classes)
+    if len(x) == 0:
+        raise DataError(f"node {node_id!r} has no training samples")
+    return x, y
 
 
 def _shared_features(x: FloatArray, node: int, padded: int, num_nodes: int) -> FloatArray:

@@ -708,11 +708,11 @@ class _ClassifierTrainer:
                 self._pending = False
             return
         data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        num_classes = 0
+        num_classes: dict[str, int] = {}
         for node in self._store.list_nodes():
             if node.samples > 0:
                 data[node.node_id] = self._store.node_data(node.node_id)
-                num_classes = max(num_classes, node.num_classes)
+                num_classes[node.node_id] = node.num_classes
         if not data:
             with self._lock:
                 self._pending = self._store.data_version() != data_version
@@ -727,8 +727,8 @@ class _ClassifierTrainer:
         summary = classifier.summary()
         meta: dict[str, object] = {
             "mode": self._mode.value,
-            "nodes": sorted(data),
-            "samples": int(sum(len(v[1]) for v in data.values())),
+            "nodes": sorted(classifier.node_ids),  # a node whose data failed is left out
+            "samples": int(sum(len(data[n][1]) for n in classifier.node_ids)),
             "train_accuracy": float(summary.get("train_accuracy", 0.0)),
             "data_version": data_version,
         }

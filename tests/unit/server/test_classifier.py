@@ -138,3 +138,41 @@ def test_raw_pixel_baseline_on_digits() -> None:
         DataError, match=r"baseline x_test must have features 64, got shape \(450, 32\)"
     ):
         train_baseline(ds.x_train, ds.y_train, ds.x_test[:, :, :4], ds.y_test)
+
+
+def test_one_nodes_classes_or_bad_data_never_change_another_nodes_replies(
+    nodes: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+) -> None:
+    x_a, y_a = nodes["train"]["a"]
+    alone = train_classifier({"a": (x_a, y_a)}, CLASSES, ClassifierMode.PER_NODE, FAST, seed=0)
+    rng = np.random.default_rng(1)
+    big = (rng.normal(size=(50, 3)).astype(np.float32), rng.integers(0, 500, 50))
+    with_big = train_classifier(
+        {"b": big, "a": (x_a, y_a)}, {"a": CLASSES, "b": 500}, ClassifierMode.PER_NODE, FAST
+    )
+    x_test = nodes["test"]["a"][0]
+    labels, probs = alone.predict("a", x_test)
+    labels2, probs2 = with_big.predict("a", x_test)
+    assert probs2.shape == (len(x_test), CLASSES)  # not 500 columns
+    np.testing.assert_array_equal(labels, labels2)
+    np.testing.assert_array_equal(probs, probs2)
+    assert with_big.predict("b", big[0])[1].shape == (50, 500)
+    # a node whose labels are out of its range is left out, the others still train
+    bad = (x_a[:10], np.full(10, 99))
+    survived = train_classifier({"bad": bad, "a": (x_a, y_a)}, CLASSES, config=FAST)
+    assert survived.node_ids == ("a",)
+    np.testing.assert_array_equal(survived.predict("a", x_test)[1], probs)
+    # the per-node class counts survive serialization
+    again = LatentClassifier.from_bytes(with_big.to_bytes())
+    np.testing.assert_array_equal(again.predict("a", x_test)[1], probs2)
+    assert again.predict("b", big[0])[1].shape == (50, 500)
+
+
+def test_shared_mode_replies_have_the_nodes_own_width(
+    nodes: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+) -> None:
+    x_b, y_b = nodes["train"]["b"]
+    data = {"a": nodes["train"]["a"], "b": (x_b, y_b)}
+    model = train_classifier(data, {"a": CLASSES, "b": 7}, ClassifierMode.SHARED, FAST)
+    assert model.predict("a", nodes["test"]["a"][0])[1].shape[1] == CLASSES
+    assert model.predict("b", nodes["test"]["b"][0])[1].shape[1] == 7
