@@ -19,6 +19,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from common.constants import MAX_MESSAGE_BYTES
 from common.delta import stats
 from common.errors import (
     AllocationError,
@@ -63,6 +64,8 @@ UPLOAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_LATENT_DIM = 65536
 MAX_CLASSES = 65536
 MAX_CLASSIFY_ROWS = 1_000_000
+CLASSIFY_REPLY_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+"""A Classify reply's payload bound: the message limit less room for framing."""
 MAX_DELTA_SAMPLES = 2**53
 """Largest training-sample count a delta may declare (exact as a float64 weight)."""
 MAX_NODE_SAMPLES = 2**53
@@ -469,9 +472,13 @@ class SplitLearningServer:
         except CodecError as exc:
             raise InvalidRequestError(str(exc)) from exc
         check_latents(latents, node.latent_dim, "latents")
-        if latents.shape[0] > MAX_CLASSIFY_ROWS:
+        rows = latents.shape[0]
+        per_row = 4 * node.num_classes + 8  # float32 probabilities + an int64 label
+        fit = min(MAX_CLASSIFY_ROWS, CLASSIFY_REPLY_BYTES // per_row)
+        if rows > fit:
             raise TooLargeError(
-                f"latents has {latents.shape[0]} rows; at most {MAX_CLASSIFY_ROWS} per call"
+                f"latents has {rows} rows; the reply ({node.num_classes} class probabilities a "
+                f"row) must fit {CLASSIFY_REPLY_BYTES} bytes: send at most {fit} rows per call"
             )
         version, classifier = self._trainer.current()
         if classifier is None or node_id not in classifier.node_ids:

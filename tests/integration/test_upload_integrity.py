@@ -71,3 +71,18 @@ def test_num_classes_changed_while_streaming_is_refused_at_commit(tmp_path: Path
         assert "changed num_classes" in (info.value.details() or "")
         (node,) = server.core.status().nodes
         assert (node.samples, node.num_classes) == (0, 5)
+
+
+def test_a_classify_reply_that_would_not_fit_is_refused_up_front(tmp_path: Path) -> None:
+    for server in running_server(tmp_path):
+        with UplinkClient(server.address) as client:
+            client.register(NodeRegistration("n0", 4, 60000))
+        stub = uplink_pb2_grpc.UplinkStub(server.channel)
+        latents = np.zeros((200, 4), dtype=np.float32)  # 200 rows × 60000 classes × 4 bytes
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(
+                uplink_pb2.ClassifyRequest(node_id="n0", latents=tensor_to_proto(to_wire(latents))),
+                timeout=10,
+            )
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "send at most 34 rows per call" in (info.value.details() or "")
