@@ -160,6 +160,8 @@ class ServerStatus:
     """The last allocation plan as JSON; empty when none."""
     models: tuple[ModelVersion, ...] = ()
     """Every base model version, oldest first."""
+    next_page_token: str = ""
+    """Set when more nodes follow (``GetStatus`` pages); empty on the last page."""
 
 
 @dataclass(frozen=True)

@@ -237,6 +237,7 @@ def status_to_proto(status: ServerStatus) -> uplink_pb2.GetStatusReply:
         ),
         last_plan_json=status.last_plan_json,
         models=[model_version_to_proto(m) for m in status.models],
+        next_page_token=status.next_page_token,
     )
 
 
@@ -270,6 +271,7 @@ def status_from_proto(msg: uplink_pb2.GetStatusReply) -> ServerStatus:
         ),
         last_plan_json=msg.last_plan_json,
         models=tuple(model_version_from_proto(m) for m in msg.models),
+        next_page_token=msg.next_page_token,
     )
 
 

@@ -486,7 +486,9 @@ def _run_latents(
     noise = LatentNoise(LatentNoiseConfig(config.latent_noise), latents)
     report["latent_noise"] = config.latent_noise
     if config.latent_noise:
-        logger.info("adding latent noise: std %g x each latent dimension's std", config.latent_noise)
+        logger.info(
+            "adding latent noise: std %g x each latent dimension's std", config.latent_noise
+        )
     ack = client.push_latents(
         config.node_id,
         noise(latents),

@@ -1,4 +1,8 @@
-"""``latentedge status``: print a running server's state as JSON."""
+"""``latentedge status``: print a running server's state as JSON (``--remove NODE``: delete a node).
+
+latentedge status --server HOST:PORT [--tls-ca ca.pem] [--token-file admin.token]
+latentedge status --server HOST:PORT --remove NODE_ID   # the node itself or an admin
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         help="retry an unreachable server this long (5 s)",
     )
+    parser.add_argument(
+        "--remove", metavar="NODE_ID", help="delete this node and all its data on the server"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     token = client_token_from_args(args)
     retry = RetryPolicy(window_s=args.retry_window_s)
     with UplinkClient(args.server, retry=retry, tls=tls, token=token) as client:
+        if args.remove:
+            samples, deltas = client.remove_node(args.remove)
+            doc = {"removed": args.remove, "samples": samples, "deltas": deltas}
+            sys.stdout.write(json.dumps(doc) + "\n")
+            return 0
         status = client.status()
     doc = {
         "server": args.server,

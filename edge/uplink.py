@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
@@ -42,6 +42,7 @@ from common.records import (
     LatentChunk,
     ModelVersion,
     NodeRegistration,
+    NodeStatus,
     Prediction,
     Schedule,
     ServerStatus,
@@ -491,12 +492,29 @@ class UplinkClient:
         return prediction_from_proto(reply)
 
     def status(self) -> ServerStatus:
-        """The server's nodes, classifier and last plan."""
-        reply = self._call(
-            "GetStatus",
-            lambda: self.stub.GetStatus(uplink_pb2.GetStatusRequest(), timeout=self._rpc_timeout_s),
+        """The server's nodes (every page), classifier and last plan."""
+        nodes: list[NodeStatus] = []
+        token = ""
+        while True:
+            page = status_from_proto(self._status_page(token))
+            nodes.extend(page.nodes)
+            if not page.next_page_token or page.next_page_token <= token:
+                return replace(page, nodes=tuple(nodes), next_page_token="")
+            token = page.next_page_token
+
+    def _status_page(self, token: str) -> uplink_pb2.GetStatusReply:
+        request = uplink_pb2.GetStatusRequest(page_token=token)
+        return self._call(
+            "GetStatus", lambda: self.stub.GetStatus(request, timeout=self._rpc_timeout_s)
         )
-        return status_from_proto(reply)
+
+    def remove_node(self, node_id: str) -> tuple[int, int]:
+        """Delete ``node_id`` and its data on the server; (samples, deltas) deleted."""
+        request = uplink_pb2.RemoveNodeRequest(node_id=node_id)
+        reply = self._call(
+            "RemoveNode", lambda: self.stub.RemoveNode(request, timeout=self._rpc_timeout_s)
+        )
+        return int(reply.removed_samples), int(reply.removed_deltas)
 
     def schedule(self, node_id: str) -> Schedule:
         """This round's upload decision and bandwidth for ``node_id``."""

@@ -74,6 +74,11 @@ class UplinkStub:
                 request_serializer=protos_dot_uplink__pb2.AggregateRequest.SerializeToString,
                 response_deserializer=protos_dot_uplink__pb2.AggregateReply.FromString,
                 _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/latentedge.v1.Uplink/RemoveNode',
+                request_serializer=protos_dot_uplink__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_uplink__pb2.RemoveNodeReply.FromString,
+                _registered_method=True)
 
 
 class UplinkServicer:
@@ -136,6 +141,13 @@ class UplinkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveNode(self, request, context):
+        """Remove a node and everything stored for it (latents, deltas); the classifier retrains.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UplinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +190,11 @@ def add_UplinkServicer_to_server(servicer, server):
                     servicer.Aggregate,
                     request_deserializer=protos_dot_uplink__pb2.AggregateRequest.FromString,
                     response_serializer=protos_dot_uplink__pb2.AggregateReply.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=protos_dot_uplink__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=protos_dot_uplink__pb2.RemoveNodeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +413,33 @@ class Uplink:
             '/latentedge.v1.Uplink/Aggregate',
             protos_dot_uplink__pb2.AggregateRequest.SerializeToString,
             protos_dot_uplink__pb2.AggregateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentedge.v1.Uplink/RemoveNode',
+            protos_dot_uplink__pb2.RemoveNodeRequest.SerializeToString,
+            protos_dot_uplink__pb2.RemoveNodeReply.FromString,
             options,
             channel_credentials,
             insecure,

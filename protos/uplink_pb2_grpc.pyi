@@ -49,6 +49,8 @@ class UplinkStub:
     """Client-streamed upload of a fine-tuning delta; acknowledged only after a durable commit."""
     Aggregate: _grpc.UnaryUnaryMultiCallable[_uplink_pb2.AggregateRequest, _uplink_pb2.AggregateReply]
     """Average the nodes' deltas against the current base (sample-weighted) into the next base."""
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_uplink_pb2.RemoveNodeRequest, _uplink_pb2.RemoveNodeReply]
+    """Remove a node and everything stored for it (latents, deltas); the classifier retrains."""
 
 @_typing.type_check_only
 class UplinkAsyncStub(UplinkStub):
@@ -71,6 +73,8 @@ class UplinkAsyncStub(UplinkStub):
     """Client-streamed upload of a fine-tuning delta; acknowledged only after a durable commit."""
     Aggregate: _aio.UnaryUnaryMultiCallable[_uplink_pb2.AggregateRequest, _uplink_pb2.AggregateReply]  # type: ignore[assignment]
     """Average the nodes' deltas against the current base (sample-weighted) into the next base."""
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_uplink_pb2.RemoveNodeRequest, _uplink_pb2.RemoveNodeReply]  # type: ignore[assignment]
+    """Remove a node and everything stored for it (latents, deltas); the classifier retrains."""
 
 class UplinkServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -138,5 +142,13 @@ class UplinkServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_uplink_pb2.AggregateReply, _abc.Awaitable[_uplink_pb2.AggregateReply]]:
         """Average the nodes' deltas against the current base (sample-weighted) into the next base."""
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _uplink_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_uplink_pb2.RemoveNodeReply, _abc.Awaitable[_uplink_pb2.RemoveNodeReply]]:
+        """Remove a node and everything stored for it (latents, deltas); the classifier retrains."""
 
 def add_UplinkServicer_to_server(servicer: UplinkServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

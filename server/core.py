@@ -64,6 +64,8 @@ UPLOAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_LATENT_DIM = 65536
 MAX_CLASSES = 65536
 MAX_CLASSIFY_ROWS = 1_000_000
+MAX_STATUS_PAGE = 1000
+"""Most nodes in one GetStatus reply (a registration flood cannot outgrow the message limit)."""
 CLASSIFY_REPLY_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 """A Classify reply's payload bound: the message limit less room for framing."""
 MAX_DELTA_SAMPLES = 2**53
@@ -495,15 +497,46 @@ class SplitLearningServer:
         labels, probs = classifier.predict(node_id, latents.astype(np.float32, copy=False))
         return Prediction(labels=labels, probabilities=probs, classifier_version=version)
 
-    def status(self) -> ServerStatus:
-        """Nodes, stored samples, classifier, the last plan and the base model versions."""
+    def status(self, *, page_size: int = 0, page_token: str = "") -> ServerStatus:
+        """Nodes (one page, by id), classifier, the last plan and the base model versions.
+
+        Raises:
+            InvalidRequestError: ``page_size`` over :data:`MAX_STATUS_PAGE` or a malformed token.
+        """
+        if not 0 <= page_size <= MAX_STATUS_PAGE:
+            raise InvalidRequestError(
+                f"page_size must be in 0..{MAX_STATUS_PAGE} (0 = the most), got {page_size}"
+            )
+        if page_token:
+            _check_id(page_token, "page_token", NODE_ID_PATTERN)
+        size = page_size or MAX_STATUS_PAGE
+        after = [n for n in self._store.list_nodes() if n.node_id > page_token]
+        after.sort(key=lambda n: n.node_id)
+        page = after[:size]
         plan = self._store.last_plan()
         return ServerStatus(
-            nodes=tuple(self._store.list_nodes()),
+            nodes=tuple(page),
             classifier=self._trainer.status(),
             last_plan_json=plan[1] if plan else "",
             models=tuple(self._hub.versions()),
+            next_page_token=page[-1].node_id if len(after) > size else "",
         )
+
+    def remove_node(self, node_id: str) -> tuple[int, int]:
+        """Delete ``node_id`` and its data; the classifier retrains without it.
+
+        Returns:
+            The committed samples and deltas deleted.
+
+        Raises:
+            NotFoundError: unknown node.
+        """
+        _check_id(node_id, "node_id", NODE_ID_PATTERN)
+        removed = self._store.remove_node(node_id)
+        self._scheduler.on_node_removed(node_id)
+        self._trainer.notify()
+        logger.info("removed node %s (%d samples, %d deltas)", node_id, *removed)
+        return removed
 
     # -- transfer learning --------------------------------------------------------------------
 

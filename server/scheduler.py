@@ -116,6 +116,13 @@ class RoundScheduler:
                 )
             return decision
 
+    def on_node_removed(self, node_id: str) -> None:
+        """A removed node is no longer awaited this round."""
+        with self._lock:
+            if node_id in self._waiting:
+                self._waiting.discard(node_id)
+                self._closed = not self._waiting
+
     def on_upload_committed(self, node_id: str) -> None:
         """Count a committed upload towards closing the round."""
         with self._lock:

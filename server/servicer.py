@@ -265,7 +265,8 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
         """Report nodes, stored samples, classifier and last plan (a node sees only itself)."""
         caller = self._caller(context, "GetStatus")
         try:
-            return status_to_proto(_visible_to(caller, self._core.status()))
+            status = self._core.status(page_size=request.page_size, page_token=request.page_token)
+            return status_to_proto(_visible_to(caller, status))
         except LatentEdgeError as exc:
             _abort(context, "GetStatus", exc)
 
@@ -357,3 +358,20 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
             _abort(context, "Aggregate", exc)
         logger.info("[Uplink.Aggregate] version %d from %s OK", made.version, list(made.nodes))
         return uplink_pb2.AggregateReply(model=model_version_to_proto(made))
+
+    def RemoveNode(  # noqa: N802 (generated method name)
+        self, request: uplink_pb2.RemoveNodeRequest, context: grpc.ServicerContext
+    ) -> uplink_pb2.RemoveNodeReply:
+        """Delete a node and its data (the node itself or an admin)."""
+        caller = self._caller(context, "RemoveNode")
+        try:
+            caller.require_node(request.node_id, "RemoveNode")
+            samples, deltas = self._core.remove_node(request.node_id)
+        except LatentEdgeError as exc:
+            _abort(context, "RemoveNode", exc)
+        logger.info(
+            "[Uplink.RemoveNode] %s %d samples %d deltas OK", request.node_id, samples, deltas
+        )
+        return uplink_pb2.RemoveNodeReply(
+            node_id=request.node_id, removed_samples=samples, removed_deltas=deltas
+        )

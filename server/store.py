@@ -293,6 +293,14 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def remove_node(self, node_id: str) -> tuple[int, int]:
+        """Delete a node and everything stored for it; (committed samples, deltas) deleted.
+
+        Raises:
+            NotFoundError: unknown node.
+        """
+
+    @abc.abstractmethod
     def check(self) -> None:
         """Raise StoreError when the storage cannot serve (file removed or replaced, unreadable)."""
 
@@ -934,6 +942,27 @@ class SqliteStore(Store):
                 entries.extend(unpack_entries(bytes(blob)))
             out.append(StoredDelta(upload_id, node, int(version), int(samples), tuple(entries)))
         return out
+
+    @override
+    def remove_node(self, node_id: str) -> tuple[int, int]:
+        with self._write() as c:
+            if c.execute("SELECT 1 FROM nodes WHERE node_id = ?", (node_id,)).fetchone() is None:
+                raise NotFoundError(f"node {node_id!r} is not registered")
+            samples = self._stored_samples(c, node_id)
+            (deltas,) = c.execute(
+                "SELECT COUNT(*) FROM deltas WHERE node_id = ? AND state = 'committed'",
+                (node_id,),
+            ).fetchone()
+            for uploads, chunks in (_LATENTS, _DELTAS):
+                c.execute(
+                    f"DELETE FROM {chunks} WHERE upload_id IN "
+                    f"(SELECT upload_id FROM {uploads} WHERE node_id = ?)",
+                    (node_id,),
+                )
+                c.execute(f"DELETE FROM {uploads} WHERE node_id = ?", (node_id,))
+            c.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
+            _bump_data_version(c)
+        return samples, int(deltas)
 
     @override
     def check(self) -> None:

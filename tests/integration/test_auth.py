@@ -91,6 +91,9 @@ def _calls(
         "GetModel": lambda s, md: list(
             s.GetModel(uplink_pb2.GetModelRequest(fine_tuned_for=node), metadata=md)
         ),
+        "RemoveNode": lambda s, md: s.RemoveNode(
+            uplink_pb2.RemoveNodeRequest(node_id=node), metadata=md
+        ),
         "PushDelta": lambda s, md: s.PushDelta(
             iter([uplink_pb2.DeltaChunk(node_id=node, upload_id="d1", seq=0, last=True)]),
             metadata=md,

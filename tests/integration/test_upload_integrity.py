@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+from common.errors import UplinkError
 from common.records import NodeRegistration
 from common.serde import tensor_to_proto
 from common.tensors import to_wire
@@ -86,3 +87,30 @@ def test_a_classify_reply_that_would_not_fit_is_refused_up_front(tmp_path: Path)
             )
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "send at most 34 rows per call" in (info.value.details() or "")
+
+
+def test_status_pages_and_remove_node(tmp_path: Path) -> None:
+    for server in running_server(tmp_path):
+        for i in range(1005):  # more than one page of MAX_STATUS_PAGE = 1000
+            server.core.register(NodeRegistration(f"n{i:04d}", 4, 2))
+        first = server.core.status()
+        assert len(first.nodes) == 1000 and first.next_page_token == "n0999"
+        with UplinkClient(server.address) as client:
+            everyone = client.status()
+            assert [n.node_id for n in everyone.nodes] == [f"n{i:04d}" for i in range(1005)]
+            x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+            client.push_latents("n0003", x, np.arange(8) % 2, num_classes=2)
+            assert client.remove_node("n0003") == (8, 0)
+            with pytest.raises(UplinkError, match="NOT_FOUND"):
+                client.remove_node("n0003")
+            with pytest.raises(UplinkError, match="NOT_FOUND"):
+                client.classify("n0003", x)
+            assert "n0003" not in {n.node_id for n in client.status().nodes}
+        stub = uplink_pb2_grpc.UplinkStub(server.channel)
+        for bad in (
+            uplink_pb2.GetStatusRequest(page_size=1001),
+            uplink_pb2.GetStatusRequest(page_token="x\n"),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetStatus(bad, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
