@@ -91,8 +91,9 @@ class LatentNoise:
         return len(self.sigma)
 
     def __call__(self, latents: FloatArray) -> FloatArray:
-        """``latents`` plus fresh noise (a new float32 array); with ``noise_std == 0`` the input
-        itself, unchanged.
+        """``latents`` plus fresh noise, as a new float32 array.
+
+        With ``noise_std == 0`` this returns ``latents`` itself, unchanged.
 
         Raises:
             DataError: ``latents`` is not finite, 2-D and ``(n, latent_dim)``.
