@@ -39,6 +39,21 @@ def host_of(address: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
+def check_address(address: str, what: str, *, listen: bool = False) -> str:
+    """``address`` if it is ``HOST:PORT`` with a port in 1..65535 (0 too when ``listen``).
+
+    Raises:
+        ConfigError: naming ``what`` (the flag or key) and the expected form.
+    """
+    host, sep, port = address.rpartition(":")
+    lowest = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ConfigError(
+            f"{what} must be HOST:PORT with a port in {lowest}..65535, got {address!r}"
+        )
+    return address
+
+
 def is_loopback(address: str) -> bool:
     """True when ``HOST:PORT`` names only this machine (127.0.0.0/8, ::1 or localhost)."""
     host = host_of(address)

@@ -26,7 +26,13 @@ from common.config import read_tables
 from common.constants import RETRY_WINDOW_S
 from common.errors import ConfigError, UplinkError
 from common.records import EnergyProfile, NodeRegistration
-from common.tls import ClientTls, add_client_tls_flags, add_client_token_flags, read_token
+from common.tls import (
+    ClientTls,
+    add_client_tls_flags,
+    add_client_token_flags,
+    check_address,
+    read_token,
+)
 from edge.privacy import check_noise_std
 
 if TYPE_CHECKING:
@@ -249,6 +255,7 @@ def load_config(args: argparse.Namespace) -> tuple[EdgeConfig, EnergyProfile | N
     for key in ("server", "node_id"):
         if not getattr(config, key):
             raise ConfigError(f"--{key.replace('_', '-')} is required (or edge.{key} in --config)")
+    check_address(config.server, "--server (edge.server)")
     _finetune_config(config)  # refuse a bad --trainable / --delta-encoding before any work
     ClientTls.from_paths(config.tls_ca, config.tls_cert, config.tls_key)  # and bad TLS files
     read_token(config.token, config.token_file)  # and a bad token file

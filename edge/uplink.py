@@ -62,7 +62,7 @@ from common.serde import (
     upload_ack_from_proto,
 )
 from common.tensors import to_wire
-from common.tls import ClientTls
+from common.tls import ClientTls, check_address
 from protos import uplink_pb2, uplink_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -279,9 +279,7 @@ class UplinkClient:
         tls: ClientTls | None = None,
         token: str = "",
     ) -> None:
-        if ":" not in address:
-            raise ConfigError(f"server address must be HOST:PORT, got {address!r}")
-        self._address = address
+        self._address = check_address(address, "the server address (--server)")
         self._retry = retry or RetryPolicy()
         self._rpc_timeout_s = rpc_timeout_s
         self._upload_timeout_s = upload_timeout_s

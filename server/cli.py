@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from common.config import read_tables
 from common.constants import DEFAULT_LISTEN, MAX_UPLOAD_BYTES
 from common.errors import ConfigError
-from common.tls import ServerTls, is_loopback
+from common.tls import ServerTls, check_address, is_loopback
 from server.limits import (
     DEFAULT_DEDUPE_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_CONCURRENT_RPCS,
@@ -97,8 +97,7 @@ class ServerConfig:
     always required (tokens: ``latentedge token``; or client certificates under mTLS)."""
 
     def __post_init__(self) -> None:
-        if ":" not in self.listen:
-            raise ConfigError(f"server.listen must be HOST:PORT, got {self.listen!r}")
+        check_address(self.listen, "server.listen", listen=True)
         if self.classifier_mode not in ("per_node", "shared"):
             raise ConfigError(
                 "server.classifier_mode must be 'per_node' or 'shared', "
@@ -111,10 +110,8 @@ class ServerConfig:
         self._check_limits()
         if self.aggregate_after < 0:
             raise ConfigError(f"server.aggregate_after must be >= 0, got {self.aggregate_after}")
-        if self.metrics_listen and ":" not in self.metrics_listen:
-            raise ConfigError(
-                f"server.metrics_listen must be HOST:PORT, got {self.metrics_listen!r}"
-            )
+        if self.metrics_listen:
+            check_address(self.metrics_listen, "server.metrics_listen", listen=True)
 
     def _check_limits(self) -> None:
         for key in ("max_node_bytes", "max_nodes", "max_concurrent_streams"):
