@@ -16,14 +16,16 @@ upload id starts again.
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from typing_extensions import override
@@ -1057,6 +1059,24 @@ class SqliteStore(Store):
             self._connections.clear()
         self._local = threading.local()
 
+
+def _store_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with every ``sqlite3.Error`` raised as a StoreError (INTERNAL, exit 3)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(f"database error in {method.__name__}: {exc}") from exc
+
+    return wrapper
+
+
+# Every operation of the interface: no raw sqlite3 error escapes the error tree, wherever it
+# happens (a read outside a transaction, an execute inside one, a disk that fills up).
+for _name in sorted(Store.__abstractmethods__):
+    setattr(SqliteStore, _name, _store_errors(getattr(SqliteStore, _name)))
 
 _LATENTS = ("uploads", "chunks")
 _DELTAS = ("deltas", "delta_chunks")

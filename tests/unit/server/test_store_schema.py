@@ -65,3 +65,19 @@ def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match=r"not a (usable SQLite )?database"):
         SqliteStore(bad)
+
+
+def test_sqlite_errors_anywhere_become_store_errors(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = SqliteStore(db)
+    try:
+        vandal = sqlite3.connect(db)
+        vandal.execute("DROP TABLE nodes")
+        vandal.commit()
+        vandal.close()
+        with pytest.raises(StoreError, match="database error in list_nodes: no such table"):
+            store.list_nodes()  # a read outside any transaction
+        with pytest.raises(StoreError, match="database error in remove_node"):
+            store.remove_node("n0")  # an execute inside a write transaction
+    finally:
+        store.close()
