@@ -212,12 +212,15 @@ def _export(
         )
     if module.training:
         raise ModelExportError("export needs the module in eval mode (call module.eval())")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelExportError(f"cannot create the folder of {str(path)!r}: {exc}") from exc
     example = torch.from_numpy(np.ascontiguousarray(sample[:2]))
     if exporter is Exporter.AUTO:
         try:
             _torchscript_export(module, example, path, input_name, output_name)
-        except (RuntimeError, TypeError, ValueError) as exc:
+        except ModelExportError as exc:
             logger.warning("TorchScript export failed (%s); trying the dynamo exporter", exc)
             _dynamo_export(module, example, path, input_name, output_name)
     elif exporter is Exporter.TORCHSCRIPT:
@@ -254,16 +257,19 @@ def _torchscript_export(
         # torch announces the TorchScript exporter's deprecation on every call
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        except Exception as exc:  # the exporter raises many unrelated types (and OSError)
+            raise ModelExportError(f"ONNX export to {str(path)!r} failed: {exc}") from exc
 
 
 def _dynamo_export(

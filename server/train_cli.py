@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError
+from common.errors import ConfigError, ModelExportError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -283,9 +283,12 @@ def _onnx_accuracy(path: Path, x: Any, y: Any) -> float:
 
     if len(y) == 0:
         return 0.0
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     correct = 0
-    for start in range(0, len(y), 512):
-        (scores,) = session.run(None, {"image": x[start : start + 512]})
-        correct += int(np.sum(np.argmax(scores, axis=1) == y[start : start + 512]))
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for start in range(0, len(y), 512):
+            (scores,) = session.run(None, {"image": x[start : start + 512]})
+            correct += int(np.sum(np.argmax(scores, axis=1) == y[start : start + 512]))
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        raise ModelExportError(f"onnxruntime cannot run the export {str(path)!r}: {exc}") from exc
     return correct / len(y)

@@ -130,3 +130,16 @@ def test_export_preconditions(tmp_path: Path) -> None:
         export_encoder(model, tmp_path / "e.onnx", sample)
     with pytest.raises(ModelExportError, match=r"non-empty float32 sample, got float64"):
         export_encoder(model.eval(), tmp_path / "e.onnx", sample.astype(np.float64))
+
+
+def test_an_exporter_failure_is_a_model_export_error(tmp_path: Path) -> None:
+    model = ConvAutoencoder(AutoencoderConfig(1, 8, 8, 4)).eval()
+    sample = np.zeros((2, 1, 8, 8), np.float32)
+    target = tmp_path / "missing-dir-is-a-file"
+    target.write_text("not a directory")
+    with pytest.raises(ModelExportError, match="cannot create the folder"):
+        export_encoder(model, target / "sub" / "e.onnx", sample, exporter=Exporter.TORCHSCRIPT)
+    unwritable = tmp_path / "a-folder.onnx"
+    unwritable.mkdir()  # the exporter cannot write a file where a folder is
+    with pytest.raises(ModelExportError, match="ONNX export to"):
+        export_encoder(model, unwritable, sample, exporter=Exporter.TORCHSCRIPT)
