@@ -1,4 +1,4 @@
-"""``latentedge demo``: the whole privacy-preserving pipeline on loopback, as real processes.
+"""``latentedge demo``: the whole split-learning pipeline on loopback, as real processes.
 
 Starts one ``latentedge server`` and N ``latentedge edge`` processes talking gRPC on
 127.0.0.1. Each node trains its own autoencoder on its (non-IID) shard without labels,
