@@ -71,6 +71,13 @@ class DemoConfig:
     train_noise: str = ""
     """latents: also run every node with a noise-aware encoder (``aware-i``, trained under this
     weight-noise spec) beside the plain one, and compare their analog curves."""
+    tls_cert: str = ""
+    """PEM certificate of the demo's server (valid for 127.0.0.1): the demo runs over TLS with
+    a node token per node, as a deployment does; empty = plaintext loopback."""
+    tls_key: str = ""
+    """PEM key of ``tls_cert``."""
+    tls_ca: str = ""
+    """PEM CA the nodes trust (the one that signed ``tls_cert``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("latents", "transfer"):
@@ -91,6 +98,8 @@ class DemoConfig:
             raise ConfigError(f"--skew must be in [0, 1), got {self.skew}")
         if self.analog_draws < 1:
             raise ConfigError(f"--analog-draws must be >= 1, got {self.analog_draws}")
+        if bool(self.tls_cert) != bool(self.tls_key) or bool(self.tls_cert) != bool(self.tls_ca):
+            raise ConfigError("a TLS demo needs all of --tls-cert, --tls-key and --tls-ca")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +148,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=d.train_noise,
         help="also run noise-aware encoders (trained under this weight-noise spec) beside plain",
     )
+    parser.add_argument("--tls-cert", default="", help="TLS demo: the server's PEM certificate")
+    parser.add_argument("--tls-key", default="", help="TLS demo: its PEM key")
+    parser.add_argument("--tls-ca", default="", help="TLS demo: the CA the nodes trust")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
         delta_encoding=args.delta_encoding,
         pretrain_epochs=args.pretrain_epochs,
         train_noise=args.train_noise,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
     )
     if config.mode == "transfer":
         from latentedge.demo_transfer import human_summary, run_transfer_demo
@@ -196,6 +211,10 @@ class DemoServer:
                 config.classifier_mode,
                 "--seed",
                 str(config.seed),
+                *(
+                    ("--tls-cert", config.tls_cert, "--tls-key", config.tls_key)
+                    * bool(config.tls_cert)
+                ),
                 *extra,
             ),
             stdout=subprocess.PIPE,
@@ -208,6 +227,8 @@ class DemoServer:
     def _wait_listening(self) -> str:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            self._log.write(line)  # the banner (address, TLS, credentials) into server.log
+            self._log.flush()
             match = _LISTENING.search(line)
             if match:
                 return match.group(1)
@@ -223,6 +244,25 @@ class DemoServer:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def _node_token(config: DemoConfig, node_id: str) -> Path:
+    """Issue ``node_id`` a token in the demo's database; the file holding it (mode 0600)."""
+    from server.auth import new_token
+    from server.store import open_store
+
+    text, record = new_token(node_id)
+    store = open_store(config.out / "server.db")
+    try:
+        store.add_token(record)
+    finally:
+        store.close()
+    folder = config.out / "tokens"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{node_id}.token"
+    path.touch(mode=0o600)
+    path.write_text(text + "\n")
+    return path
 
 
 def start_edges(
@@ -275,6 +315,8 @@ def start_edges(
         ]
         if config.epochs:
             args += ["--epochs", str(config.epochs)]
+        if config.tls_ca:
+            args += ["--tls-ca", config.tls_ca, "--token-file", str(_node_token(config, node_id))]
         with log_path.open("w") as log:
             proc = subprocess.Popen(
                 _cli(*args), stdout=subprocess.DEVNULL, stderr=log, text=True, env=os.environ.copy()

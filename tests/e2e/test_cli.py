@@ -67,6 +67,8 @@ def test_demo_on_digits_meets_targets(tmp_path: Path) -> None:
 
 
 def test_demo_on_mnist_tiny(tmp_path: Path) -> None:
+    # over TLS, with a token per node, as a deployment runs
+    pki = make_pki(tmp_path / "pki")
     proc = run_cli(
         "demo",
         "--dataset",
@@ -77,8 +79,20 @@ def test_demo_on_mnist_tiny(tmp_path: Path) -> None:
         "8",
         "--out",
         str(tmp_path),
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--tls-ca",
+        str(pki.ca),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == [
+        "node-0.token",
+        "node-1.token",
+        "node-2.token",
+    ]
+    assert "TLS, credentials required" in (tmp_path / "server.log").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["compression_ratio"] == pytest.approx(784 / 49)
     assert summary["test_samples"] == 500  # the three test shards partition the test split
