@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -375,3 +378,52 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
         return uplink_pb2.RemoveNodeReply(
             node_id=request.node_id, removed_samples=samples, removed_deltas=deltas
         )
+
+
+def _code_set(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The code the handler set (``abort``/``set_code``; grpcio >= 1.38), None if none."""
+    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
+    return code
+
+
+def _internal(context: grpc.ServicerContext, method: str, exc: BaseException) -> NoReturn:
+    """A bug, not the client's doing: INTERNAL with an incident id, the traceback in the log."""
+    incident = uuid.uuid4().hex[:12]
+    logger.error("[Uplink.%s] internal error %s", method, incident, exc_info=exc)
+    context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error in {method} (incident {incident}; the server log has the details)",
+    )
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` whose unexpected exceptions answer INTERNAL, never UNKNOWN with their text."""
+    name = method.__name__
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:
+                if _code_set(context) is not None:  # an abort with its own status
+                    raise
+                _internal(context, name, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            if _code_set(context) is not None:
+                raise
+            _internal(context, name, exc)
+
+    return unary
+
+
+for _rpc in [n for n in vars(uplink_pb2_grpc.UplinkServicer) if not n.startswith("_")]:
+    setattr(UplinkServicer, _rpc, _guarded(getattr(UplinkServicer, _rpc)))

@@ -114,3 +114,27 @@ def test_status_pages_and_remove_node(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 stub.GetStatus(bad, timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_bug_answers_internal_with_an_incident_not_unknown_with_its_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret internal detail")
+
+    for server in running_server(tmp_path):
+        stub = uplink_pb2_grpc.UplinkStub(server.channel)
+        monkeypatch.setattr(server.core, "status", broken)
+        monkeypatch.setattr(server.core, "model", broken)
+        for name in ("GetStatus", "GetModel"):
+            with pytest.raises(grpc.RpcError) as info:
+                if name == "GetStatus":
+                    stub.GetStatus(uplink_pb2.GetStatusRequest(), timeout=10)
+                else:
+                    list(stub.GetModel(uplink_pb2.GetModelRequest(), timeout=10))
+            assert info.value.code() == grpc.StatusCode.INTERNAL, name
+            details = info.value.details() or ""
+            assert f"internal error in {name} (incident" in details
+            assert "secret" not in details
+        # the server keeps serving
+        stub.RegisterNode(uplink_pb2.RegisterNodeRequest(node_id="n1", latent_dim=4, num_classes=2))
