@@ -11,8 +11,8 @@ CPU ratio is the robust one when other jobs share the machine):
                    weights at ORT_ENABLE_ALL, so its output is checked against the patched graph
   weights_as_input weights become graph inputs, one session for all draws
   copies=K         device_sim's runner: K graph copies per session (K draws per session)
-and the runner with DAC/ADC (copies=8). Memory: --memory runs a 10,000-image resnet8 simulation and
-prints peak RSS growth against the input size.
+and the runner with DAC/ADC (copies=8; --io-only times only these, with the clean pass). Memory:
+--memory runs a 10,000-image resnet8 simulation and prints peak RSS growth against the input size.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _options() -> ort.SessionOptions:
 
 
 def bench_model(
-    name: str, path, x: np.ndarray, repeats: int, batch: int
+    name: str, path, x: np.ndarray, repeats: int, batch: int, io_only: bool = False
 ) -> list[tuple[str, float, float]]:
     sim = Simulator(path, config=RunnerConfig(batch_size=batch))
     prepared = sim.prepared
@@ -112,7 +112,9 @@ def bench_model(
         ("add_initializer override", add_initializer, 1),
         ("weights as graph inputs", weights_as_input, 1),
     ]
-    for copies in (1, 4, 8, 16):
+    if io_only:
+        cases = []
+    for copies in () if io_only else (1, 4, 8, 16):
         runner = Simulator(path, config=RunnerConfig(batch_size=batch, draws_per_session=copies))
 
         def run_copies(runner=runner, copies=copies) -> None:
@@ -208,14 +210,19 @@ def main() -> int:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="only the 10,000-image memory check")
+    parser.add_argument(
+        "--io-only", action="store_true", help="only the DAC/ADC cases (with and without noise)"
+    )
     args = parser.parse_args()
     print(f"onnxruntime {ort.__version__}, numpy {np.__version__}, python {sys.version.split()[0]}")
     if args.memory:
         memory()
         return 0
-    check_add_initializer_is_ignored_for_conv()
-    bench_model("resnet8 (CIFAR-10)", RESNET8, load_cifar10_test(2000)[0], args.repeats, 250)
-    bench_model("mnist-12 (MNIST)", MNIST12, load_mnist_test()[0], args.repeats, 1000)
+    if not args.io_only:
+        check_add_initializer_is_ignored_for_conv()
+    cifar, mnist = load_cifar10_test(2000)[0], load_mnist_test()[0]
+    bench_model("resnet8 (CIFAR-10)", RESNET8, cifar, args.repeats, 250, args.io_only)
+    bench_model("mnist-12 (MNIST)", MNIST12, mnist, args.repeats, 1000, args.io_only)
     return 0
 
 

@@ -94,8 +94,7 @@ def _pcm_device(
     g_rel = g_target / m.g_max
     sigma_prog = (c0 + c1 * g_rel + c2 * g_rel**2) * (m.g_max / 25.0)
     g_prog = torch.clamp(g_target + sigma_prog * _randn(g_target, gen), min=0.0)
-    if m.t <= 0:
-        return g_prog, g_prog
+    # t = 0 (t_total = t_0): drift factor 1, read noise accumulated over t_0 (as aihwkit)
     rel = torch.clamp(g_target.abs() / m.g_max, min=1e-7)
     mu = torch.clamp(-0.0155 * torch.log(rel) + 0.0244, 0.049, 0.1)
     sd = torch.clamp(-0.0125 * torch.log(rel) - 0.0059, 0.008, 0.045)
@@ -107,9 +106,9 @@ def _pcm_device(
     return g_prog, torch.clamp(g_drift + g_drift.abs() * read * _randn(g_target, gen), min=0.0)
 
 
-def _readout(w: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    out = w.sum().abs() if dims == tuple(range(w.ndim)) else w.sum(dim=dims).abs().mean()
-    return torch.clamp(out, min=1e-4)
+def _readout(w: torch.Tensor) -> torch.Tensor:
+    """Identity readout, as ``device_sim.noise._readout``: Σ|w| over the tensor."""
+    return torch.clamp(w.abs().sum(), min=1e-4 * w.numel())
 
 
 def _pcm(m: PcmNoise, w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -120,9 +119,8 @@ def _pcm(m: PcmNoise, w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     plus_prog, plus_now = _pcm_device(m, torch.clamp(w * scale, 0.0, m.g_max), gen)
     minus_prog, minus_now = _pcm_device(m, torch.clamp(-w * scale, 0.0, m.g_max), gen)
     w_now = (plus_now - minus_now) / scale
-    if m.compensate and m.t > 0:
-        dims = _reduce_dims(w.ndim, True)
-        w_now = w_now * (_readout((plus_prog - minus_prog) / scale, dims) / _readout(w_now, dims))
+    if m.compensate:
+        w_now = w_now * (_readout((plus_prog - minus_prog) / scale) / _readout(w_now))
     return w_now
 
 

@@ -48,7 +48,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--draws", type=int, default=10, help="Monte-Carlo draws (default: 10)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
-    parser.add_argument("--output", help="model output holding class scores (default: first)")
+    parser.add_argument(
+        "--output",
+        help="model output holding class scores, probabilities or class ids (default: the only "
+        "one, else the one class-id output, else the one score output; refused if ambiguous)",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--plot", type=Path, help="with --sweep: write the accuracy curve (PNG)")
     parser.add_argument(

@@ -86,18 +86,197 @@ class PreparedGraph:
     input_dtype: np.dtype
     """Element type of the data input."""
     output_name: str
-    """The output whose argmax is the prediction."""
+    """The output the prediction is read from (see :func:`select_output`)."""
     analog: tuple[AnalogTensor, ...]
     """The analog tensors, in graph order."""
     weights: dict[str, np.ndarray] = field(repr=False)
     """Clean weights by ``AnalogTensor.graph_name``."""
     batch_was_fixed: bool
     """True when the data input's batch dimension was 1 and was made symbolic."""
+    outputs: tuple[OutputInfo, ...] = ()
+    """Every output of the original model (for error messages)."""
 
     @property
     def folded_layers(self) -> tuple[str, ...]:
         """One line per fold, ``"BatchNormalization 'bn' -> Conv 'conv'"``."""
         return tuple(f"{f} -> {t.op_type} {t.node!r}" for t in self.analog for f in t.folded)
+
+
+_INT_TYPES = frozenset(
+    {
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.INT32,
+        onnx.TensorProto.INT64,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.UINT32,
+        onnx.TensorProto.UINT64,
+    }
+)
+
+
+def _elem_text(elem: int) -> str:
+    """``float32``, ``int64``, ``string``: an ONNX element type as numpy names it."""
+    if elem == onnx.TensorProto.STRING:
+        return "string"
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
+    except (KeyError, TypeError, ValueError):
+        return str(onnx.TensorProto.DataType.Name(elem)).lower()
+
+
+def _type_text(t: onnx.TypeProto) -> str:
+    """``float32``, ``int64``, ``seq(map(int64,float32))``: an ONNX type as short text."""
+    which = t.WhichOneof("value")
+    if which == "tensor_type":
+        elem = t.tensor_type.elem_type
+        if elem == onnx.TensorProto.UNDEFINED:
+            return "tensor"
+        return _elem_text(elem)
+    if which == "sequence_type":
+        return f"seq({_type_text(t.sequence_type.elem_type)})"
+    if which == "map_type":
+        key = _elem_text(t.map_type.key_type)
+        return f"map({key},{_type_text(t.map_type.value_type)})"
+    if which == "optional_type":
+        return f"optional({_type_text(t.optional_type.elem_type)})"
+    return which or "unknown type"
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """What a model output holds, from its declared or inferred type."""
+
+    name: str
+    type_text: str
+    """``float32``, ``int64``, ``seq(map(int64,float32))``..."""
+    is_tensor: bool
+    elem_type: int
+    """ONNX element type of a tensor (``TensorProto.UNDEFINED`` otherwise)."""
+    shape: tuple[int | str, ...] | None
+    """Tensor shape (symbolic dims as strings, unknown as ``?``); None when the rank is unknown."""
+
+    @property
+    def is_float(self) -> bool:
+        """A float tensor."""
+        return self.is_tensor and self.elem_type in _FLOAT_TYPES
+
+    @property
+    def is_int(self) -> bool:
+        """An integer tensor."""
+        return self.is_tensor and self.elem_type in _INT_TYPES
+
+    def could_be_labels(self) -> bool:
+        """An integer tensor of shape (N,) or (N, 1), or of unknown rank."""
+        return self.is_int and (
+            self.shape is None
+            or len(self.shape) == 1
+            or (len(self.shape) == 2 and self.shape[1] == 1)
+        )
+
+    def could_be_scores(self) -> bool:
+        """A float tensor (N, C) with C not fixed to 1 (or of unknown rank)."""
+        if not self.is_float:
+            return False
+        if self.shape is None:
+            return True
+        return len(self.shape) >= 2 and any(d != 1 for d in self.shape[1:])
+
+    def describe(self) -> str:
+        """``'label' int64 (N,)``: name, type and shape for messages."""
+        if not self.is_tensor:
+            return f"{self.name!r} {self.type_text}"
+        shape = "(rank unknown)" if self.shape is None else _dims_text(self.shape)
+        return f"{self.name!r} {self.type_text} {shape}"
+
+
+def _dims_text(shape: tuple[int | str, ...]) -> str:
+    dims = ["N" if i == 0 else str(d) for i, d in enumerate(shape)]
+    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+
+
+def describe_outputs(model: onnx.ModelProto) -> tuple[OutputInfo, ...]:
+    """The outputs of ``model`` with their types, shapes filled in by ONNX shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph.output
+    except Exception as exc:  # inference is best effort: unknown domains, bad graphs
+        logger.debug("shape inference failed: %s", exc)
+        inferred = model.graph.output
+    by_name = {o.name: o for o in inferred}
+    infos = []
+    for declared in model.graph.output:
+        value = declared
+        guess = by_name.get(declared.name)
+        if guess is not None and guess.type.WhichOneof("value") is not None:
+            value = guess
+        t = value.type
+        is_tensor = t.WhichOneof("value") == "tensor_type"
+        shape: tuple[int | str, ...] | None = None
+        if is_tensor and t.tensor_type.HasField("shape"):
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in t.tensor_type.shape.dim
+            )
+        infos.append(
+            OutputInfo(
+                name=declared.name,
+                type_text=_type_text(t),
+                is_tensor=is_tensor,
+                elem_type=t.tensor_type.elem_type if is_tensor else onnx.TensorProto.UNDEFINED,
+                shape=shape,
+            )
+        )
+    return tuple(infos)
+
+
+_OUTPUT_HINT = (
+    "the prediction is read from one tensor of class scores or probabilities (N, C) or class "
+    "ids (N,); choose it with --output NAME"
+)
+
+
+def _outputs_text(outputs: Iterable[OutputInfo]) -> str:
+    return "; ".join(o.describe() for o in outputs)
+
+
+def select_output(outputs: tuple[OutputInfo, ...], requested: str | None) -> str:
+    """The output the prediction is read from.
+
+    ``requested`` must name a tensor output. Otherwise: the only output; else the one integer
+    (N,) class-id output; else the one float (N, C) score output; else refuse. Sequence/map
+    outputs (scikit-learn's ZipMap) are never chosen. The shape of the chosen output is checked
+    again on the values it takes (:func:`device_sim.runner.predicted_classes`).
+
+    Raises:
+        NoiseInjectionError: unknown or non-tensor ``requested``, or no unambiguous choice.
+    """
+    listing = _outputs_text(outputs)
+    if requested is not None:
+        chosen = next((o for o in outputs if o.name == requested), None)
+        if chosen is None:
+            raise NoiseInjectionError(
+                f"--output {requested!r} is not a model output; outputs: {listing}"
+            )
+        if not chosen.is_tensor:
+            raise NoiseInjectionError(
+                f"--output {requested!r} is a {chosen.type_text}, not a tensor: {_OUTPUT_HINT} "
+                f"(outputs: {listing})"
+            )
+        return chosen.name
+    tensors = [o for o in outputs if o.is_tensor]
+    if len(outputs) == 1 and tensors:
+        return tensors[0].name
+    labels = [o for o in tensors if o.could_be_labels()]
+    if len(labels) == 1:
+        return labels[0].name
+    scores = [o for o in tensors if o.could_be_scores()]
+    if len(scores) == 1:
+        return scores[0].name
+    raise NoiseInjectionError(
+        f"cannot tell which of the {len(outputs)} model output(s) is the prediction: {listing}; "
+        f"{_OUTPUT_HINT}"
+    )
 
 
 @dataclass(frozen=True)
@@ -485,7 +664,7 @@ def prepare(
 
     Args:
         model: the model; it is not modified.
-        output: graph output whose argmax is the prediction; default the first output.
+        output: graph output the prediction is read from; default: :func:`select_output`.
         fold_affine: fold a BatchNormalization or per-channel Mul that follows an analog layer
             into its weights (the analog array stores the folded weights).
         analog_include: only initializers whose name matches this regex (``re.search``) are analog.
@@ -525,10 +704,8 @@ def prepare(
     kept_inputs = list(data_inputs)
     del graph.input[:]
     graph.input.extend(kept_inputs)  # initializers listed as inputs (IR < 4) become constants
-    outputs = [o.name for o in graph.output]
-    output_name = outputs[0] if output is None else output
-    if output_name not in outputs:
-        raise NoiseInjectionError(f"--output {output!r} is not a model output; outputs: {outputs}")
+    output_infos = describe_outputs(work)
+    output_name = select_output(output_infos, output)
     selected = [o for o in graph.output if o.name == output_name]
     del graph.output[:]
     graph.output.extend(selected)
@@ -587,6 +764,7 @@ def prepare(
         analog=tuple(analog),
         weights=weights,
         batch_was_fixed=batch_was_fixed,
+        outputs=output_infos,
     )
 
 
@@ -603,6 +781,11 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+def adc_scale_name(node_name: str) -> str:
+    """Name of the scalar initializer that scales a layer's output after its ADC."""
+    return f"{node_name}/io/adc_scale"
+
+
 def add_io_quantization(
     prepared: PreparedGraph, dac: DacConfig | None, adc: AdcConfig | None
 ) -> tuple[onnx.ModelProto, list[NoiseInput]]:
@@ -610,8 +793,9 @@ def add_io_quantization(
 
     Per layer: s = max|x| over each input vector (per sample over C·H·W for Conv); the DAC rounds
     x/s to 2^bits − 2 steps over [−1, 1]. The ADC normalises y by s · max|W|, adds the noise input,
-    clips to [−bound, bound], rounds to 2^bits − 2 steps over that range and scales back; the bias
-    is added after.
+    clips to [−bound, bound], rounds to 2^bits − 2 steps over that range and scales back, times
+    the scalar initializer :func:`adc_scale_name` (1; the runner writes each draw's drift
+    compensation factor there); the bias is added after.
 
     Returns:
         The rewritten model and the noise inputs it expects (the runner feeds them).
@@ -719,10 +903,14 @@ def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula o
             post.append(helper.make_node("Add", [yn, noise.name], [p + "ynz"]))
             yn = p + "ynz"
         limit = adc.bound / step
+        # the digital output scale (drift compensation) multiplies after the ADC, as aihwkit's
+        # post_forward does; 1 unless the runner writes a draw's factor into this initializer
+        scale_name = const(adc_scale_name(node.name)[len(p) :], 1.0)
         post += [
             helper.make_node("Clip", [yn, const("lo", -limit), const("hi", limit)], [p + "yc"]),
             helper.make_node("Round", [p + "yc"], [p + "yr"]),
-            helper.make_node("Mul", [p + "yr", p + "unit"], [p + "yd"]),
+            helper.make_node("Mul", [p + "unit", scale_name], [p + "unit_out"]),
+            helper.make_node("Mul", [p + "yr", p + "unit_out"], [p + "yd"]),
         ]
         y = p + "yd"
     if bias is not None:

@@ -64,6 +64,17 @@ class NoiseModel(ABC):
             An array of the same shape and dtype.
         """
 
+    def apply_scaled(
+        self, weights: FloatArray, rng: np.random.Generator, channel_axis: int | None = None
+    ) -> tuple[FloatArray, float]:
+        """:meth:`apply` split into the array's weights and a digital output scale.
+
+        ``apply`` equals ``weights · scale``. Models with a digital correction applied after the
+        ADC (the PCM drift compensation) return the uncompensated weights and the factor; the
+        others return ``(apply(...), 1.0)``. Same draws as :meth:`apply`.
+        """
+        return self.apply(weights, rng, channel_axis), 1.0
+
 
 def _gaussian_like(weights: FloatArray, rng: np.random.Generator) -> FloatArray:
     return np.asarray(rng.standard_normal(weights.shape))
@@ -166,8 +177,9 @@ class PcmNoise(NoiseModel):
     """aihwkit's PCM-like statistical inference model (``PCMLikeNoiseModel`` defaults).
 
     Differential pair per weight up to g_max, programming noise, conductance-dependent drift, 1/f
-    read noise and optional global drift compensation. With ``t = 0`` only programming noise is
-    applied, as in aihwkit.
+    read noise and optional global drift compensation. As in aihwkit's programme-then-drift flow
+    (``drift_weights(t)`` -> ``apply_drift_noise_to_conductance``), ``t = 0`` has no drift
+    (t_total = t_0) but does have read noise (accumulated over t_0) and the compensation factor.
     """
 
     kind: ClassVar[str] = "pcm"
@@ -210,8 +222,7 @@ class PcmNoise(NoiseModel):
         g_prog = np.maximum(
             g_target + self.programming_sigma(g_target) * rng.standard_normal(g_target.shape), 0.0
         )
-        if self.t <= 0:
-            return g_prog, g_prog
+        # t = 0 (t_total = t_0): drift factor 1, read noise accumulated over t_0 (as aihwkit)
         mu, sigma = self.drift_moments(g_target)
         nu = np.abs(mu + sigma * rng.standard_normal(g_target.shape))
         t_total = self.t + self.t0
@@ -223,9 +234,21 @@ class PcmNoise(NoiseModel):
         self, weights: FloatArray, rng: np.random.Generator, channel_axis: int | None = None
     ) -> FloatArray:
         """Map W to a differential pair, perturb both devices, map back (and compensate drift)."""
+        w_now, factor = self._draw(weights, rng)
+        return np.asarray(w_now * factor).astype(weights.dtype)
+
+    def apply_scaled(
+        self, weights: FloatArray, rng: np.random.Generator, channel_axis: int | None = None
+    ) -> tuple[FloatArray, float]:
+        """The drifted (uncompensated) weights and the global drift compensation factor."""
+        w_now, factor = self._draw(weights, rng)
+        return np.asarray(w_now).astype(weights.dtype), factor
+
+    def _draw(self, weights: FloatArray, rng: np.random.Generator) -> tuple[FloatArray, float]:
+        """(weights at time t in float64, compensation factor or 1)."""
         w_max = float(np.max(np.abs(weights))) if weights.size else 0.0
         if w_max == 0.0:
-            return weights.copy()
+            return weights.astype(np.float64), 1.0
         w = weights.astype(np.float64)
         scale = self.g_max / w_max
         g_plus_t = np.clip(w * scale, 0.0, self.g_max)
@@ -233,21 +256,19 @@ class PcmNoise(NoiseModel):
         plus_prog, plus_now = self._device(g_plus_t, rng)
         minus_prog, minus_now = self._device(g_minus_t, rng)
         w_now = (plus_now - minus_now) / scale
-        if self.compensate and self.t > 0:
-            axes = _reduce_axes(w.ndim, channel_axis)
-            baseline = _readout((plus_prog - minus_prog) / scale, axes)
-            current = _readout(w_now, axes)
-            w_now = w_now * (baseline / current)
-        return np.asarray(w_now).astype(weights.dtype)
+        if not self.compensate:
+            return w_now, 1.0
+        return w_now, _readout((plus_prog - minus_prog) / scale) / _readout(w_now)
 
 
-def _readout(weights: FloatArray, axes: tuple[int, ...]) -> float:
-    """Mean |output| of the layer for an all-ones probe input (aihwkit's global drift readout)."""
-    if axes == tuple(range(weights.ndim)):
-        out = np.abs(np.sum(weights))
-    else:
-        out = np.mean(np.abs(np.sum(weights, axis=axes)))
-    return max(float(out), 1e-4)
+def _readout(weights: FloatArray) -> float:
+    """The global drift readout of aihwkit: the layer read with the identity (one input each).
+
+    The outputs for the one-hot inputs are the weights themselves, so the summed |output| is
+    Σ|w| over the whole tensor (aihwkit takes the mean, the same ratio). Floored like aihwkit's
+    ``clamp(min=0.0001)`` on the mean.
+    """
+    return max(float(np.sum(np.abs(weights), dtype=np.float64)), 1e-4 * weights.size)
 
 
 @dataclass(frozen=True)
@@ -303,6 +324,22 @@ class NoiseSpec:
         for model in self.weight_models:
             out = model.apply(out, rng, channel_axis)
         return out
+
+    def perturb_scaled(
+        self, weights: FloatArray, rng: np.random.Generator, channel_axis: int | None
+    ) -> tuple[FloatArray, float]:
+        """:meth:`perturb` with the digital output scale kept apart (applied after the ADC).
+
+        Returns the array's weights and the product of the models' scales (drift compensation).
+        Every weight model is scale-equivariant (model(a·W) = a·model(W) for a > 0, same draws),
+        so deferring the scale past later models gives the draw of :meth:`perturb` as
+        ``weights · scale``.
+        """
+        out, total = weights, 1.0
+        for model in self.weight_models:
+            out, scale = model.apply_scaled(out, rng, channel_axis)
+            total *= scale
+        return out, total
 
 
 @dataclass(frozen=True)

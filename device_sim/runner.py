@@ -2,7 +2,8 @@
 
 Draw ``d`` of a run with seed ``s`` takes the noise of analog tensor ``i`` from the stream
 ``default_rng([s, d, 0, i])`` and the ADC output noise of layer ``j`` from
-``default_rng([s, d, 1, j])``, consumed in sample order; so a draw does not depend on the batch
+``default_rng([s, d, 1, j])`` (its raw 64-bit words, 16 bits per element: :func:`adc_noise`),
+consumed in sample order; so a draw does not depend on the batch
 size, the thread count, how draws are grouped into sessions, or which other tensors are noisy.
 Several draws share one onnxruntime session: the graph is replicated ``draws_per_session`` times
 and each copy's weights are written into the serialized graph (the fastest correct option
@@ -11,9 +12,14 @@ measured in ``bench/device_sim_throughput.py``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import os
+import statistics
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +32,7 @@ from common.errors import NoiseInjectionError
 from device_sim.graph import (
     NoiseInput,
     PreparedGraph,
+    adc_scale_name,
     add_io_quantization,
     has_subgraphs,
     load_model,
@@ -51,7 +58,8 @@ class RunnerConfig:
     draws_per_session: int = 8
     """Draws evaluated by one session (graph copies); 1 rebuilds the session for every draw."""
     threads: int = 0
-    """onnxruntime intra-op threads; 0 lets onnxruntime choose."""
+    """onnxruntime intra-op threads (and ADC-noise fill threads); 0: onnxruntime's choice (one
+    noise thread per core)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -183,6 +191,11 @@ class Simulator:
         name, out = self.prepared.input_name, self.prepared.output_name
         return np.concatenate([self._clean.run([out], {name: b})[0] for b in self._batches(x)])
 
+    def accuracy(self, outputs: np.ndarray, y: np.ndarray) -> float:
+        """Top-1 accuracy of the selected output's values (see :func:`predicted_classes`)."""
+        listing = "; ".join(o.describe() for o in self.prepared.outputs)
+        return accuracy(outputs, y, self.prepared.output_name, listing)
+
     def draw_weights(
         self, spec: NoiseSpec, seed: int, draw: int, tensors: Sequence[int] | None = None
     ) -> dict[str, np.ndarray]:
@@ -197,6 +210,24 @@ class Simulator:
             out[tensor.graph_name] = spec.perturb(clean, rng, tensor.channel_axis)
         return out
 
+    def draw_scaled_weights(
+        self, spec: NoiseSpec, seed: int, draw: int, tensors: Sequence[int] | None = None
+    ) -> dict[str, tuple[np.ndarray, float]]:
+        """Draw ``draw`` as (array weights, digital output scale) per analog tensor.
+
+        The same draw as :meth:`draw_weights` (weights · scale), with the drift compensation
+        kept apart so that it can multiply the output after the ADC.
+        """
+        out: dict[str, tuple[np.ndarray, float]] = {}
+        for i, tensor in enumerate(self.prepared.analog):
+            clean = self.prepared.weights[tensor.graph_name]
+            if tensors is not None and i not in tensors:
+                out[tensor.graph_name] = clean, 1.0
+                continue
+            rng = np.random.default_rng([seed, draw, _WEIGHT_STREAM, i])
+            out[tensor.graph_name] = spec.perturb_scaled(clean, rng, tensor.channel_axis)
+        return out
+
     def _template(self, spec: NoiseSpec, copies: int) -> _Template:
         key = (f"{spec.dac}|{spec.adc}", copies)
         if key not in self._templates:
@@ -205,6 +236,8 @@ class Simulator:
             else:
                 base, noise = add_io_quantization(self.prepared, spec.dac, spec.adc)
             per_copy = list(self.prepared.weights) + [n.name for n in noise]
+            if spec.adc is not None:
+                per_copy += [adc_scale_name(t.node) for t in self.prepared.analog]
             model = (
                 base
                 if copies == 1 and has_subgraphs(base)
@@ -260,34 +293,129 @@ class Simulator:
         # are silently ignored for Conv weights at ORT_ENABLE_ALL (the NCHWc layout transform).
         initializers = template.model.graph.initializer
         for k, draw in enumerate(draws):
-            for graph_name, value in self.draw_weights(spec, seed, draw, tensors).items():
+            if spec.adc is None:
+                for graph_name, value in self.draw_weights(spec, seed, draw, tensors).items():
+                    slot = template.slots[name(k, graph_name)]
+                    initializers[slot].CopyFrom(numpy_helper.from_array(value, name(k, graph_name)))
+                continue
+            # with an ADC, the drift compensation scales the output after it (as aihwkit)
+            scaled = self.draw_scaled_weights(spec, seed, draw, tensors)
+            for graph_name, (value, _) in scaled.items():
                 slot = template.slots[name(k, graph_name)]
                 initializers[slot].CopyFrom(numpy_helper.from_array(value, name(k, graph_name)))
+            for tensor in self.prepared.analog:
+                value, scale = scaled[tensor.graph_name]
+                scale_name = name(k, adc_scale_name(tensor.node))
+                initializers[template.slots[scale_name]].CopyFrom(
+                    numpy_helper.from_array(np.asarray(scale, dtype=value.dtype), scale_name)
+                )
         session = self._session(template.model.SerializeToString())
         outputs = [name(k, self.prepared.output_name) for k in range(len(draws))]
         streams = {
-            (k, j): np.random.default_rng([seed, draw, _ADC_STREAM, j])
+            (k, j): np.random.default_rng([seed, draw, _ADC_STREAM, j]).bit_generator
             for k, draw in enumerate(draws)
             for j in range(len(noise_inputs))
         }
         shapes = [self._noise_shape(n, x) for n in noise_inputs]
         dtype = self.prepared.input_dtype
+        tables = [adc_noise_table(n.scale, dtype) for n in noise_inputs]
+        step = max(1, self._batch_size // len(draws))
+        buffers = {
+            (k, j): np.empty((min(step, x.shape[0]), math.prod(shapes[j])), dtype)
+            for (k, j) in streams
+        }
         results: list[list[np.ndarray]] = [[] for _ in draws]
-        for batch in self._batches(x, len(draws)):
-            feed: dict[str, np.ndarray] = {self.prepared.input_name: batch}
-            for (k, j), rng in streams.items():
-                sample = rng.standard_normal((batch.shape[0], *shapes[j]), dtype=np.float32)
-                sample *= noise_inputs[j].scale
-                feed[name(k, noise_inputs[j].name)] = sample.astype(dtype, copy=False)
-            for k, value in enumerate(session.run(outputs, feed)):
-                results[k].append(value)
+        # the streams are independent and numpy releases the GIL while filling: one thread each
+        workers = max(1, min(len(streams), self.config.threads or os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            for batch in self._batches(x, len(draws)):
+                feed: dict[str, np.ndarray] = {self.prepared.input_name: batch}
+                n = batch.shape[0]
+
+                def fill(key: tuple[int, int], n: int = n) -> np.ndarray:
+                    j = key[1]
+                    out = adc_noise(streams[key], tables[j], buffers[key][:n])
+                    return out.reshape(n, *shapes[j])
+
+                for (k, j), noise in zip(streams, pool.map(fill, streams), strict=True):
+                    feed[name(k, noise_inputs[j].name)] = noise
+                for k, value in enumerate(session.run(outputs, feed)):
+                    results[k].append(value)
         return [np.concatenate(r) for r in results]
 
 
-def accuracy(outputs: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy of ``outputs`` (N, classes, ...) flattened per sample against labels ``y``."""
-    predicted = outputs.reshape(outputs.shape[0], -1).argmax(axis=1)
-    return float(np.mean(predicted == y))
+_NOISE_BITS = 16
+
+
+@functools.cache
+def _normal_quantiles() -> np.ndarray:
+    """Φ⁻¹((i + 0.5) / 2^16), i = 0 … 2^16 − 1: 65,536 equiprobable standard-normal levels."""
+    inv_cdf = statistics.NormalDist().inv_cdf
+    levels = 1 << _NOISE_BITS
+    return np.array([inv_cdf((i + 0.5) / levels) for i in range(levels)], dtype=np.float64)
+
+
+def adc_noise_table(scale: float, dtype: np.dtype) -> np.ndarray:
+    """The 2^16 equiprobable levels of the ADC output noise N(0, scale²), in ``dtype``."""
+    return (_normal_quantiles() * scale).astype(dtype)
+
+
+def adc_noise(bits: np.random.BitGenerator, table: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (samples, size) with ADC output noise: one independent level per element.
+
+    Each element is ``table[u]`` for a uniform 16-bit ``u`` (a Gaussian discretised to 2^16
+    equiprobable levels, the outermost at ±4.32 σ). Sample ``i`` takes the
+    raw 64-bit words ``i · ceil(size/4)`` onwards from ``bits``, so a sample's noise does not
+    depend on how samples are batched. About 3× faster than ``Generator.standard_normal`` (which
+    made output noise cost 10–15 clean passes of ResNet8; docs/benchmarks.md).
+    """
+    samples, size = out.shape
+    words = -(-size // 4)
+    raw = bits.random_raw(samples * words)
+    index = np.asarray(raw).view(np.uint16).reshape(samples, 4 * words)[:, :size]
+    np.take(table, index, out=out, mode="clip")  # in range; "raise" would buffer ``out``
+    return out
+
+
+def predicted_classes(outputs: np.ndarray, name: str = "output", listing: str = "") -> np.ndarray:
+    """Class ids (N,) read from one model output.
+
+    Integer (N,) or (N, 1): class ids, compared as they are. Float (N, C) with C >= 2 (trailing
+    size-1 dims allowed, as in (N, C, 1, 1)): class scores or probabilities, argmax. Anything else
+    is refused: a float (N,) or (N, 1) is a regression value or a binary score (no class without a
+    threshold), and (N, C, H, W) is not one score per class.
+
+    Raises:
+        NoiseInjectionError: the output is none of these (one line naming it and ``listing``).
+    """
+    shape = outputs.shape
+    per_sample = shape[1:]
+    if np.issubdtype(outputs.dtype, np.integer) and (
+        len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+    ):
+        return outputs.reshape(shape[0])
+    if (
+        np.issubdtype(outputs.dtype, np.floating)
+        and len(shape) >= 2
+        and sum(d != 1 for d in per_sample) == 1
+        and int(np.prod(per_sample)) >= 2
+    ):
+        return np.asarray(outputs.reshape(shape[0], -1).argmax(axis=1))
+    dims = ", ".join(["N", *(str(d) for d in per_sample)])
+    if np.issubdtype(outputs.dtype, np.floating) and int(np.prod(per_sample, dtype=np.int64)) == 1:
+        why = "one float per sample is a regression value or a binary score, not a class"
+    else:
+        why = "neither class scores/probabilities (N, C) nor class ids (N,)"
+    others = f" (outputs: {listing})" if listing else ""
+    raise NoiseInjectionError(
+        f"output {name!r} is {outputs.dtype} ({dims}{',' if len(shape) == 1 else ''}): {why}; "
+        f"choose another with --output NAME{others}"
+    )
+
+
+def accuracy(outputs: np.ndarray, y: np.ndarray, name: str = "output", listing: str = "") -> float:
+    """Top-1 accuracy of one model output against integer labels ``y`` (see predicted_classes)."""
+    return float(np.mean(predicted_classes(outputs, name, listing) == y))
 
 
 def _accuracies(
@@ -307,11 +435,11 @@ def _accuracies(
         return [clean] * draws
     if not spec.is_random:  # deterministic (quantisation only): every draw is the same
         _, outputs = next(sim.predictions(x, spec, [0], seed, tensors))
-        return [accuracy(outputs, y)] * draws
+        return [sim.accuracy(outputs, y)] * draws
     result: list[float] = []
     started = last = time.perf_counter()
     for draw, outputs in sim.predictions(x, spec, range(draws), seed, tensors):
-        result.append(accuracy(outputs, y))
+        result.append(sim.accuracy(outputs, y))
         now = time.perf_counter()
         if now - last > 2.0 or draw == draws - 1:
             logger.info(
@@ -350,7 +478,7 @@ def _prepare(  # noqa: PLR0917  # the shared keyword set of the three entry poin
         config=config,
     )
     sim.check_data(x, y)
-    clean = accuracy(sim.clean_outputs(x), y)
+    clean = sim.accuracy(sim.clean_outputs(x), y)
     logger.info("clean accuracy %.4f on %d samples", clean, x.shape[0])
     return sim, clean
 
@@ -378,7 +506,8 @@ def simulate(  # noqa: PLR0917  # the demo calls simulate(model, x, y, spec, dra
         noise_spec: spec text (``"pcm:t=3600+adc:bits=8"``, ``"none"``) or a parsed spec.
         draws: number of draws.
         seed: base seed; draw d is reproducible from (seed, d).
-        output: model output whose argmax is the prediction (default: the first).
+        output: model output holding class scores, probabilities or class ids (default: chosen
+            by :func:`device_sim.graph.select_output`, refused when ambiguous).
         analog_include: regex; only matching initializer names are analog.
         analog_exclude: regex; matching initializer names are not analog.
         fold_affine: fold BatchNormalization/Mul following an analog layer into its weights.

@@ -112,14 +112,19 @@ def test_backend_models_clean_output_equals_plain_onnxruntime() -> None:
         except Exception:  # onnxruntime cannot load or run this operator test
             continue
         try:
-            sim = Simulator(path, fold_affine=False, config=RunnerConfig(batch_size=1024))
+            sim = Simulator(
+                path,
+                output=graph.output[0].name,  # operator tests, not classifiers: no auto choice
+                fold_affine=False,
+                config=RunnerConfig(batch_size=1024),
+            )
         except NoiseInjectionError as exc:
             assert "no analog layers" in str(exc) or "quantized" in str(exc), path
             continue
         assert sim.prepared.output_name == graph.output[0].name
         np.testing.assert_array_equal(sim.clean_outputs(x), plain, err_msg=str(path))
         compared.append(path.parent.name)
-        with_fold = Simulator(path)
+        with_fold = Simulator(path, output=graph.output[0].name)
         if with_fold.prepared.folded_layers:
             np.testing.assert_allclose(with_fold.clean_outputs(x), plain, rtol=1e-4, atol=1e-5)
             folded.append(path.parent.name)

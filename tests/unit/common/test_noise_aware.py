@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from common.noise_aware import _readout as _torch_readout
 from common.noise_aware import inject_weight_noise, perturb, training_spec, weight_noise
+from device_sim.noise import _readout as _numpy_readout
 from device_sim.noise import parse_noise_spec
 
 DRAWS = 300
@@ -44,6 +46,8 @@ def _torch_draws(spec: str, w: np.ndarray) -> np.ndarray:
         "stuck:p=0.1",
         "stuck:p=0.05,at=max",
         "pcm:t=0",
+        "pcm:t=0,compensate=false",
+        "pcm:t=1",
         "pcm:t=3600,compensate=false",
         "pcm:t=86400",
         "gaussian:std=0.03+quant:bits=8",
@@ -63,6 +67,26 @@ def test_torch_and_numpy_draws_have_the_same_statistics(spec: str) -> None:
     assert np.all(diff <= 5 * stderr + 1e-6), (diff / (stderr + 1e-12)).max()
     # and the fraction of weights left exactly unchanged (stuck-at, clipping) agrees
     assert np.mean(ours == 0) == pytest.approx(np.mean(ref == 0), abs=0.01)
+
+
+def test_pcm_readout_is_the_numpy_readout_and_stable_for_zero_sum_rows() -> None:
+    # the identity readout Σ|w| (aihwkit's GlobalDriftCompensation), the same function as numpy's
+    rng = np.random.default_rng(12)
+    w = rng.normal(0.0, 0.3, (32, 3, 3))
+    w = (w - w.mean(axis=(1, 2), keepdims=True)).astype(np.float32)  # filters summing to 0
+    assert float(_torch_readout(torch.from_numpy(w))) == pytest.approx(_numpy_readout(w), rel=1e-5)
+    factors = []
+    for seed in range(40):
+        t = torch.from_numpy(w)
+        raw = perturb(t, training_spec("pcm:t=86400,compensate=false"), _gen(seed)).numpy()
+        fixed = perturb(t, training_spec("pcm:t=86400"), _gen(seed)).numpy()
+        nonzero = np.abs(raw) > 1e-3
+        factors.append(float(np.median(fixed[nonzero] / raw[nonzero])))
+    assert np.std(factors) / np.mean(factors) < 0.03, factors
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("spec", ["quant:bits=4", "quant:bits=6,per=channel"])

@@ -202,8 +202,10 @@ def test_output_selection_and_unknown_output() -> None:
         extra_outputs=["z"],
     )
     assert prepare(model, output="z").output_name == "z"
-    with pytest.raises(NoiseInjectionError, match=r"outputs: \['y', 'z'\]"):
+    with pytest.raises(NoiseInjectionError, match=r"outputs: 'y' float32 \(N, 3\); 'z' float32"):
         prepare(model, output="logits")
+    with pytest.raises(NoiseInjectionError, match="cannot tell which of the 2 model output"):
+        prepare(model)  # two (N, 3) float outputs: ambiguous, no longer "the first"
 
 
 def test_model_with_two_data_inputs_is_refused() -> None:

@@ -221,3 +221,28 @@ def test_dac_adc_on_conv_scale_per_sample(opset: int) -> None:
     close = np.abs(out - expected) <= 1e-4 * (1 + np.abs(expected))
     assert close.mean() > 0.99
     assert np.all(np.abs(out - expected) <= unit * 1.001 + 1e-4)
+
+
+def test_drift_compensation_scales_the_output_after_the_adc() -> None:
+    # aihwkit multiplies the ADC output by the compensation factor (post_forward): the ADC sees the
+    # drifted, uncompensated outputs and its grid is scaled by the factor afterwards
+    sim = _linear()
+    x = rand(200, 16, seed=6)
+    spec = parse_noise_spec("pcm:t=1e7+adc:bits=5,bound=12")
+    out = _draws(sim, x, spec.text, 1)[0]
+    drifted, factor = sim.draw_scaled_weights(spec, 0, 0)["w"]
+    assert factor > 1.5  # a year and more of drift: a large correction
+    np.testing.assert_allclose(sim.draw_weights(spec, 0, 0)["w"], drifted * factor, rtol=1e-5)
+    xd = x.astype(np.float64)
+    s = np.abs(xd).max(axis=1, keepdims=True)
+    w_max = np.abs(W).max()
+    step = 2 * 12.0 / (2**5 - 2)
+    yn = np.clip((xd @ drifted.astype(np.float64)) / (s * w_max), -12.0, 12.0)
+    expected = np.round(yn / step) * step * s * w_max * factor + B
+    close = np.abs(out - expected) <= 1e-4 * (1 + np.abs(expected))
+    assert close.mean() > 0.99
+    assert np.all(np.abs(out - expected) <= step * s * w_max * factor * 1.001 + 1e-4)
+    # compensating the weights before the ADC (the former order) gives other outputs
+    before = np.clip((xd @ (drifted.astype(np.float64) * factor)) / (s * w_max), -12.0, 12.0)
+    former = np.round(before / step) * step * s * w_max + B
+    assert np.mean(np.abs(out - former) > 1e-3 * (1 + np.abs(former))) > 0.3
