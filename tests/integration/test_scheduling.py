@@ -25,6 +25,14 @@ CELL = Cell(
     weight_latency=0.5,
 )
 GAINS = (1e-9, 3e-10, 1e-10, 3e-11)
+IDLE = Cell(
+    bandwidth_hz=2e6,
+    noise_psd_w_per_hz=4e-21,
+    min_samples=0,
+    weight_energy=1.0,
+    weight_latency=0.0,
+)
+"""Nothing must be covered and latency is free: fine-tuning locally wins, nobody uploads."""
 
 
 def _profile(gain: float, finetune_energy_j: float = 1.5) -> EnergyProfile:
@@ -140,14 +148,7 @@ def test_scheduling_off_without_cell(tmp_path: Path) -> None:
 
 
 def test_plan_is_stable_for_late_joiners_and_idle_rounds(tmp_path: Path) -> None:
-    idle = Cell(
-        bandwidth_hz=2e6,
-        noise_psd_w_per_hz=4e-21,
-        min_samples=0,
-        weight_energy=1.0,
-        weight_latency=0.0,
-    )
-    for server in running_server(tmp_path, cell=idle):
+    for server in running_server(tmp_path, cell=IDLE):
         with UplinkClient(server.address) as client:
             client.register(
                 NodeRegistration(
@@ -181,14 +182,7 @@ def test_plan_is_stable_for_late_joiners_and_idle_rounds(tmp_path: Path) -> None
 
 
 def test_an_idle_round_closes_after_its_timeout(tmp_path: Path) -> None:
-    idle = Cell(
-        bandwidth_hz=2e6,
-        noise_psd_w_per_hz=4e-21,
-        min_samples=0,
-        weight_energy=1.0,
-        weight_latency=0.0,
-    )
-    for server in running_server(tmp_path, cell=idle, round_timeout_s=0.3):
+    for server in running_server(tmp_path, cell=IDLE, round_timeout_s=0.3):
         with UplinkClient(server.address) as client:
             client.register(
                 NodeRegistration("n0", 4, 10, samples=600, profile=_profile(1e-9, 1e-3))
