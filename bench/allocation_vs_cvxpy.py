@@ -11,7 +11,11 @@ about six decades (35–500 m, 6 dB shadowing). The comparison therefore also ru
 cell with the gains clipped to the median ×/÷ ``--spread`` (default 30, three decades), where
 Clarabel converges; both are reported.
 
+``--regime`` picks the generator's fleet (default its default, where both options compete and
+coverage binds; ``upload-cheap``: the earlier fleets, where every device uploads).
+
     .venv/bin/python bench/allocation_vs_cvxpy.py [--devices 2000] [--repeats 5] [--seed 0]
+        [--regime competitive|scarce-bandwidth|tight-budget|upload-cheap]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests" / "unit" / "server" / "allocation"))
 from alloc_cases import upload_set_program  # noqa: E402  (test helper, found via sys.path)
 
 from server.allocation import AllocationProblem, solve  # noqa: E402  (after the path set-up)
-from server.allocation.generate import generate  # noqa: E402
+from server.allocation.generate import DEFAULT_REGIME, REGIMES, generate  # noqa: E402
 
 
 def clipped(problem: AllocationProblem, spread: float) -> AllocationProblem:
@@ -54,7 +58,13 @@ def _timed(fn: Callable[[], T]) -> tuple[T, float, float]:
 def compare(problem: AllocationProblem, label: str, repeats: int) -> float | None:
     """Interleave the two (so machine load hits both alike); return the wall-time ratio."""
     plan = solve(problem)
-    print(f"{label}: K = {problem.size}, {plan.uploaders} uploaders, {repeats} repeats (medians)")
+    need = problem.cell.min_samples
+    uploaded = float(problem.column("samples")[np.array(plan.upload)].sum())
+    print(
+        f"{label}: K = {problem.size}, {plan.uploaders} uploaders "
+        f"({plan.uploaders / problem.size:.1%}), coverage {uploaded / max(need, 1):.4f} x "
+        f"min_samples, {repeats} repeats (medians)"
+    )
     ours_wall, ours_cpu, base_wall, base_cpu, clarabel, values = [], [], [], [], [], []
     for _ in range(repeats):
         plan, wall, cpu = _timed(lambda: solve(problem))
@@ -95,8 +105,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spread", type=float, default=30.0)
+    parser.add_argument("--regime", choices=list(REGIMES), default=DEFAULT_REGIME)
     args = parser.parse_args()
-    problem = generate(args.devices, np.random.default_rng(args.seed))
+    print(f"regime {args.regime}, seed {args.seed}")
+    problem = generate(args.devices, np.random.default_rng(args.seed), args.regime)
     compare(problem, "generated cell", args.repeats)
     ratio = compare(clipped(problem, args.spread), f"gains within x/÷{args.spread:g}", args.repeats)
     return 0 if ratio is not None and ratio >= 20 else 1

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
+from common.costs import cpu_latency_energy, training_macs
 from common.delta import DeltaEncoding, DeltaEntry, encode_delta, stats, topk_count
 from common.errors import ConfigError
 from common.export import export_network
@@ -295,15 +296,22 @@ def training_macs_per_sample(
     (``common.finetune`` caches their output) and then trains the head alone.
     """
     forward = flops_per_sample(network, input_shape)
+    head_macs = frozen = 0
     if trainable.kind == "head":
         head = network.head
         assert isinstance(head, nn.Linear)
-        return forward + 3 * head.in_features * head.out_features * epochs
+        head_macs = head.in_features * head.out_features
     if trainable.kind == "last-block":
         features = network.features
         assert isinstance(features, nn.Module)
-        return (forward + 2 * (forward - flops_per_sample(features, input_shape))) * epochs
-    return 3 * forward * epochs
+        frozen = flops_per_sample(features, input_shape)
+    return training_macs(
+        trainable.kind,
+        forward=forward,
+        head=head_macs,
+        frozen=frozen,
+        epochs=epochs,
+    )
 
 
 def delta_bits_estimate(network: nn.Module, trainable: Trainable, encoding: DeltaEncoding) -> float:
@@ -354,11 +362,12 @@ def derive_profile(
     if profile.cycles_per_sample == 0:
         values["cycles_per_sample"] = encode_macs_per_sample * cycles_per_mac
     if finetune_macs_per_sample:
-        cycles = finetune_macs_per_sample * samples * cycles_per_mac
+        cycles = float(finetune_macs_per_sample * samples * cycles_per_mac)
+        latency, energy = cpu_latency_energy(cycles, profile.cpu_hz, profile.kappa)
         if profile.finetune_latency_s == 0:
-            values["finetune_latency_s"] = cycles / profile.cpu_hz
+            values["finetune_latency_s"] = latency
         if profile.finetune_energy_j == 0:
-            values["finetune_energy_j"] = profile.kappa * cycles * profile.cpu_hz**2
+            values["finetune_energy_j"] = energy
     if profile.delta_bits == 0 and delta_bits:
         values["delta_bits"] = delta_bits
     derived = replace(profile, **values)

@@ -4,6 +4,7 @@
     latentedge allocate --devices devices.csv --bandwidth-hz B --noise-psd-w-per-hz N0
         --min-samples N --weight-energy WE --weight-latency WT --out plan.json
     latentedge allocate generate --devices N --seed S --out devices.csv [--scenario-out s.toml]
+        [--regime competitive|scarce-bandwidth|tight-budget|upload-cheap]
 
 Cell flags override single keys of the scenario's ``[cell]`` table; ``--devices`` overrides
 its devices file.
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import AllocationError
-from server.allocation.generate import generate
+from server.allocation.generate import DEFAULT_REGIME, REGIMES, generate
 from server.allocation.io import (
     CELL_KEYS,
     cell_from_mapping,
@@ -78,6 +79,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     gen.add_argument("--scenario-out", type=Path, help="also write a scenario TOML for it")
     gen.add_argument(
+        "--regime",
+        choices=list(REGIMES),
+        default=DEFAULT_REGIME,
+        help=f"costs and constraints of the fleet (default {DEFAULT_REGIME}; "
+        "upload-cheap: the earlier fleets, where every device uploads)",
+    )
+    gen.add_argument(
         "--log-level",
         default=argparse.SUPPRESS,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -94,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    problem = generate(args.generate_devices, np.random.default_rng(args.seed))
+    problem = generate(args.generate_devices, np.random.default_rng(args.seed), args.regime)
     write_devices_csv(problem, args.generate_out)
-    lines = [f"wrote {problem.size} devices to {args.generate_out}"]
+    lines = [f"wrote {problem.size} devices to {args.generate_out} (regime {args.regime})"]
     if args.scenario_out is not None:
         write_scenario(args.scenario_out, args.generate_out, problem.cell)
         lines.append(f"wrote scenario to {args.scenario_out}")

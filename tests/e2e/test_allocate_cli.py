@@ -38,11 +38,48 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "data/devices.csv",
         "--scenario-out",
         "scenario.toml",
+        # the fleets these tests were written for; test_default_regime_... covers the default
+        "--regime",
+        "upload-cheap",
         cwd=work,
     )
     assert out.returncode == 0, out.stderr
     assert "wrote 40 devices" in out.stdout
     return work / "scenario.toml"
+
+
+def test_default_regime_splits_the_fleet_and_binds_coverage(tmp_path: Path) -> None:
+    """The default fleet: >= 10 % of the devices on each branch, coverage met within 2 %."""
+    out = _cli(
+        "generate",
+        "--devices",
+        "2000",
+        "--seed",
+        "0",
+        "--out",
+        "d.csv",
+        "--scenario-out",
+        "s.toml",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "(regime competitive)" in out.stdout
+    out = _cli("--scenario", "s.toml", "--out", "plan.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    up = [d["upload"] for d in plan["devices"]]
+    assert 0.1 <= sum(up) / len(up) <= 0.9
+    assert plan["gap"] <= 2e-3
+    rows = (tmp_path / "d.csv").read_text().splitlines()[1:]
+    samples = [int(float(row.split(",")[1])) for row in rows]
+    uploaded = sum(n for n, u in zip(samples, up, strict=True) if u)
+    cell = dict(
+        line.split(" = ")
+        for line in (tmp_path / "s.toml").read_text().splitlines()
+        if " = " in line
+    )
+    need = int(cell["min_samples"])
+    assert need <= uploaded <= 1.02 * need
 
 
 def test_generate_then_solve_from_scenario(scenario: Path) -> None:

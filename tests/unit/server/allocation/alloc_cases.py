@@ -31,7 +31,7 @@ def small_problem(
 ) -> AllocationProblem:
     """A generated cell made tight: scarce bandwidth and cheaper fine-tuning, so that both
     options and the bandwidth constraint matter."""
-    base = generate(k, rng)
+    base = generate(k, rng, "upload-cheap")
     cols = {name: np.array(base.column(name)) for name in base.columns}
     cols["finetune_energy_j"] = cols["finetune_energy_j"] * rng.uniform(0.002, 0.05, k)
     cols["finetune_latency_s"] = cols["finetune_latency_s"] * rng.uniform(0.01, 0.2, k)
@@ -57,8 +57,9 @@ def upload_set_program(
 ) -> tuple[cp.Problem | None, float]:
     """The bandwidth subproblem of upload set ``up`` as a cvxpy program, plus its constant.
 
-    Returns ``(None, inf)`` when a non-uploader cannot afford fine-tuning, and ``(None, value)``
-    when nobody uploads (nothing to optimise). Units: MHz, Mbit, s, J.
+    Returns ``(None, inf)`` when a non-uploader cannot afford fine-tuning or an uploader cannot
+    afford encoding (E^c + p t <= E^max needs E^c < E^max as t > 0), and ``(None, value)`` when
+    nobody uploads (nothing to optimise). Units: MHz, Mbit, s, J.
     """
     col = problem.column
     cell = problem.cell
@@ -68,7 +69,7 @@ def upload_set_program(
     enc_j = col("kappa") * col("cycles_per_sample") * n * f**2
     e_max, e_ft, t_ft = col("energy_budget_j"), col("finetune_energy_j"), col("finetune_latency_s")
     skip = ~up
-    if np.any(e_ft[skip] > e_max[skip]):
+    if np.any(e_ft[skip] > e_max[skip]) or np.any(enc_j[up] >= e_max[up]):
         return None, math.inf
     const = cell.weight_energy * float(e_ft[skip].sum() + enc_j[up].sum())
     floor = float(t_ft[skip].max()) if skip.any() else 0.0
@@ -119,3 +120,26 @@ def brute_force(problem: AllocationProblem) -> OracleResult:
         if value < best.objective:
             best = OracleResult(value, bits)
     return best
+
+
+def feasible_upload_set(problem: AllocationProblem) -> tuple[bool, ...] | None:
+    """The first upload set (enumeration order) that the oracle finds feasible, or None.
+
+    Stops at the first set with a finite optimum, so proving feasibility is cheap; proving
+    infeasibility enumerates every set that reaches coverage.
+    """
+    n = problem.column("samples")
+    for bits in itertools.product((False, True), repeat=problem.size):
+        up = np.array(bits)
+        if n[up].sum() < problem.cell.min_samples:
+            continue
+        try:
+            value = _solve_set(problem, up)
+        except cp.SolverError:  # Clarabel's numerical failure: decide feasibility with SCS
+            prob, _ = upload_set_program(problem, up)
+            assert prob is not None
+            prob.solve(solver=cp.SCS)
+            value = math.inf if prob.status in cp.settings.INF_OR_UNB else 0.0
+        if math.isfinite(value):
+            return bits
+    return None
