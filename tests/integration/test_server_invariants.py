@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,25 +44,45 @@ def _chunk(
 def test_overlapping_retry_of_the_same_upload_is_stored_once(tmp_path: Path) -> None:
     core = _core(tmp_path / "db")
     core.register(NodeRegistration("n1", 4, 3))
-    first_sent, release = threading.Event(), threading.Event()
+    first_sent, retry_sent, release = threading.Event(), threading.Event(), threading.Event()
+    times: dict[str, float] = {}
 
     def attempt_a() -> Iterator[LatentChunk]:
+        times["a_start"] = time.monotonic()
         yield _chunk(0, False, slice(0, 5))
         first_sent.set()
         release.wait(10)
+        times["a_last"] = time.monotonic()
         yield _chunk(1, True, slice(5, 10))
 
+    def attempt_b() -> Iterator[LatentChunk]:
+        times["b_start"] = time.monotonic()
+        retry_sent.set()
+        yield _chunk(0, False, slice(0, 5))
+        yield _chunk(1, True, slice(5, 10))
+
+    def run(key: str, chunks: Iterator[LatentChunk]) -> None:
+        results[key] = core.ingest(chunks)
+        times[f"{key}_end"] = time.monotonic()
+
     results: dict[str, object] = {}
-    thread_a = threading.Thread(target=lambda: results.setdefault("a", core.ingest(attempt_a())))
+    thread_a = threading.Thread(target=run, args=("a", attempt_a()))
     thread_a.start()
-    first_sent.wait(10)
-    # the client's retry arrives while the first attempt is still streaming
-    retry = iter([_chunk(0, False, slice(0, 5)), _chunk(1, True, slice(5, 10))])
-    thread_b = threading.Thread(target=lambda: results.setdefault("b", core.ingest(retry)))
+    assert first_sent.wait(10)
+    # the client's retry arrives while the first attempt is still streaming: its first chunk is
+    # read by the server before the first attempt's last chunk is even produced
+    thread_b = threading.Thread(target=run, args=("b", attempt_b()))
     thread_b.start()
+    assert retry_sent.wait(10), "the server read nothing of the retry while the first was open"
+    time.sleep(0.2)  # the retry reaches the upload lock (or, without one, stores a copy)
+    assert "b_end" not in times, "the retry finished while the first attempt was still open"
     release.set()
     thread_a.join(10)
     thread_b.join(10)
+    assert not thread_a.is_alive() and not thread_b.is_alive()
+    # the two streams overlapped: the retry started before the first attempt sent its last
+    # chunk, and it was answered only after the first attempt was
+    assert times["a_start"] < times["b_start"] < times["a_last"] < times["a_end"] <= times["b_end"]
     assert not results["a"].deduplicated and results["b"].deduplicated  # type: ignore[attr-defined]
     x, _ = core.store.node_data("n1")
     np.testing.assert_array_equal(x, X)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,12 +404,36 @@ def test_resent_upload_id_is_deduplicated(hub: Hub) -> None:
     assert_tensors_close(tuned.tensors, _plus(hub.base.tensors, dense), exact=EXACT)
 
 
-def test_concurrent_streams_of_one_upload_id_are_applied_once(hub: Hub) -> None:
+def test_concurrent_streams_of_one_upload_id_are_applied_once(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
     entries, _ = hand_delta(hub.base.tensors)
     with hub.client() as client:
         _register(client, "n0")
     acks = []
     errors: list[BaseException] = []
+    streams = 4
+    # server side: each stream, once its first chunk has arrived, waits until all four are
+    # open, so that they overlap for certain; its open and answer times are recorded
+    all_open = threading.Barrier(streams, timeout=10)
+    spans: list[tuple[float, float]] = []
+    alone: list[float] = []
+    ingest = hub.core.ingest_delta
+
+    def recorded(chunks: Iterator[DeltaChunk]) -> DeltaAck:
+        first = next(chunks)
+        opened = time.monotonic()
+        try:
+            all_open.wait()
+        except threading.BrokenBarrierError:
+            alone.append(opened)
+            raise
+        try:
+            return ingest(itertools.chain([first], chunks))
+        finally:
+            spans.append((opened, time.monotonic()))
+
+    monkeypatch.setattr(hub.core, "ingest_delta", recorded)
 
     def push() -> None:
         try:
@@ -416,12 +442,16 @@ def test_concurrent_streams_of_one_upload_id_are_applied_once(hub: Hub) -> None:
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=push) for _ in range(4)]
+    threads = [threading.Thread(target=push) for _ in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert not alone, "the streams were never all open on the server at the same time"
     assert not errors
+    # the four streams were open on the server at the same time
+    assert len(spans) == streams
+    assert max(opened for opened, _ in spans) < min(answered for _, answered in spans)
     assert sorted(a.deduplicated for a in acks) == [False, True, True, True]
     assert delta_rows(hub.db) == [("same", "n0", "committed")]
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper
+from scipy import stats
 
 from common.errors import NoiseInjectionError
 from device_sim import RunnerConfig, Simulator, parse_noise_spec, simulate, simulate_per_layer
@@ -131,20 +134,22 @@ def test_data_shape_mismatch_names_both_shapes() -> None:
         sim.check_data(np.zeros((4, 16), np.float32), np.zeros(4, np.float32))
 
 
-def test_simulate_report_fields(tmp_path: Path) -> None:
+def _save_linear(tmp_path: Path) -> Path:
     model = make_model(
         [helper.make_node("Gemm", ["x", "w", "b"], ["y"])], {"w": W, "b": B}, ["N", 16]
     )
     path = tmp_path / "linear.onnx"
     onnx.save(model, str(path))
+    return path
+
+
+def test_simulate_report_fields(tmp_path: Path) -> None:
+    path = _save_linear(tmp_path)
     x = rand(300, 16, seed=7)
     y = (x @ W + B).argmax(axis=1)
     report = simulate(path, x, y, "gaussian:std=0.3", 6, 1)
     assert report.clean_accuracy == 1.0
     assert len(report.per_draw) == 6 and report.draws == 6
-    assert report.accuracy_mean == pytest.approx(np.mean(report.per_draw))
-    lo, hi = report.accuracy_ci95
-    assert lo < report.accuracy_mean < hi
     assert report.normalized_accuracy == pytest.approx(report.accuracy_mean)
     assert report.analog_tensors == ("w",)
     doc = report.to_json_dict()
@@ -153,10 +158,71 @@ def test_simulate_report_fields(tmp_path: Path) -> None:
         "accuracy_ci95", "normalized_accuracy", "per_draw", "analog_tensors", "seconds",
     ):  # fmt: skip
         assert key in doc
+    assert doc["accuracy_ci95"] == list(report.accuracy_ci95)
     again = simulate(path, x, y, "gaussian:std=0.3", 6, 1)
     assert again.per_draw == report.per_draw
+
+
+def test_mean_and_ci_match_an_independent_numpy_monte_carlo(tmp_path: Path) -> None:
+    # The report's mean and 95% interval against values computed here without the simulator:
+    # the t-interval from the draws by scipy, and the expected accuracy under W + N(0, σ²),
+    # σ = std(W) / sqrt(10^(snr/10)), from 4000 numpy draws.
+    path = _save_linear(tmp_path)
+    x = rand(300, 16, seed=7)
+    y = (x @ W + B).argmax(axis=1)
+    snr_db, draws = 3.0, 40
+    report = simulate(path, x, y, f"awgn:snr_db={snr_db:g}", draws, 1)
+    acc = np.asarray(report.per_draw)
+    assert report.accuracy_mean == pytest.approx(acc.mean(), abs=1e-12)
+    assert report.accuracy_std == pytest.approx(acc.std(ddof=1), rel=1e-9)
+    sem = acc.std(ddof=1) / math.sqrt(draws)
+    lo, hi = report.accuracy_ci95
+    half = stats.t.ppf(0.975, draws - 1) * sem
+    assert lo == pytest.approx(acc.mean() - half, abs=1e-3 * half)
+    assert hi == pytest.approx(acc.mean() + half, abs=1e-3 * half)
+
+    rng = np.random.default_rng(2024)
+    sigma = float(np.std(W)) / math.sqrt(10 ** (snr_db / 10))
+    noisy = W.astype(np.float64) + sigma * rng.standard_normal((4000, *W.shape))
+    ref_acc = (np.einsum("nd,kdc->knc", x.astype(np.float64), noisy) + B).argmax(axis=2) == y
+    ref = ref_acc.mean(axis=1)
+    assert 0.5 < ref.mean() < 0.95  # the noise matters: a wrong σ moves the mean
+    # the reference lies in the draws' 99.9% t-interval (widened by the reference's own error)
+    tolerance = stats.t.ppf(0.9995, draws - 1) * sem + 3 * ref.std(ddof=1) / math.sqrt(ref.size)
+    assert abs(report.accuracy_mean - ref.mean()) <= tolerance, (report.accuracy_mean, ref.mean())
+
+
+def test_clean_run_skips_the_noise_code_and_zero_noise_through_it_agrees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _save_linear(tmp_path)
+    x = rand(300, 16, seed=7)
+    y = (x @ W + B).argmax(axis=1)
+    y[::4] = (y[::4] + 1) % 5  # a quarter of the labels wrong: clean accuracy 0.75, not 1
+    expected = float(np.mean((x.astype(np.float64) @ W + B).argmax(axis=1) == y))
+    assert expected == pytest.approx(0.75, abs=0.01)
+    calls: list[str] = []
+    predictions = Simulator.predictions
+
+    def spy(
+        self: Simulator, x: np.ndarray, spec: NoiseSpec, *args: Any, **kw: Any
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        calls.append(spec.text)
+        return predictions(self, x, spec, *args, **kw)
+
+    monkeypatch.setattr(Simulator, "predictions", spy)
     clean = simulate(path, x, y, NoiseSpec(text="none"), 3, 1)
-    assert clean.per_draw == (1.0, 1.0, 1.0) and clean.accuracy_std == 0.0
+    assert calls == []  # "none" never runs a noisy graph ...
+    assert clean.clean_accuracy == expected
+    assert clean.per_draw == (expected,) * 3 and clean.accuracy_std == 0.0
+    # ... and zero noise through the noisy graphs (weights redrawn and written, replicated
+    # sessions) gives the clean accuracy in every draw
+    zero = simulate(path, x, y, "gaussian:std=0", 3, 1)
+    assert calls == ["gaussian:std=0"]
+    assert zero.per_draw == (expected,) * 3
+    noisy = simulate(path, x, y, "awgn:snr_db=0", 3, 1)
+    assert calls[-1] == "awgn:snr_db=0"
+    assert all(a != expected for a in noisy.per_draw) and noisy.accuracy_std > 0
 
 
 def test_quantisation_only_is_deterministic_and_matches_numpy(tmp_path: Path) -> None:
