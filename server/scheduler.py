@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 from dataclasses import asdict
 
+import numpy as np
+
 from common.errors import ConflictError, InfeasibleAllocationError
 from common.records import NodeRegistration, Schedule
 from server.allocation import AllocationPlan, AllocationProblem, Cell, Device, solve
+from server.allocation.generate import equal_share_rate
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -43,9 +45,13 @@ def device_for(reg: NodeRegistration, cell: Cell | None = None, share_of: int = 
     fields = asdict(reg.profile)
     delta_bits = fields.pop("delta_bits")
     if delta_bits > 0 and cell is not None:
+        p = reg.profile
         b = cell.bandwidth_hz / max(1, share_of)
-        snr = reg.profile.tx_power_w * reg.profile.channel_gain / (cell.noise_psd_w_per_hz * b)
-        rate = b * math.log2(1.0 + snr)
+        rate = float(
+            equal_share_rate(
+                b, np.asarray(p.tx_power_w), np.asarray(p.channel_gain), cell.noise_psd_w_per_hz
+            )
+        )
         if rate > 0:
             seconds = delta_bits / rate
             fields["finetune_latency_s"] += seconds
