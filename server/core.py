@@ -510,16 +510,15 @@ class SplitLearningServer:
         if page_token:
             _check_id(page_token, "page_token", NODE_ID_PATTERN)
         size = page_size or MAX_STATUS_PAGE
-        after = [n for n in self._store.list_nodes() if n.node_id > page_token]
-        after.sort(key=lambda n: n.node_id)
-        page = after[:size]
+        nodes = self._store.list_nodes(after=page_token, limit=size + 1)  # one more: a next page?
+        page = nodes[:size]
         plan = self._store.last_plan()
         return ServerStatus(
             nodes=tuple(page),
             classifier=self._trainer.status(),
             last_plan_json=plan[1] if plan else "",
             models=tuple(self._hub.versions()),
-            next_page_token=page[-1].node_id if len(after) > size else "",
+            next_page_token=page[-1].node_id if len(nodes) > size else "",
         )
 
     def remove_node(self, node_id: str) -> tuple[int, int]:

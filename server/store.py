@@ -175,8 +175,11 @@ class Store(abc.ABC):
         """Return a registered node. Raises NotFoundError if unknown."""
 
     @abc.abstractmethod
-    def list_nodes(self) -> list[NodeStatus]:
-        """All registered nodes with what is stored for each, by node id."""
+    def list_nodes(self, *, after: str = "", limit: int = 0) -> list[NodeStatus]:
+        """Registered nodes with what is stored for each, by node id.
+
+        Only ids sorting after ``after``; at most ``limit`` of them (0 = all).
+        """
 
     @abc.abstractmethod
     def committed_ack(self, upload_id: str) -> tuple[str, UploadAck] | None:
@@ -517,7 +520,7 @@ class SqliteStore(Store):
         )
 
     @override
-    def list_nodes(self) -> list[NodeStatus]:
+    def list_nodes(self, *, after: str = "", limit: int = 0) -> list[NodeStatus]:
         rows = (
             self._conn()
             .execute(
@@ -531,7 +534,8 @@ class SqliteStore(Store):
                 "ORDER BY d.committed_at DESC, d.rowid DESC LIMIT 1) "
                 "FROM nodes n LEFT JOIN uploads u "
                 "ON u.node_id = n.node_id AND u.state = 'committed' "
-                "GROUP BY n.node_id ORDER BY n.node_id"
+                "WHERE n.node_id > ? GROUP BY n.node_id ORDER BY n.node_id LIMIT ?",
+                (after, limit or -1),  # SQLite: LIMIT -1 = no limit
             )
             .fetchall()
         )
