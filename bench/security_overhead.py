@@ -33,7 +33,7 @@ from common.models import ClassifierConfig
 from common.records import NodeRegistration
 from common.tls import ServerTls
 from protos import uplink_pb2, uplink_pb2_grpc
-from server.auth import Authenticator, new_token
+from server.auth import Authenticator, issue_token
 from server.classifier import ClassifierMode
 from server.core import IngestLimits, SplitLearningServer
 from server.grpc_app import create_server
@@ -70,8 +70,7 @@ def _server(
     server, port, _ = create_server("127.0.0.1:0", servicer, tls=tls, metrics=metrics)
     metadata: list[tuple[str, str]] = []
     if "token" in name:
-        text, record = new_token("node-1", admin=True)
-        store.add_token(record)
+        text, _ = issue_token(store, "node-1", admin=True)
         metadata = [("authorization", f"Bearer {text}")]
     if tls is None:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -248,13 +248,12 @@ class DemoServer:
 
 def _node_token(config: DemoConfig, node_id: str) -> Path:
     """Issue ``node_id`` a token in the demo's database; the file holding it (mode 0600)."""
-    from server.auth import new_token
+    from server.auth import issue_token
     from server.store import open_store
 
-    text, record = new_token(node_id)
     store = open_store(config.out / "server.db")
     try:
-        store.add_token(record)
+        text, _ = issue_token(store, node_id)
     finally:
         store.close()
     folder = config.out / "tokens"

@@ -58,6 +58,13 @@ def new_token(subject: str, *, admin: bool = False) -> tuple[str, TokenRecord]:
     return f"{TOKEN_PREFIX}.{token_id}.{secret}", record
 
 
+def issue_token(store: Store, subject: str, *, admin: bool = False) -> tuple[str, TokenRecord]:
+    """Make a token for ``subject`` and store its record; the text (show it once) and record."""
+    text, record = new_token(subject, admin=admin)
+    store.add_token(record)
+    return text, record
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is calling."""
@@ -68,9 +75,14 @@ class Principal:
     via: str
     """``token:<id>``, ``certificate`` or ``open`` (no credentials required)."""
 
+    @property
+    def unrestricted(self) -> bool:
+        """An admin, or anyone on an open server: may act for every node."""
+        return self.admin or self.via == "open"
+
     def may_act_for(self, node_id: str) -> bool:
         """Admins and open servers act for anyone; a node only for itself."""
-        return self.admin or self.via == "open" or self.subject == node_id
+        return self.unrestricted or self.subject == node_id
 
     def require_node(self, node_id: str, what: str) -> None:
         """PermissionDeniedError unless this caller may act for ``node_id``."""
@@ -81,7 +93,7 @@ class Principal:
 
     def require_admin(self, what: str) -> None:
         """PermissionDeniedError unless this caller is an admin (or the server is open)."""
-        if not (self.admin or self.via == "open"):
+        if not self.unrestricted:
             raise PermissionDeniedError(
                 f"{what} needs an admin credential (latentedge token issue --admin); "
                 f"the caller is node {self.subject!r}"

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "latentedge.v1.Uplink"
+HEALTH_SERVICES = ("", SERVICE_NAME)
+"""The names the health service answers for: the server as a whole and the Uplink service."""
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
     # one upload chunk (<= CHUNK_BYTES) plus protobuf framing must fit in a message
@@ -103,7 +105,7 @@ def create_server(
     if port == 0:
         raise ConfigError(f"cannot listen on {address!r} (address in use or invalid)")
     server.start()
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("listening on %s (port %d)", address, port)
     return server, port, health_servicer

@@ -14,11 +14,10 @@ import threading
 from grpc_health.v1 import health, health_pb2
 
 from common.errors import StoreError
+from server.grpc_app import HEALTH_SERVICES
 from server.store import Store
 
 logger = logging.getLogger(__name__)
-
-SERVICES = ("", "latentedge.v1.Uplink")
 
 
 class StoreHealth:
@@ -56,7 +55,7 @@ class StoreHealth:
                 if ok
                 else health_pb2.HealthCheckResponse.NOT_SERVING
             )
-            for name in SERVICES:
+            for name in HEALTH_SERVICES:
                 self._servicer.set(name, status)
             if ok:
                 logger.info("store is back: SERVING")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -27,6 +27,7 @@ from common.errors import ConfigError, LatentEdgeError
 from common.records import ServerStatus
 from common.tls import host_of
 from protos import uplink_pb2
+from server.servicer import code_set
 
 logger = logging.getLogger(__name__)
 
@@ -68,20 +69,9 @@ else:
     _Interceptor = grpc.ServerInterceptor
 
 
-class _HasCode(Protocol):
-    """``grpc.ServicerContext.code()`` (in grpcio since 1.38; missing from grpc-stubs)."""
-
-    def code(self) -> grpc.StatusCode | None: ...
-
-
-def _code_set(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    """The status code the servicer set (``abort``, ``set_code``); None when it set none."""
-    return cast(_HasCode, context).code()
-
-
 def code_after_return(context: grpc.ServicerContext) -> grpc.StatusCode:
     """The final code of an RPC whose handler returned (or whose response stream ended)."""
-    code = _code_set(context)
+    code = code_set(context)
     if code is not None:
         return code
     return grpc.StatusCode.OK if context.is_active() else grpc.StatusCode.CANCELLED
@@ -94,7 +84,7 @@ def code_after_raise(context: grpc.ServicerContext) -> grpc.StatusCode:
     with ``set_code`` before any exception). Otherwise UNKNOWN, or CANCELLED when the client
     had already gone.
     """
-    code = _code_set(context)
+    code = code_set(context)
     if code is not None:
         return code
     return grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED

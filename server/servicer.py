@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import grpc
 
@@ -117,7 +117,7 @@ def _acting_for(chunks: Iterator[_C], caller: Principal, what: str) -> Iterator[
 
 def _visible_to(caller: Principal, status: ServerStatus) -> ServerStatus:
     """All of ``status`` for admins and open servers; a node's own part for a node."""
-    if caller.admin or caller.via == "open":
+    if caller.unrestricted:
         return status
     me = caller.subject
     return replace(
@@ -380,10 +380,15 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
         )
 
 
-def _code_set(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    """The code the handler set (``abort``/``set_code``; grpcio >= 1.38), None if none."""
-    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
-    return code
+class _HasCode(Protocol):
+    """``grpc.ServicerContext.code()`` (in grpcio since 1.38; missing from grpc-stubs)."""
+
+    def code(self) -> grpc.StatusCode | None: ...
+
+
+def code_set(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status code the handler set (``abort``, ``set_code``); None when it set none."""
+    return cast(_HasCode, context).code()
 
 
 def _internal(context: grpc.ServicerContext, method: str, exc: BaseException) -> NoReturn:
@@ -407,7 +412,7 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 yield from method(self, request, context)
             except Exception as exc:
-                if _code_set(context) is not None:  # an abort with its own status
+                if code_set(context) is not None:  # an abort with its own status
                     raise
                 _internal(context, name, exc)
 
@@ -418,7 +423,7 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except Exception as exc:
-            if _code_set(context) is not None:
+            if code_set(context) is not None:
                 raise
             _internal(context, name, exc)
 

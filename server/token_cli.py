@@ -48,7 +48,7 @@ def _when(seconds: float | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run one token action."""
-    from server.auth import new_token
+    from server.auth import issue_token
     from server.store import open_store
 
     if args.action != "issue" and not Path(args.db).exists():
@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "issue":
             if not args.subject and not args.admin:
                 raise ConfigError("token issue needs a NODE_ID (or --admin)")
-            text, record = new_token(args.subject or "admin", admin=args.admin)
-            store.add_token(record)
+            text, record = issue_token(store, args.subject or "admin", admin=args.admin)
             logger.info(
                 "issued %s token %s for %r in %s",
                 "an admin" if record.admin else "a node",

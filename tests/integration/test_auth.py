@@ -16,7 +16,7 @@ from common.tensors import to_wire
 from common.tls import ClientTls, ServerTls
 from edge.uplink import RetryPolicy, UplinkClient
 from protos import uplink_pb2, uplink_pb2_grpc
-from server.auth import new_token
+from server.auth import issue_token
 from server.store import SqliteStore
 from tests.conftest import assert_one_line_error, run_cli, start_server_process
 from tests.support_grpc import RunningServer, running_server
@@ -41,8 +41,7 @@ def tls_server(tmp_path: Path, pki: Pki) -> Iterator[RunningServer]:
 def _issue(db: Path, subject: str, *, admin: bool = False) -> str:
     store = SqliteStore(db)
     try:
-        text, record = new_token(subject, admin=admin)
-        store.add_token(record)
+        text, _ = issue_token(store, subject, admin=admin)
     finally:
         store.close()
     return text

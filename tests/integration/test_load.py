@@ -11,7 +11,7 @@ import numpy as np
 from common.records import NodeRegistration
 from common.tls import ClientTls, ServerTls
 from edge.uplink import RetryPolicy, UplinkClient
-from server.auth import new_token
+from server.auth import issue_token
 from server.store import SqliteStore
 from tests.support_grpc import running_server
 from tests.support_tls import make_pki
@@ -54,9 +54,7 @@ def test_200_concurrent_nodes_each_stored_exactly_once(tmp_path: Path) -> None:
         store = SqliteStore(server.db)
         tokens = {}
         for i in range(NODES):
-            text, record = new_token(f"load-{i:03d}")
-            store.add_token(record)
-            tokens[f"load-{i:03d}"] = text
+            tokens[f"load-{i:03d}"] = issue_token(store, f"load-{i:03d}")[0]
         store.close()
         start = threading.Barrier(NODES)
         errors: list[str] = []
