@@ -38,9 +38,7 @@ import math
 import multiprocessing
 import statistics
 import sys
-import tempfile
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.datasets import load_dataset
 from common.noise_aware import perturb, training_spec
 from common.norms import fold_into_conv
 from server.train_cli import TrainJob, train_job
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.transfer_cifar import prepare_data
 
 SNR_DB = (0, 5, 10, 15, 20, 25, 30)
 REFERENCES = ("tensor", "channel", "global", "unfolded")
@@ -116,23 +116,12 @@ def jobs(seeds: list[int]) -> list[Job]:
 
 
 def prepare_cifar(cifar_dir: Path, out: Path) -> Path:
-    """Decode the CIFAR-10 JPEG zips once into a uint8 ``.npz`` that ``load_dataset`` reads."""
-    if out.exists():
-        return out
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="cifar_") as tmp:
-        for name in ("cifar10_train_first2000perclass_jpg.zip", "cifar10_test_jpg.zip"):
-            with zipfile.ZipFile(cifar_dir / name) as zf:
-                zf.extractall(tmp, [m for m in zf.namelist() if m.lower().endswith(".jpg")])
-        ds = load_dataset(tmp)
-    np.savez(
-        out,
-        x_train=np.rint(ds.x_train * 255.0).astype(np.uint8),
-        y_train=ds.y_train,
-        x_test=np.rint(ds.x_test * 255.0).astype(np.uint8),
-        y_test=ds.y_test,
-    )
-    logger.info("decoded CIFAR-10 into %s in %.0f s", out, time.perf_counter() - started)
+    """Decode the CIFAR-10 JPEG zips once (as the transfer study does) into a uint8 ``.npz``.
+
+    ``load_dataset`` reads it as it is (its extra ``train_numbers`` array is ignored).
+    """
+    if not out.exists():
+        prepare_data(cifar_dir, out, quick=False)
     return out
 
 
