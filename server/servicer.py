@@ -168,7 +168,7 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
 
     def _caller(self, context: grpc.ServicerContext, method: str) -> Principal:
         """Who calls (UNAUTHENTICATED abort when credentials are required and bad)."""
-        if self._auth is None or not self._auth.required:
+        if self._auth is None:
             return OPEN
         try:
             found: bytes | Iterable[bytes] = context.auth_context().get("x509_common_name", [])
