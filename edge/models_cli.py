@@ -18,12 +18,7 @@ from pathlib import Path
 
 from common.constants import DEFAULT_LISTEN
 from common.errors import ConfigError
-from common.tls import (
-    add_client_tls_flags,
-    add_client_token_flags,
-    client_tls_from_args,
-    client_token_from_args,
-)
+from common.tls import add_client_tls_flags, add_client_token_flags
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -56,17 +51,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Do the one thing asked and print its result."""
-    from edge.uplink import RetryPolicy, UplinkClient
+    from edge.uplink import client_from_args
 
     downloading = args.get is not None or args.fine_tuned
     if downloading and args.out is None and args.onnx is None:
         raise ConfigError("--get/--fine-tuned need --out PATH (and/or --onnx PATH)")
     if args.min_nodes < 1:
         raise ConfigError(f"--min-nodes must be >= 1, got {args.min_nodes}")
-    tls = client_tls_from_args(args)
-    token = client_token_from_args(args)
-    retry = RetryPolicy(window_s=args.retry_window_s)
-    with UplinkClient(args.server, retry=retry, tls=tls, token=token) as client:
+    with client_from_args(args) as client:
         if args.aggregate:
             made = client.aggregate(args.min_nodes)
             sys.stdout.write(json.dumps(asdict(made), indent=2) + "\n")

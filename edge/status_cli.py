@@ -12,12 +12,7 @@ import sys
 from dataclasses import asdict
 
 from common.constants import DEFAULT_LISTEN
-from common.tls import (
-    add_client_tls_flags,
-    add_client_token_flags,
-    client_tls_from_args,
-    client_token_from_args,
-)
+from common.tls import add_client_tls_flags, add_client_token_flags
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +35,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fetch the status and print it."""
-    from edge.uplink import RetryPolicy, UplinkClient
+    from edge.uplink import client_from_args
 
-    tls = client_tls_from_args(args)
-    token = client_token_from_args(args)
-    retry = RetryPolicy(window_s=args.retry_window_s)
-    with UplinkClient(args.server, retry=retry, tls=tls, token=token) as client:
+    with client_from_args(args) as client:
         if args.remove:
             samples, deltas = client.remove_node(args.remove)
             doc = {"removed": args.remove, "samples": samples, "deltas": deltas}

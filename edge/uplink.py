@@ -8,6 +8,7 @@ Any other status is raised as :class:`~common.errors.UplinkError` with the serve
 
 from __future__ import annotations
 
+import argparse
 import enum
 import fcntl
 import hashlib
@@ -62,7 +63,12 @@ from common.serde import (
     upload_ack_from_proto,
 )
 from common.tensors import to_wire
-from common.tls import ClientTls, check_address
+from common.tls import (
+    ClientTls,
+    check_address,
+    client_tls_from_args,
+    client_token_from_args,
+)
 from protos import uplink_pb2, uplink_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -713,3 +719,13 @@ class UplinkClient:
             "Aggregate", lambda: self.stub.Aggregate(request, timeout=self._rpc_timeout_s)
         )
         return model_version_from_proto(reply.model)
+
+
+def client_from_args(args: argparse.Namespace) -> UplinkClient:
+    """The client of a command's ``--server``, TLS and token flags and ``--retry-window-s``."""
+    return UplinkClient(
+        args.server,
+        retry=RetryPolicy(window_s=args.retry_window_s),
+        tls=client_tls_from_args(args),
+        token=client_token_from_args(args),
+    )
