@@ -105,8 +105,17 @@ class TrainSettings:
     """torch device (``cpu`` or ``cuda``)."""
     threads: int = 0
     """torch intra-op threads while training (0 keeps torch's setting)."""
+    weight_clip_sigma: float = 0.0
+    """After every step, clip each Conv/Linear weight tensor to ``±k·σ`` of its own entries
+    (``k`` = this; 0 = off): aihwkit's ``WeightClipType.LAYER_GAUSSIAN``, which keeps outliers
+    from setting a crossbar's conductance range (a tensor is mapped by its largest weight)."""
 
     def __post_init__(self) -> None:
+        if self.weight_clip_sigma < 0 or not math.isfinite(self.weight_clip_sigma):
+            raise ConfigError(
+                f"weight_clip_sigma must be a finite number >= 0 (0 = off), got "
+                f"{self.weight_clip_sigma}"
+            )
         if self.epochs < 1 or self.batch_size < 1 or self.max_steps < 0 or self.threads < 0:
             raise ConfigError(
                 f"training needs epochs >= 1, batch_size >= 1, max_steps >= 0, threads >= 0, "
@@ -274,8 +283,7 @@ def train_network(
             optimiser.zero_grad(set_to_none=True)
             loss = loss_fn(stepped(batch), labels[idx])
             loss.backward()
-            optimiser.step()
-            scheduler.step()
+            _step(optimiser, scheduler, model, settings.weight_clip_sigma)
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
             steps += 1
@@ -301,6 +309,36 @@ def train_network(
             else sum(int(m.sum()) for m in masks.values())
         ),
     )
+
+
+def _step(
+    optimiser: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    model: nn.Module,
+    clip_sigma: float,
+) -> None:
+    optimiser.step()
+    scheduler.step()
+    if clip_sigma:
+        clip_weights(model, clip_sigma)
+
+
+def clip_weights(model: nn.Module, sigma: float) -> None:
+    """Clip every trainable Conv/Linear weight in place to ``±sigma·std`` of its own tensor.
+
+    Under a noise-injecting parametrisation the stored (clean) weight is clipped, the one that
+    will be programmed.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            for name, weight in module.named_parameters():
+                if name not in ("weight", "parametrizations.weight.original"):
+                    continue
+                if weight.requires_grad and weight.numel() > 1:
+                    bound = sigma * weight.std()
+                    weight.clamp_(-bound, bound)
 
 
 def sparse_masks(

@@ -64,6 +64,22 @@ NO_NORM_LR = 2e-3
 """Networks without normalisation diverge at the BN networks' 1e-2; they train at 2e-3."""
 AWARE_NOISES = ("awgn:snr_db=10", "pcm:t=86400,compensate=true")
 """Noise-aware variants: AWGN at 10 dB and the PCM model itself at one day."""
+PCM_CLIP = 2.5
+"""Weight clip of the PCM study (aihwkit's layer-Gaussian clip at 2.5 σ)."""
+PCM_VARIANTS = (
+    ("", 0.0),
+    ("", PCM_CLIP),
+    (AWARE_NOISES[1], 0.0),
+    (AWARE_NOISES[1], PCM_CLIP),
+    (AWARE_NOISES[1], 2.0),
+    ("pcm:t=31536000,compensate=true", PCM_CLIP),
+    ("pcm:t=31536000,compensate=true", 2.0),
+    ("gaussian:std=0.038", PCM_CLIP),
+    (AWARE_NOISES[0], 0.0),
+)
+"""``--pcm-study``: plain and PCM-aware training without and with the weight clip; PCM noise of
+one year (stronger than the day it is measured at); Joshi et al.'s recipe (additive Gaussian
+noise of 3.8 % of max|W| and a clip); AWGN-aware training (10 dB)."""
 
 logger = logging.getLogger("robustness")
 
@@ -78,12 +94,15 @@ class Job:
     train_noise: str
     seed: int
     studies: tuple[str, ...]
+    weight_clip: float = 0.0
+    """``latentedge train --weight-clip``: ±k·σ per tensor after every step (0 = off)."""
 
     @property
     def key(self) -> str:
         """File-name key of the run."""
         noise = self.train_noise.replace(":", "_").replace("=", "").replace(",", "_") or "plain"
-        return f"{self.model}-{self.norm}-lr{self.lr:g}-{noise}-s{self.seed}"
+        clip = f"-clip{self.weight_clip:g}" if self.weight_clip else ""
+        return f"{self.model}-{self.norm}-lr{self.lr:g}-{noise}{clip}-s{self.seed}"
 
 
 def jobs(seeds: list[int]) -> list[Job]:
@@ -233,6 +252,7 @@ def run_job(job: Job, data: str, settings: dict[str, Any]) -> dict[str, Any]:
             weight_decay=settings["weight_decay"],
             augment=settings["augment"],
             train_noise=job.train_noise,
+            weight_clip=job.weight_clip,
             seed=job.seed,
             device=device,
             threads=settings["threads"],
@@ -338,7 +358,15 @@ def cmd_run(args: argparse.Namespace) -> None:
             "weight_decay": args.weight_decay,
             "augment": "shift+flip",
         }
-        todo = jobs(args.seeds)
+        todo = (
+            [
+                Job("resnet20", "bn", DEFAULT_LR, noise, s, ("noise-aware",), clip)
+                for noise, clip in PCM_VARIANTS
+                for s in args.seeds
+            ]
+            if args.pcm_study
+            else jobs(args.seeds)
+        )
     settings.update(device=args.device, draws=args.draws, limit=args.limit, threads=args.threads)
     if args.only:
         todo = [j for j in todo if any(part in j.key for part in args.only.split(","))]
@@ -381,17 +409,18 @@ def cmd_report(args: argparse.Namespace) -> None:
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         j = run["job"]
-        groups.setdefault(f"{j['model']}|{j['norm']}|{j['lr']:g}|{j['train_noise']}", []).append(
-            run
-        )
+        clip = j.get("weight_clip", 0.0)
+        name = f"{j['model']}|{j['norm']}|{j['lr']:g}|{j['train_noise']}|{clip:g}"
+        groups.setdefault(name, []).append(run)
     table = []
     for name, members in sorted(groups.items()):
-        model, norm, lr, noise = name.split("|")
+        model, norm, lr, noise, clip = name.split("|")
         row: dict[str, Any] = {
             "model": model,
             "norm": norm,
             "lr": float(lr),
             "train_noise": noise,
+            "weight_clip": float(clip),
             "studies": sorted({s for r in members for s in r["job"]["studies"]}),
             "seeds": sorted(r["job"]["seed"] for r in members),
             "clean": _spread([r["clean_accuracy"] for r in members]),
@@ -438,7 +467,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         )
         sys.stdout.write(
             f"{row['model']:9s} {row['norm']:5s} lr {row['lr']:<7g} "
-            f"{row['train_noise'] or 'plain':28s}"
+            f"{_training(row):36s}"
             f" n={len(row['seeds'])} clean {row['clean']['mean']:.4f} "
             f"[{row['clean']['min']:.4f}, {row['clean']['max']:.4f}]  avg normalised: {text}\n"
         )
@@ -453,6 +482,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     sys.stdout.write(f"wrote {args.out}\n")
 
 
+def _training(row: dict[str, Any]) -> str:
+    clip = f" clip {row['weight_clip']:g}σ" if row.get("weight_clip") else ""
+    return (row["train_noise"] or "plain") + clip
+
+
 def _plots(table: list[dict[str, Any]], out_dir: Path) -> None:
     import matplotlib  # noqa: PLC0415 - only the report needs it (the GPU machine may lack it)
 
@@ -460,6 +494,16 @@ def _plots(table: list[dict[str, Any]], out_dir: Path) -> None:
     from matplotlib import pyplot as plt  # noqa: PLC0415
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    studies = {s for row in table for s in row["studies"]}
+    if "bn" in studies:
+        _plot_bn(plt, table, out_dir)
+    if studies & {"norm", "lr"}:
+        _plot_norm_lr(plt, table, out_dir)
+    if any("pcm" in row for row in table):
+        _plot_pcm(plt, table, out_dir)
+
+
+def _plot_bn(plt: Any, table: list[dict[str, Any]], out_dir: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4), sharey=True)
     for ax, model in zip(axes, MODELS, strict=True):
         for row in table:
@@ -486,6 +530,8 @@ def _plots(table: list[dict[str, Any]], out_dir: Path) -> None:
     fig.savefig(out_dir / "robustness_bn.png", dpi=110)
     plt.close(fig)
 
+
+def _plot_norm_lr(plt: Any, table: list[dict[str, Any]], out_dir: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for row in table:
         if row["model"] == "resnet20" and "norm" in row["studies"] and "curve_tensor" in row:
@@ -534,6 +580,8 @@ def _plots(table: list[dict[str, Any]], out_dir: Path) -> None:
     fig.savefig(out_dir / "robustness_norm_lr.png", dpi=110)
     plt.close(fig)
 
+
+def _plot_pcm(plt: Any, table: list[dict[str, Any]], out_dir: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, comp in zip(axes, ("false", "true"), strict=True):
         for row in table:
@@ -543,7 +591,7 @@ def _plots(table: list[dict[str, Any]], out_dir: Path) -> None:
                 row["pcm"][f"pcm:t={t:g},compensate={comp}"]["accuracy"]["mean"]
                 for t in PCM_TIMES_S
             ]
-            ax.plot(range(len(PCM_TIMES_S)), ys, marker="o", label=row["train_noise"] or "plain")
+            ax.plot(range(len(PCM_TIMES_S)), ys, marker="o", label=_training(row))
         ax.set_xticks(range(len(PCM_TIMES_S)), ["0 s", "1 h", "1 day", "1 year"])
         ax.set_title(f"ResNet-20 on PCM, drift compensation {'on' if comp == 'true' else 'off'}")
         ax.grid(alpha=0.3)
@@ -576,6 +624,9 @@ def main() -> None:
     run.add_argument("--quick", action="store_true", help="digits, resnet8, 1 epoch")
     run.add_argument("--lr-sweep", default="", help="only the LR study, on this zoo model")
     run.add_argument("--data", default="digits", help="dataset of --lr-sweep")
+    run.add_argument(
+        "--pcm-study", action="store_true", help="only ResNet-20 plain/PCM-aware x weight clip"
+    )
     report = sub.add_parser("report", help="tables and plots from the run files")
     report.add_argument("--runs-dir", default="docs/robustness_runs")
     report.add_argument("--out", default="docs/robustness.json")

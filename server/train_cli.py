@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class TrainJob:
     """``none``, ``shift`` or ``shift+flip`` (natural images)."""
     train_noise: str = ""
     """A device_sim weight-noise spec injected on every training step (noise-aware training)."""
+    weight_clip: float = 0.0
+    """Clip Conv/Linear weights to ``±k·σ`` of each tensor after every step (0 = off)."""
     seed: int = 0
     """Seed of initialisation, batch order and training noise."""
     device: str = "cpu"
@@ -72,6 +75,11 @@ class TrainJob:
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        if not 0.0 <= self.weight_clip < math.inf:
+            raise ConfigError(
+                f"--weight-clip must be a finite number of standard deviations >= 0 "
+                f"(0 = off), got {self.weight_clip}"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,13 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainJob) -> N
     parser.add_argument(
         "--train-noise", default=d.train_noise, help="weight-noise spec for noise-aware training"
     )
+    parser.add_argument(
+        "--weight-clip",
+        type=float,
+        default=d.weight_clip,
+        metavar="K",
+        help="clip Conv/Linear weights to ±K std of each tensor after every step (0 = off)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed (0)")
     parser.add_argument("--device", default=d.device, help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (0 = auto)")
@@ -122,6 +137,7 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
         weight_decay=args.weight_decay,
         augment=args.augment,
         train_noise=args.train_noise,
+        weight_clip=args.weight_clip,
         seed=args.seed,
         device=args.device,
         threads=args.threads,
@@ -156,6 +172,7 @@ def train_job(job: TrainJob, *, what: str = "train") -> Trained:
         augment=job.augment != "none",
         hflip=job.augment == "shift+flip",
         device=job.device,
+        weight_clip_sigma=job.weight_clip,
     )
     model = build_model(spec, seed=job.seed).to(job.device)
     noise = inject_weight_noise(model, spec_check, seed=job.seed) if spec_check else None
@@ -247,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
         "train_samples": len(data.y_train),
         "test_samples": len(data.y_test),
         "train_noise": job.train_noise,
+        "weight_clip": job.weight_clip,
         "settings": {
             "epochs": job.epochs,
             "batch_size": job.batch_size,

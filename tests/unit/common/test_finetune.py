@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,12 +17,14 @@ from common.finetune import (
     Trainable,
     TrainSettings,
     accuracy,
+    clip_weights,
     fine_tuned_update,
     predict,
     prepare,
     train_network,
 )
 from common.modelfile import ModelFile, from_torch
+from common.noise_aware import inject_weight_noise
 from common.zoo import (
     MODEL_NAMES,
     ModelSpec,
@@ -265,6 +268,51 @@ def test_max_steps_caps_training() -> None:
     settings = TrainSettings(epochs=5, batch_size=8, max_steps=4)
     result = train_network(build_model(spec, seed=0), x, y, Trainable("head"), settings)
     assert result.steps == 4 and result.epochs == 1
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_weight_clip_bounds_every_conv_and_linear_weight_after_training(noisy: bool) -> None:
+    spec = ModelSpec("lenet", 1, 8, 8, 10)
+    x, y = _data(spec)
+    net = build_model(spec, seed=0)
+    handle = inject_weight_noise(net, "awgn:snr_db=10") if noisy else None
+    settings = TrainSettings(epochs=2, batch_size=16, learning_rate=5e-2, weight_clip_sigma=1.5)
+    train_network(net, x, y, Trainable("all"), settings)
+    if handle is not None:
+        handle.remove()
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert layers
+    for layer in layers:
+        w = layer.weight.detach()
+        # after the last clip: |w| <= 1.5·std (of the tensor before that clip, which is >= std now)
+        assert float(w.abs().max()) <= 1.5 * float(w.std()) * 1.1 + 1e-7
+    # unclipped training of the same network leaves outliers beyond 1.5 σ (the clip did work)
+    free = build_model(spec, seed=0)
+    train_network(free, x, y, Trainable("all"), replace(settings, weight_clip_sigma=0.0))
+    assert any(
+        float(m.weight.detach().abs().max()) > 1.6 * float(m.weight.detach().std())
+        for m in free.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    )
+
+
+def test_clip_weights_matches_a_numpy_clip_and_skips_frozen_weights() -> None:
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    net[2].weight.requires_grad_(False)
+    first = net[0].weight.detach().numpy().copy()
+    frozen = net[2].weight.detach().numpy().copy()
+    bias = net[0].bias.detach().numpy().copy()
+    clip_weights(net, 1.0)
+    bound = 1.0 * first.std(ddof=1)
+    np.testing.assert_allclose(net[0].weight.detach().numpy(), np.clip(first, -bound, bound))
+    assert net[2].weight.detach().numpy().tobytes() == frozen.tobytes()
+    assert net[0].bias.detach().numpy().tobytes() == bias.tobytes()
+
+
+@pytest.mark.parametrize("sigma", [-1.0, math.inf, math.nan])
+def test_weight_clip_must_be_finite_and_non_negative(sigma: float) -> None:
+    with pytest.raises(ConfigError, match=r"weight_clip_sigma must be a finite number >= 0"):
+        TrainSettings(weight_clip_sigma=sigma)
 
 
 def test_head_training_leaves_every_other_tensor_bit_for_bit() -> None:
