@@ -209,7 +209,10 @@ def train_job(job: TrainJob, *, what: str = "train") -> Trained:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` flags."""
+    from server.inmemory_cli import add_in_memory_flags
+
     add_training_flags(parser, TrainJob())
+    add_in_memory_flags(parser)
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
 
 
@@ -245,7 +248,15 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix != ".onnx":
         raise ConfigError(f"--out must name an .onnx file, got {str(out)!r}")
     job = job_from_args(args)
-    trained = train_job(job)
+    in_memory: dict[str, Any] = {}
+    if getattr(args, "in_memory", ""):
+        from server.inmemory_cli import config_from_args, in_memory_job, report_section
+
+        in_memory_config = config_from_args(args)
+        trained, in_memory_result = in_memory_job(job, args.in_memory, in_memory_config)
+        in_memory = report_section(args.in_memory, in_memory_config, in_memory_result)
+    else:
+        trained = train_job(job)
     scale = stored_scale(job.data)
     data = trained.data
     x_test = np.ascontiguousarray(data.x_test * np.float32(scale))
@@ -283,10 +294,13 @@ def run(args: argparse.Namespace) -> int:
         "steps": trained.result.steps,
         "seconds": trained.seconds,
     }
+    if in_memory:
+        report["in_memory"] = in_memory
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     sys.stdout.write(
         f"trained {trained.spec.name} (norm {trained.spec.norm_kind}"
-        f"{', noise-aware ' + job.train_noise if job.train_noise else ''}) on "
+        f"{', noise-aware ' + job.train_noise if job.train_noise else ''}"
+        f"{', in-memory ' + args.in_memory + ' ' + args.algorithm if in_memory else ''}) on "
         f"{len(data.y_train)} samples of {data.name}: clean test accuracy "
         f"{trained.test_accuracy:.4f} (onnxruntime {onnx_accuracy:.4f}), {trained.seconds:.1f} s\n"
         f"wrote {out}, {out.with_suffix('.json')}, {test_path}\n"
