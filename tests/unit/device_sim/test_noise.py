@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -156,15 +161,6 @@ class TestPcm(NoiseContract):
     def make(self) -> NoiseModel:
         return PcmNoise(t=3600.0)
 
-    def test_programming_moments(self) -> None:
-        # every device at g_max: g_prog = max(0, g_max + σ_prog(g_max)·ξ)
-        model = PcmNoise(t=0.0)
-        g_prog, _ = model._device(np.full(400_000, model.g_max), np.random.default_rng(8))
-        c0, c1, c2 = model.prog_coeff
-        sigma_top = c0 + c1 + c2
-        assert g_prog.mean() == pytest.approx(model.g_max, abs=4 * sigma_top / math.sqrt(4e5))
-        assert g_prog.std() == pytest.approx(sigma_top, rel=0.01)
-
     def test_t0_has_read_noise_but_no_drift(self) -> None:
         # aihwkit's programme-then-drift flow at t_inference = 0: t = t_0, so no drift
         # ((t/t_0)^-ν = 1) but 1/f read noise σ_read = Q·sqrt(ln((t_0 + t_read)/(2 t_read)))
@@ -221,16 +217,205 @@ class TestPcm(NoiseContract):
         assert np.abs(raw @ ones).mean() / clean_scale < 0.7
         assert np.abs(fixed @ ones).mean() / clean_scale == pytest.approx(1.0, abs=0.05)
 
-    def test_read_noise_formula(self) -> None:
-        model = PcmNoise(t=100.0)
-        q = min(0.0088 / max(0.5**0.65, 1e-3), 0.2)
-        expected = q * math.sqrt(math.log((120.0 + 250e-9) / (2 * 250e-9)))
-        assert float(model.read_sigma(np.array(12.5))) == pytest.approx(expected)
 
-    def test_drift_exponent_moments_clamped(self) -> None:
-        mu, sigma = PcmNoise(t=1.0).drift_moments(np.array([25.0, 1e-9, 2.5]))
-        np.testing.assert_allclose(mu, [0.049, 0.1, -0.0155 * math.log(0.1) + 0.0244])
-        np.testing.assert_allclose(sigma, [0.008, 0.045, -0.0125 * math.log(0.1) - 0.0059])
+# --- PCM against aihwkit's recorded statistics ------------------------------------------------
+# tests/data/aihwkit_pcm_weights.json holds aihwkit 1.2.0's PCMLikeNoiseModel(g_max=25) with
+# GlobalDriftCompensation on a probe tensor (bench/device_sim_aihwkit_weights.py --fixture): per
+# target level |w|/w_max, mean, std and quantiles of (state − target)/w_max for the programmed,
+# drifted and compensated weights at t = 0, 1 h, 1 day, 1 year and of the change (drifted −
+# programmed of one draw: drift and read noise alone), each with its per-draw std, and the
+# compensation factor. device_sim draws the same probe here (fixed seed, so deterministic) and must
+# land within Z combined standard errors: SE = sd_per_draw · sqrt(1/n_aihwkit + 1/n_device_sim),
+# aihwkit's per-draw std standing in for both sides (the null hypothesis: equal distributions).
+
+AIHWKIT_FIXTURE = Path(__file__).resolve().parents[2] / "data" / "aihwkit_pcm_weights.json"
+Z = 5.0
+"""Standard errors allowed: P(|N(0,1)| > 5) = 6e-7 per check, 5e-4 over all 823 checks."""
+PROBE_DRAWS = 4
+# Known modelling difference (docs/benchmarks.md, "Weight-level agreement"): aihwkit's
+# drift_weights re-converts the PROGRAMMED weights to a fresh differential pair
+# (noise/base.py apply_drift_noise -> convert_to_conductances), so the net weight drifts and is
+# read on one device; device_sim keeps both programmed devices, the zero-target one (conductance
+# max(0, σ0·ξ), σ0 = 0.26348 µS = aihwkit's c0) drifting with its own exponent and read noise.
+# That device bounds the difference: mean conductance σ0/sqrt(2π), second moment σ0²/2.
+_G_MAX = 25.0
+_ZERO_DEVICE_MEAN = 0.26348 / math.sqrt(2.0 * math.pi) / _G_MAX  # 0.0042 w_max
+_ZERO_DEVICE_RMS = 0.26348 / math.sqrt(2.0) / _G_MAX  # 0.0075 w_max
+_FACTOR_ALLOWANCE = 0.01
+"""Relative compensation-factor difference allowed: the zero-target devices shift Σ|w| of the
+probe (mean |w| 0.24 w_max) by up to 0.0042 / 0.24 = 1.8 % before drift scaling; measured 0.06 %
+(t = 0) to 0.56 % (1 year)."""
+
+
+@functools.cache
+def _aihwkit_fixture() -> dict[str, Any]:
+    return dict(json.loads(AIHWKIT_FIXTURE.read_text()))
+
+
+def _probe(fixture: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The fixture's probe tensor (rows + 1, levels) and row signs, as the bench builds it."""
+    rows, levels = fixture["probe"]["rows"], np.asarray(fixture["probe"]["levels"])
+    sign = np.where(np.arange(rows + 1) % 2 == 0, 1.0, -1.0)[:, None]
+    weights = sign * levels[None, :]
+    weights[rows] = 0.0
+    weights[rows, -1] = 1.0  # the single weight at w_max
+    sign[rows] = 1.0
+    return weights, sign
+
+
+def _statistics(errors: np.ndarray, quantiles: list[float]) -> np.ndarray:
+    """(mean, std, quantiles) per column, the order of the fixture's ``statistics_order``."""
+    return np.concatenate(
+        [errors.mean(0)[None], errors.std(0)[None], np.quantile(errors, quantiles, axis=0)]
+    )
+
+
+class _FasterDrift(PcmNoise):
+    """A deliberately wrong PCM model (drift exponent 5 % too large), to show the test can fail."""
+
+    def drift_moments(self, g_target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu, sigma = super().drift_moments(g_target)
+        return mu * 1.05, sigma
+
+
+_MODELS: dict[str, Callable[[float], PcmNoise]] = {
+    "pcm": lambda t: PcmNoise(t=t),
+    "wrong c1": lambda t: PcmNoise(t=t, prog_coeff=(0.26348, 1.9650 * 0.95, -1.1731)),
+    "wrong nu": lambda t: _FasterDrift(t=t),
+}
+
+
+def _pair(model: PcmNoise, weights: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """(programmed, at time t) weights of one device_sim draw of both devices (w_max = 1)."""
+    plus = model._device(np.clip(weights * model.g_max, 0.0, model.g_max), rng)
+    minus = model._device(np.clip(-weights * model.g_max, 0.0, model.g_max), rng)
+    return (plus[0] - minus[0]) / model.g_max, (plus[1] - minus[1]) / model.g_max
+
+
+@functools.cache
+def _device_sim_probe(
+    kind: str = "pcm", only: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """device_sim's statistics on the probe (PROBE_DRAWS draws) and mean compensation factors.
+
+    drifted/compensated through the public ``apply_scaled``; programmed and change (drifted −
+    programmed of the same devices) from ``_device``, the step ``apply`` runs per device.
+    ``only``: one time (fixture key) to compute, for the deliberately wrong models.
+    """
+    fixture = _aihwkit_fixture()
+    make = _MODELS[kind]
+    weights, sign = _probe(fixture)
+    rows = fixture["probe"]["rows"]
+    times = [
+        t for k, t in ((f"{t:g}", t) for t in fixture["times_s"].values()) if only in (None, k)
+    ]
+    errors: dict[str, list[np.ndarray]] = {"programmed": []}
+    factors: dict[str, list[float]] = {f"{t:g}": [] for t in times}
+    for draw in range(PROBE_DRAWS):
+        rng = np.random.default_rng([2026, draw])
+        programmed, _ = _pair(make(0.0), weights, rng)
+        errors["programmed"].append((sign * (programmed - weights))[:rows])
+        for t in times:
+            now, factor = make(t).apply_scaled(weights, rng)
+            before, after = _pair(make(t), weights, rng)
+            for state, value in (
+                ("drifted", now - weights),
+                ("compensated", now * factor - weights),
+                ("change", after - before),
+            ):
+                errors.setdefault(f"{state}@{t:g}", []).append((sign * value)[:rows])
+            factors[f"{t:g}"].append(factor)
+    quantiles = [int(name[1:]) / 100 for name in fixture["statistics_order"][2:]]
+    stats = {k: _statistics(np.concatenate(v), quantiles) for k, v in errors.items()}
+    return stats, {k: float(np.mean(v)) for k, v in factors.items()}
+
+
+def _allowance(label: str, stat: str, expected: np.ndarray, factor: float) -> np.ndarray:
+    """What the zero-target device's different treatment may move a statistic (w_max units)."""
+    if label == "programmed":
+        return np.zeros_like(expected)  # both programme the same pair: no allowance
+    sd = _aihwkit_fixture()["statistics"][label]["value"][1]
+    spread = np.sqrt(np.square(sd) + _ZERO_DEVICE_RMS**2) - np.asarray(sd)
+    if stat == "std":
+        extra = spread
+    elif stat == "mean":
+        extra = np.full_like(expected, _ZERO_DEVICE_MEAN)
+    else:
+        z = abs(float(stats.norm.ppf(int(stat[1:]) / 100)))
+        extra = _ZERO_DEVICE_MEAN + z * spread
+    if label.startswith("compensated"):
+        level = np.asarray(_aihwkit_fixture()["probe"]["levels"])
+        return np.asarray(factor * extra + level * factor * _FACTOR_ALLOWANCE)
+    return np.asarray(extra)
+
+
+def _mismatches(
+    labels: list[str], with_allowance: bool, kind: str = "pcm", only: str | None = None
+) -> list[str]:
+    """Every statistic of ``labels`` where device_sim leaves the allowed band around aihwkit's."""
+    fixture = _aihwkit_fixture()
+    ours, _ = _device_sim_probe(kind, only)
+    levels = fixture["probe"]["levels"]
+    out = []
+    for label in labels:
+        ref = fixture["statistics"][label]
+        expected, sd = np.asarray(ref["value"]), np.asarray(ref["per_draw_sd"])
+        se = sd * math.sqrt(1.0 / ref["draws"] + 1.0 / PROBE_DRAWS)
+        t = label.partition("@")[2]
+        factor = fixture["compensation_factor"][t]["value"] if t else 1.0
+        for i, stat in enumerate(fixture["statistics_order"]):
+            allowed = Z * se[i] + 1e-9
+            if with_allowance:
+                allowed = allowed + _allowance(label, stat, expected[i], factor)
+            diff = ours[label][i] - expected[i]
+            for j in np.flatnonzero(np.abs(diff) > allowed):
+                out.append(
+                    f"{label} {stat} level {levels[j]}: device_sim {ours[label][i][j]:.5f}, "
+                    f"aihwkit {expected[i][j]:.5f} (allowed ±{allowed[j]:.5f})"
+                )
+    return out
+
+
+class TestPcmAgainstAihwkit:
+    """device_sim's PCM draws against aihwkit's recorded statistics (no aihwkit needed)."""
+
+    def test_fixture_is_aihwkit_1_2(self) -> None:
+        fixture = _aihwkit_fixture()
+        assert fixture["versions"]["aihwkit"] == "1.2.0"
+        assert "device_sim_aihwkit_weights" in fixture["command"]
+        assert fixture["statistics"]["programmed"]["draws"] >= 50
+
+    def test_programming_noise_matches_aihwkit(self) -> None:
+        # same pair mapping and programming draw in both: no allowance
+        assert not _mismatches(["programmed"], with_allowance=False)
+
+    def test_drift_and_read_noise_match_aihwkit(self) -> None:
+        labels = [k for k in _aihwkit_fixture()["statistics"] if k != "programmed"]
+        assert not _mismatches(labels, with_allowance=True)
+
+    def test_compensation_factor_matches_aihwkit(self) -> None:
+        _, ours = _device_sim_probe("pcm", None)
+        for t, ref in _aihwkit_fixture()["compensation_factor"].items():
+            se = ref["per_draw_sd"] * math.sqrt(1.0 / ref["draws"] + 1.0 / PROBE_DRAWS)
+            allowed = Z * se + _FACTOR_ALLOWANCE * ref["value"]
+            assert ours[t] == pytest.approx(ref["value"], abs=allowed), t
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="aihwkit re-splits the programmed weight before drift (one device drifts and is "
+        "read); device_sim drifts and reads both devices: small weights' spread differs by 4-23 %",
+    )
+    def test_drift_matches_aihwkit_without_allowance(self) -> None:
+        labels = [k for k in _aihwkit_fixture()["statistics"] if k != "programmed"]
+        assert not _mismatches(labels, with_allowance=False)
+
+    def test_a_wrong_programming_coefficient_fails(self) -> None:
+        assert _mismatches(["programmed"], with_allowance=False, kind="wrong c1", only="0")
+
+    def test_a_wrong_drift_exponent_fails(self) -> None:
+        year = f"{31536000.0:g}"
+        labels = [f"{state}@{year}" for state in ("drifted", "compensated", "change")]
+        assert _mismatches(labels, with_allowance=True, kind="wrong nu", only=year)
 
 
 def test_spec_composition_and_defaults() -> None:
