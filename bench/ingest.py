@@ -4,8 +4,9 @@ Each repeat measures, in the same run and on the same loopback:
 
 * **ingest**: ``--clients`` edge processes (multiprocessing, spawn), each with its own
   :class:`~edge.uplink.UplinkClient`, register a node and push ``--samples`` x ``--latent-dim``
-  float32 latents (+ uint8 labels) to ONE ``latentedge server`` process on a fresh SQLite file
-  (WAL, ``synchronous=FULL``: every ack follows a durable commit);
+  float32 latents (+ uint8 labels) to ONE ``latentedge server`` process on a fresh store
+  (payload appended to segment files beside the SQLite file, metadata in SQLite; every ack
+  follows the segment fsync and a ``synchronous=FULL`` commit);
 * **raw**: the same processes stream the same number of chunks of the same byte size to a
   bare gRPC service (no protoc, identity (de)serialisers on raw bytes, the server's gRPC
   options) that only counts them;
@@ -14,10 +15,12 @@ Each repeat measures, in the same run and on the same loopback:
 
 Throughput = payload bytes (latents + labels) / wall time from the first client's first byte
 to the last client's ack. The server's RSS is sampled with psutil during ingest. A final,
-larger ingest run (``--large-total-mb``) shows whether RSS grows with payload size.
+larger ingest run (``--large-total-mb``) shows whether RSS grows with payload size; with
+``--after-s`` it keeps sampling that long after the last ack (the classifier trainer reading
+what was stored).
 
     .venv/bin/python bench/ingest.py [--clients 8] [--samples 200000] [--latent-dim 64]
-        [--repeats 5] [--large-total-mb 1024] [--out results.json]
+        [--repeats 5] [--large-total-mb 1024] [--after-s 0] [--out results.json]
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ class RunResult:
     rss_peak_mb: float = 0.0
     rss_end_mb: float = 0.0
     rss_peak_before_first_ack_mb: float = 0.0
+    rss_after_peak_mb: float = 0.0
+    """Peak over ``--after-s`` seconds after the last ack (the classifier trainer's memory)."""
 
     @property
     def mb_per_s(self) -> float:
@@ -324,19 +329,22 @@ def run_ingest(
     args: dict[str, int],
     workdir: Path,
     interval_s: float,
+    after_s: float = 0.0,
 ) -> RunResult:
     run_dir = Path(tempfile.mkdtemp(prefix="ingest-", dir=workdir))
     proc, address = start_latentedge_server(run_dir / "server.db", run_dir / "server.log")
     try:
         with RssSampler(proc.pid, interval_s) as rss:
             out = run_clients(ctx, ingest_client_main, address, clients, args)
-            time.sleep(2 * interval_s)
-        db_bytes = sum(f.stat().st_size for f in run_dir.glob("server.db*"))
-        logger.info("database files after ingest: %.0f MB", db_bytes / _MB)
+            time.sleep(max(2 * interval_s, after_s))
+        db_bytes = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
+        logger.info("database and segment files after ingest: %.0f MB", db_bytes / _MB)
     finally:
         stop_process(proc)
         shutil.rmtree(run_dir)
-    return summarise("ingest", out, rss, interval_s)
+    result = summarise("ingest", out, rss, interval_s)
+    end = max(r.acked_s for r in out)
+    return replace(result, rss_after_peak_mb=rss.peak(end, end + after_s) / _MB)
 
 
 def run_store(clients: int, args: dict[str, int], workdir: Path) -> RunResult:
@@ -421,6 +429,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="payload (MB, all clients) of the final RSS-scaling ingest run; 0 skips it",
     )
     p.add_argument("--rss-interval-s", type=float, default=0.02, help="RSS sampling period")
+    p.add_argument(
+        "--after-s",
+        type=float,
+        default=0.0,
+        help="large run: keep sampling RSS this long after the last ack (classifier training)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="where the SQLite files go")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     args = p.parse_args(argv)
@@ -469,7 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         large_samples = int(args.large_total_mb * _MB / args.clients / per_sample)
         logger.info("large ingest run: %d samples per client", large_samples)
         large = run_ingest(
-            ctx, args.clients, {**sizes, "samples": large_samples}, workdir, args.rss_interval_s
+            ctx,
+            args.clients,
+            {**sizes, "samples": large_samples},
+            workdir,
+            args.rss_interval_s,
+            args.after_s,
         )
         rows.append(replace(large, kind="ingest-large"))
     if args.workdir is None:
@@ -506,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
     )
+    if rows[-1].kind == "ingest-large" and args.after_s > 0:
+        sys.stdout.write(
+            f"server RSS peak within {args.after_s:g} s after the large run's last ack "
+            f"(classifier training on {rows[-1].payload_bytes / _MB:.0f} MB stored): "
+            f"{rows[-1].rss_after_peak_mb:.0f} MB (start {rows[-1].rss_start_mb:.0f} MB)\n"
+        )
     if args.out is not None:
         args.out.write_text(
             json.dumps(

@@ -11,6 +11,14 @@ prediction and ONNX export, the standardization (and, in shared mode, the node o
 folded into the first linear layer, so :meth:`LatentClassifier.node_network` is a plain MLP on
 raw latents. Serialization (:meth:`LatentClassifier.to_bytes`) is an ``.npz`` archive of
 weights plus a JSON header; it never uses pickle.
+
+Training data is either arrays in memory or a :class:`LatentSource` per node, read one block
+at a time (the server passes the store's :class:`~server.store.LatentBlocks`), so the trainer's
+memory is bounded by a few blocks, not by the data stored. A node whose data is one block
+trains exactly as from arrays; with several blocks, each epoch visits the blocks in a random
+order and shuffles the rows within each (shared mode: within groups of
+:data:`SHARED_MIX_BLOCKS` blocks of different nodes), and feature statistics come from two
+streaming passes in float64.
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,6 +52,51 @@ FORMAT_VERSION = 1
 
 MIN_STD = 1e-6
 """Features whose training std is below this are only centred, not scaled."""
+
+TRAIN_BLOCK_BYTES = 16 * 2**20
+"""Latent bytes (float32) per block the server's trainer reads from the store at a time."""
+
+SHARED_MIX_BLOCKS = 4
+"""Shared mode, several blocks: blocks whose rows are shuffled together (bounds memory)."""
+
+_PREDICT_ROWS = 8192
+"""Rows per forward pass when measuring training accuracy (bounds the activations)."""
+
+
+class LatentSource(Protocol):
+    """One node's training latents and labels, readable a block at a time."""
+
+    @property
+    def latent_dim(self) -> int:
+        """Latent elements per row."""
+        ...
+
+    @property
+    def block_rows(self) -> tuple[int, ...]:
+        """Rows of each block."""
+        ...
+
+    def block(self, index: int) -> tuple[AnyArray, AnyArray]:
+        """Latents ``(rows, latent_dim)`` and labels ``(rows,)`` of block ``index``."""
+        ...
+
+
+def block_rows_for(latent_dim: int, block_bytes: int = TRAIN_BLOCK_BYTES) -> int:
+    """Rows of float32 latents of ``latent_dim`` that fit in ``block_bytes`` (at least 1)."""
+    return max(1, block_bytes // (4 * max(1, latent_dim)))
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """A node's checked data as blocks; ``read(i)`` gives float32 latents and int64 labels."""
+
+    latent_dim: int
+    block_rows: tuple[int, ...]
+    read: Callable[[int], tuple[FloatArray, LabelArray]]
+
+    @property
+    def samples(self) -> int:
+        return sum(self.block_rows)
 
 
 class ClassifierMode(enum.Enum):
@@ -291,7 +344,7 @@ class LatentClassifier:
 
 
 def train_classifier(
-    data: Mapping[str, tuple[AnyArray, AnyArray]],
+    data: Mapping[str, tuple[AnyArray, AnyArray] | LatentSource],
     num_classes: int | Mapping[str, int],
     mode: ClassifierMode = DEFAULT_MODE,
     config: ClassifierConfig | None = None,
@@ -305,7 +358,8 @@ def train_classifier(
     is left out (logged) while any node remains.
 
     Args:
-        data: ``node_id -> (latents (N, latent_dim) float, labels (N,) int)``.
+        data: ``node_id -> (latents (N, latent_dim) float, labels (N,) int)``, or a
+            :class:`LatentSource` read a block at a time.
         num_classes: Number of classes (labels in ``0..num_classes-1``), one for all nodes or
             per node id.
         mode: Per-node classifiers or one shared classifier.
@@ -325,25 +379,20 @@ def train_classifier(
     if any(classes.get(n, 0) < 1 for n in data):
         raise DataError(f"num_classes must be >= 1 for every node, got {classes}")
     node_ids: list[str] = []
-    xs: list[FloatArray] = []
-    ys: list[LabelArray] = []
+    sources: list[_Blocks] = []
     stats: list[tuple[FloatArray, FloatArray]] = []
     failures: list[DataError] = []
     for node_id in data:
-        latents, labels = data[node_id]
         try:
-            x, y = _node_data(node_id, latents, labels, classes[node_id])
+            source = _node_blocks(node_id, data[node_id], classes[node_id])
+            mean, std = _moments(source)
         except DataError as exc:
             failures.append(exc)
             logger.warning("classifier: leaving out node %r: %s", node_id, exc)
             continue
         node_ids.append(node_id)
-        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-        std = x.std(axis=0, dtype=np.float64)
-        std = np.where(std < MIN_STD, 1.0, std).astype(np.float32)
+        sources.append(source)
         stats.append((mean, std))
-        xs.append((x - mean) / std)
-        ys.append(y)
     if not node_ids:
         raise failures[0]
     width = max(classes[n] for n in node_ids)
@@ -352,24 +401,31 @@ def train_classifier(
     if mode is ClassifierMode.PER_NODE:
         for k, node_id in enumerate(node_ids):
             own = seed + zlib.crc32(node_id.encode())  # independent of the other nodes
-            networks.append(_fit(xs[k], ys[k], classes[node_id], config, own))
-            logger.info("trained classifier for node %r on %d latents", node_id, len(xs[k]))
+            blocks = [
+                _standardized(sources[k], i, *stats[k]) for i in range(len(sources[k].block_rows))
+            ]
+            networks.append(
+                _fit_blocks(blocks, sources[k].latent_dim, classes[node_id], config, own)
+            )
+            logger.info("trained classifier for node %r on %d latents", node_id, sources[k].samples)
     else:
-        padded = max(x.shape[1] for x in xs)
-        features = np.concatenate(
-            [_shared_features(x, k, padded, len(node_ids)) for k, x in enumerate(xs)]
-        )
-        networks.append(_fit(features, np.concatenate(ys), width, config, seed))
+        networks.append(_fit_shared(sources, stats, width, config, seed))
         logger.info("trained shared classifier for %d nodes", len(node_ids))
     provisional = [
-        NodeInfo(node_id, x.shape[1], len(x), 0.0, mean, std, classes[node_id])
-        for node_id, x, (mean, std) in zip(node_ids, xs, stats, strict=True)
+        NodeInfo(node_id, src.latent_dim, src.samples, 0.0, mean, std, classes[node_id])
+        for node_id, src, (mean, std) in zip(node_ids, sources, stats, strict=True)
     ]
     model = LatentClassifier(mode, width, config, provisional, networks)
     nodes = []
-    for node_id, y, info in zip(node_ids, ys, provisional, strict=True):
-        predicted, _ = model.predict(node_id, data[node_id][0])
-        nodes.append(dataclasses.replace(info, train_accuracy=float(np.mean(predicted == y))))
+    for node_id, src, info in zip(node_ids, sources, provisional, strict=True):
+        correct = 0
+        for i in range(len(src.block_rows)):
+            x, y = src.read(i)
+            for start in range(0, len(y), _PREDICT_ROWS):  # bounded activations
+                rows = slice(start, start + _PREDICT_ROWS)
+                predicted, _ = model.predict(node_id, x[rows])
+                correct += int(np.count_nonzero(predicted == y[rows]))
+        nodes.append(dataclasses.replace(info, train_accuracy=correct / src.samples))
     model = LatentClassifier(mode, width, config, nodes, networks)
     logger.info(
         "%s classifier: %d nodes, train accuracy %.4f, %.1f s",
@@ -444,32 +500,170 @@ def _fit(
     x: FloatArray, y: LabelArray, num_classes: int, config: ClassifierConfig, seed: int
 ) -> MLPClassifier:
     """Train an MLP with AdamW and cross-entropy; deterministic for ``seed``."""
+    return _fit_blocks([lambda: (x, y)], x.shape[1], num_classes, config, seed)
+
+
+_BlockReader = Callable[[], tuple[FloatArray, LabelArray]]
+"""Reads one block: standardized float32 features and int64 labels."""
+
+
+def _fit_shared(
+    sources: list[_Blocks],
+    stats: list[tuple[FloatArray, FloatArray]],
+    width: int,
+    config: ClassifierConfig,
+    seed: int,
+) -> MLPClassifier:
+    """The shared network: standardized latents, zero-padded, plus the node one-hot."""
+    padded = max(src.latent_dim for src in sources)
+    shared = [
+        _shared_block(sources[k], i, stats[k], (k, padded, len(sources)))
+        for k in range(len(sources))
+        for i in range(len(sources[k].block_rows))
+    ]
+    if all(len(src.block_rows) == 1 for src in sources):  # all in memory: one block
+        parts = [read() for read in shared]
+        features = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        del parts
+        return _fit(features, labels, width, config, seed)
+    return _fit_blocks(shared, padded + len(sources), width, config, seed, mix=SHARED_MIX_BLOCKS)
+
+
+def _fit_blocks(
+    blocks: Sequence[_BlockReader],
+    in_features: int,
+    num_classes: int,
+    config: ClassifierConfig,
+    seed: int,
+    *,
+    mix: int = 1,
+) -> MLPClassifier:
+    """Train an MLP with AdamW and cross-entropy on blocks read anew each epoch.
+
+    One block is read once and trained on exactly like an array (a fresh permutation of all
+    rows per epoch). Several: each epoch takes the blocks in a random order, ``mix`` at a
+    time, and shuffles the rows of those together; at most ``mix`` blocks are in memory.
+    Deterministic for ``seed``.
+    """
     rng = np.random.default_rng(seed)
-    data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    targets = torch.from_numpy(y)
+    cached = _as_tensors(blocks[0]()) if len(blocks) == 1 else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = MLPClassifier(x.shape[1], num_classes, config.hidden_units, config.dropout)
+        net = MLPClassifier(in_features, num_classes, config.hidden_units, config.dropout)
         optimiser = torch.optim.AdamW(
             net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
         loss_fn = nn.CrossEntropyLoss()
         net.train()
         for epoch in range(1, config.epochs + 1):
-            order = torch.from_numpy(rng.permutation(len(data)))
             total = 0.0
-            for start in range(0, len(data), config.batch_size):
-                idx = order[start : start + config.batch_size]
-                optimiser.zero_grad()
-                loss = loss_fn(net(data[idx]), targets[idx])
-                loss.backward()
-                optimiser.step()
-                total += float(loss.detach()) * len(idx)
+            rows = 0
+            order = [0] if cached is not None else [int(i) for i in rng.permutation(len(blocks))]
+            for first in range(0, len(order), mix):
+                if cached is not None:
+                    data, targets = cached
+                else:
+                    parts = [blocks[i]() for i in order[first : first + mix]]
+                    data, targets = _as_tensors(
+                        (
+                            np.concatenate([p[0] for p in parts]),
+                            np.concatenate([p[1] for p in parts]),
+                        )
+                        if len(parts) > 1
+                        else parts[0]
+                    )
+                    del parts
+                shuffled = torch.from_numpy(rng.permutation(len(data)))
+                for start in range(0, len(data), config.batch_size):
+                    idx = shuffled[start : start + config.batch_size]
+                    optimiser.zero_grad()
+                    loss = loss_fn(net(data[idx]), targets[idx])
+                    loss.backward()
+                    optimiser.step()
+                    total += float(loss.detach()) * len(idx)
+                rows += len(data)
             logger.debug(
-                "classifier epoch %d/%d: loss %.4f", epoch, config.epochs, total / len(data)
+                "classifier epoch %d/%d: loss %.4f", epoch, config.epochs, total / max(1, rows)
             )
     net.eval()
     return net
+
+
+def _as_tensors(block: tuple[FloatArray, LabelArray]) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = block
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y)
+
+
+def _node_blocks(
+    node_id: str, given: tuple[AnyArray, AnyArray] | LatentSource, num_classes: int
+) -> _Blocks:
+    """A node's data as checked blocks (arrays: checked now, one block; a source: per read)."""
+    if isinstance(given, tuple):
+        x, y = _node_data(node_id, given[0], given[1], num_classes)
+        return _Blocks(x.shape[1], (len(x),), lambda _: (x, y))
+    source = given
+    dim = int(source.latent_dim)
+    rows = tuple(int(r) for r in source.block_rows)
+    if sum(rows) == 0:
+        raise DataError(f"node {node_id!r} has no training samples")
+
+    def read(index: int) -> tuple[FloatArray, LabelArray]:
+        latents, labels = source.block(index)
+        where = f"of node {node_id!r} (block {index})"
+        x = _check_latents(latents, f"latents {where}", dim)
+        return x, _check_labels(labels, f"labels {where}", len(x), num_classes)
+
+    return _Blocks(dim, rows, read)
+
+
+def _moments(source: _Blocks) -> tuple[FloatArray, FloatArray]:
+    """Per-feature mean and std (1 where below MIN_STD) of a node's latents, float32.
+
+    One block: numpy's own mean and std (as for arrays). Several: two streaming passes in
+    float64 (the mean, then the squared deviations from it).
+    """
+    if len(source.block_rows) == 1:
+        x, _ = source.read(0)
+        mean64 = x.mean(axis=0, dtype=np.float64)
+        std64 = x.std(axis=0, dtype=np.float64)
+    else:
+        total = np.zeros(source.latent_dim, np.float64)
+        for i in range(len(source.block_rows)):
+            total += source.read(i)[0].sum(axis=0, dtype=np.float64)
+        mean64 = total / source.samples
+        squares = np.zeros(source.latent_dim, np.float64)
+        mean32 = mean64.astype(np.float32)
+        for i in range(len(source.block_rows)):
+            deviation = source.read(i)[0] - mean32  # float32: one block-sized temporary
+            squares += np.square(deviation, out=deviation).sum(axis=0, dtype=np.float64)
+        std64 = np.sqrt(squares / source.samples)
+    return mean64.astype(np.float32), np.where(std64 < MIN_STD, 1.0, std64).astype(np.float32)
+
+
+def _standardized(source: _Blocks, index: int, mean: FloatArray, std: FloatArray) -> _BlockReader:
+    def read() -> tuple[FloatArray, LabelArray]:
+        x, y = source.read(index)
+        z = x - mean  # a new array (x may be the caller's); then scaled in place
+        z /= std
+        return z, y
+
+    return read
+
+
+def _shared_block(
+    source: _Blocks,
+    index: int,
+    stats: tuple[FloatArray, FloatArray],
+    layout: tuple[int, int, int],
+) -> _BlockReader:
+    """Block ``index`` as shared features; ``layout`` = (node index, padded width, nodes)."""
+
+    def read() -> tuple[FloatArray, LabelArray]:
+        x, y = _standardized(source, index, *stats)()
+        return _shared_features(x, *layout), y
+
+    return read
 
 
 def _node_data(

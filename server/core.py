@@ -29,6 +29,7 @@ from common.errors import (
     ConflictError,
     InvalidRequestError,
     LatentEdgeError,
+    StoreError,
     TooLargeError,
 )
 from common.models import ClassifierConfig
@@ -47,14 +48,19 @@ from common.records import (
 )
 from common.tensors import WireTensor, from_wire
 from server.allocation import Cell
-from server.classifier import ClassifierMode, LatentClassifier, train_classifier
+from server.classifier import (
+    ClassifierMode,
+    LatentClassifier,
+    block_rows_for,
+    train_classifier,
+)
 from server.limits import (
     DEFAULT_DEDUPE_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_NODE_BYTES,
     DEFAULT_MAX_NODES,
 )
 from server.scheduler import RoundScheduler, device_for
-from server.store import Store
+from server.store import LatentBlocks, Store
 from server.transfer import ModelHub, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -745,11 +751,15 @@ class _ClassifierTrainer:
             with self._lock:
                 self._pending = False
             return
-        data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # each node's latents are read from the store a block at a time while training, so
+        # the trainer's memory does not grow with the data stored
+        data: dict[str, LatentBlocks] = {}
         num_classes: dict[str, int] = {}
         for node in self._store.list_nodes():
             if node.samples > 0:
-                data[node.node_id] = self._store.node_data(node.node_id)
+                data[node.node_id] = self._store.node_blocks(
+                    node.node_id, block_rows_for(node.latent_dim)
+                )
                 num_classes[node.node_id] = node.num_classes
         if not data:
             with self._lock:
@@ -760,13 +770,21 @@ class _ClassifierTrainer:
             classifier = train_classifier(
                 data, num_classes, self._mode, self._config, seed=self._seed
             )
+        except StoreError:
+            if self._store.data_version() == data_version:
+                raise
+            # a node's data was replaced or removed while its blocks were being read: the
+            # change that did it also asked for a retraining, which reads the new data
+            logger.info("stored latents changed while training; training again on the new data")
+            self._wake.set()
+            return
         finally:
             self._not_before = time.monotonic() + self._min_interval_s
         summary = classifier.summary()
         meta: dict[str, object] = {
             "mode": self._mode.value,
             "nodes": sorted(classifier.node_ids),  # a node whose data failed is left out
-            "samples": int(sum(len(data[n][1]) for n in classifier.node_ids)),
+            "samples": int(sum(data[n].samples for n in classifier.node_ids)),
             "train_accuracy": float(summary.get("train_accuracy", 0.0)),
             "data_version": data_version,
         }

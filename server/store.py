@@ -1,16 +1,21 @@
 """Durable storage of nodes, uploads, latents, classifiers and allocation plans.
 
-:class:`Store` is the interface; :class:`SqliteStore` is the embedded default (SQLite in WAL
-mode, ``synchronous=FULL``, so a commit that returned survives a crash of the process). A
-PostgreSQL backend would implement the same interface for several server replicas.
+:class:`Store` is the interface; :class:`SqliteStore` is the embedded default: SQLite in WAL
+mode (``synchronous=FULL``, so a commit that returned survives a crash of the process) for
+metadata, and append-only segment files beside it (:mod:`server.segments`) for the payload
+bytes of latent and delta chunks, so each payload byte is written once, not twice through the
+write-ahead log. A PostgreSQL backend would implement the same interface for several server
+replicas.
 
-Uploads are staged chunk by chunk in short transactions (so ingest memory stays flat), and
-become visible only when :meth:`Store.commit_upload` marks the upload committed in one
-transaction. Staging transactions run with ``synchronous=NORMAL`` (no fsync; a crash may lose
-them, and they are invisible anyway); the commit runs with ``synchronous=FULL``, and its fsync
-of the write-ahead log also makes every staged frame written before it durable. Staged chunks
-of an upload that never committed are invisible and are swept at start-up or when the same
-upload id starts again.
+Uploads are staged chunk by chunk (so ingest memory stays flat): the chunk's bytes are appended
+to the upload's segment and a metadata row (segment, offset, length, CRC-32) is written in a
+short transaction with ``synchronous=NORMAL`` (no fsync; a crash may lose it, and it is
+invisible anyway). An upload becomes visible only when :meth:`Store.commit_upload` marks it
+committed in one ``synchronous=FULL`` transaction, and only after the segment file (and, when
+the segment is new, its directory) was fsync'd: an acknowledged upload's bytes are on disk
+before its metadata is. Staged chunks and segments of an upload that never committed are
+invisible and are swept at start-up (segment files no row names are deleted) or when the
+same upload id starts again.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +55,42 @@ from common.records import (
     UploadMode,
 )
 from common.tensors import WireTensor, from_wire
+from server.segments import SegmentDir, SegmentRef, SegmentWriter, segment_dir_for
 
 logger = logging.getLogger(__name__)
+
+_LATENT_KIND = "latents"
+_DELTA_KIND = "deltas"
+"""``segments.kind`` of latent and of delta payloads."""
+
+
+@dataclass(frozen=True)
+class LatentBlocks:
+    """A node's committed latents, read one block at a time (memory bounded by a block).
+
+    Blocks are groups of whole stored chunks of at most ``max_rows`` rows (a single chunk
+    larger than that is a block of its own). The set of chunks is fixed when the object is
+    made; reading a block after the node's data was replaced or removed raises StoreError.
+    """
+
+    node_id: str
+    """The node."""
+    latent_dim: int
+    """Latent elements per row."""
+    block_rows: tuple[int, ...]
+    """Rows of each block, in stored order."""
+    read_block: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    """Block index -> (latents float32 (rows, latent_dim), labels int64 (rows,))."""
+
+    @property
+    def samples(self) -> int:
+        """Rows in all blocks."""
+        return sum(self.block_rows)
+
+    def block(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Latents float32 ``(rows, latent_dim)`` and labels int64 ``(rows,)`` of one block."""
+        return self.read_block(index)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -150,6 +189,27 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE INDEX IF NOT EXISTS tokens_by_subject ON tokens (subject);
 """,
+    # Payload bytes move out of the database into segment files (server/segments.py). Rows
+    # written before keep their inline blobs (segment_id NULL) and are read as before; new
+    # rows carry empty blobs and where their bytes are. Nothing is copied, so the migration
+    # is instant on any size; inline rows leave when their node's data is replaced or removed.
+    3: """
+ALTER TABLE chunks ADD COLUMN segment_id INTEGER;
+ALTER TABLE chunks ADD COLUMN seg_offset INTEGER;
+ALTER TABLE chunks ADD COLUMN seg_length INTEGER;
+ALTER TABLE chunks ADD COLUMN seg_crc INTEGER;
+ALTER TABLE delta_chunks ADD COLUMN segment_id INTEGER;
+ALTER TABLE delta_chunks ADD COLUMN seg_offset INTEGER;
+ALTER TABLE delta_chunks ADD COLUMN seg_length INTEGER;
+ALTER TABLE delta_chunks ADD COLUMN seg_crc INTEGER;
+CREATE TABLE IF NOT EXISTS segments (
+    segment_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL CHECK (kind IN ('latents', 'deltas')),
+    upload_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS segments_by_upload ON segments (kind, upload_id);
+""",
 }
 """Version -> the statements that turn the previous version into it (applied in order)."""
 
@@ -222,6 +282,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def node_data(self, node_id: str) -> tuple[np.ndarray, np.ndarray]:
         """A node's committed latents (float32, (n, latent_dim)) and labels (int64, (n,))."""
+
+    def node_blocks(self, node_id: str, max_rows: int) -> LatentBlocks:
+        """A node's committed latents as blocks of at most ``max_rows`` rows (when chunks allow).
+
+        This default reads everything with :meth:`node_data` and slices it; a backend that can
+        read a chunk at a time overrides it, so that training memory does not grow with stored
+        data.
+        """
+        x, y = self.node_data(node_id)
+        rows = max(1, max_rows)
+        starts = list(range(0, len(y), rows))
+        return LatentBlocks(
+            node_id=node_id,
+            latent_dim=int(x.shape[1]),
+            block_rows=tuple(min(rows, len(y) - s) for s in starts),
+            read_block=lambda i: (x[starts[i] : starts[i] + rows], y[starts[i] : starts[i] + rows]),
+        )
 
     @abc.abstractmethod
     def data_version(self) -> int:
@@ -331,7 +408,11 @@ class Store(abc.ABC):
 
 
 class SqliteStore(Store):
-    """The embedded store: one SQLite file in WAL mode, one connection per thread."""
+    """The embedded store: SQLite metadata (WAL mode) plus payload segment files beside it.
+
+    One connection per thread; segments live in ``<file>.segments/`` (see
+    :mod:`server.segments`).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
@@ -343,12 +424,16 @@ class SqliteStore(Store):
         # One writer at a time in this process: threads queue here instead of polling
         # SQLite's busy handler, which sleeps up to 100 ms and leaves the write lock idle.
         self._write_lock = threading.Lock()
+        # the segment each open upload appends to, by (kind, upload id)
+        self._writers: dict[tuple[str, str], SegmentWriter] = {}
+        self._writers_lock = threading.Lock()
         try:
             self._migrate()
             stat = self._path.stat()
             self._identity = (stat.st_dev, stat.st_ino)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{str(self._path)!r} is not a usable SQLite database: {exc}") from exc
+        self._segments = SegmentDir(segment_dir_for(self._path))
         swept = self._sweep_open_uploads()
         if swept:
             logger.info("discarded %d unfinished upload(s) left by an earlier run", swept)
@@ -413,6 +498,12 @@ class SqliteStore(Store):
         return _Transaction(self._conn(), self._write_lock, durable=durable)
 
     def _sweep_open_uploads(self) -> int:
+        """Discard unfinished uploads and reclaim every segment no committed row references.
+
+        Run at start-up, before any upload is served: a segment of an upload that was open
+        (payload written, maybe fsync'd, metadata never committed) loses its row here, and
+        then every file of the segment directory that no row names is deleted.
+        """
         with self._write() as c:
             c.execute(
                 "DELETE FROM chunks WHERE upload_id IN "
@@ -424,7 +515,93 @@ class SqliteStore(Store):
                 "(SELECT upload_id FROM deltas WHERE state = 'open')"
             )
             swept += c.execute("DELETE FROM deltas WHERE state = 'open'").rowcount
+            c.execute(
+                "DELETE FROM segments WHERE segment_id NOT IN (SELECT segment_id FROM chunks "
+                "WHERE segment_id IS NOT NULL UNION SELECT segment_id FROM delta_chunks "
+                "WHERE segment_id IS NOT NULL)"
+            )
+            known = {int(r[0]) for r in c.execute("SELECT segment_id FROM segments")}
+        files, freed = self._segments.sweep(known)
+        if files:
+            logger.info(
+                "reclaimed %d orphaned segment file(s), %d bytes, left by an earlier run",
+                files,
+                freed,
+            )
         return int(swept)
+
+    # -- segments -----------------------------------------------------------------------------
+
+    def _new_segment(self, c: sqlite3.Connection, kind: str, upload_id: str) -> list[int]:
+        """Give ``upload_id`` a fresh segment; return the ids of the segments it had before."""
+        old = [
+            int(r[0])
+            for r in c.execute(
+                "SELECT segment_id FROM segments WHERE kind = ? AND upload_id = ?",
+                (kind, upload_id),
+            )
+        ]
+        c.execute("DELETE FROM segments WHERE kind = ? AND upload_id = ?", (kind, upload_id))
+        c.execute(
+            "INSERT INTO segments (kind, upload_id, created_at) VALUES (?, ?, ?)",
+            (kind, upload_id, time.time()),
+        )
+        return old
+
+    def _writer(self, kind: str, upload_id: str) -> SegmentWriter:
+        """The open upload's segment writer (opened on first use)."""
+        key = (kind, upload_id)
+        with self._writers_lock:
+            writer = self._writers.get(key)
+            if writer is not None:
+                return writer
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT MAX(segment_id) FROM segments WHERE kind = ? AND upload_id = ?",
+                    (kind, upload_id),
+                )
+                .fetchone()
+            )
+            if row is None or row[0] is None:
+                raise ConflictError(f"upload_id {upload_id!r} is not open (no segment)")
+            writer = self._segments.writer(int(row[0]))
+            self._writers[key] = writer
+            return writer
+
+    def _sync_segment(self, kind: str, upload_id: str) -> None:
+        """Fsync the upload's segment (file, and directory when new) before its commit."""
+        with self._writers_lock:
+            writer = self._writers.get((kind, upload_id))
+        if writer is not None:
+            writer.sync()
+
+    def _release(self, kind: str, upload_id: str, removed: list[int]) -> None:
+        """After a transaction: close the upload's writer, delete the segments it removed.
+
+        The writer's own segment goes too when no row names it any more (the upload was
+        aborted, or removed with its node while streaming).
+        """
+        with self._writers_lock:
+            writer = self._writers.pop((kind, upload_id), None)
+        if writer is not None:
+            writer.close()
+            row = (
+                self._conn()
+                .execute("SELECT 1 FROM segments WHERE segment_id = ?", (writer.segment_id,))
+                .fetchone()
+            )
+            if row is None and writer.segment_id not in removed:
+                removed = [*removed, writer.segment_id]
+        self._free(removed)
+
+    def _free(self, segment_ids: list[int]) -> None:
+        if segment_ids:
+            freed = self._segments.remove(segment_ids)
+            logger.debug("deleted %d segment(s), %d bytes", len(segment_ids), freed)
+
+    def _read_payload(self, ref: SegmentRef) -> bytes:
+        return self._segments.read(ref)
 
     def _stored_samples(self, c: sqlite3.Connection, node_id: str) -> int:
         row = c.execute(
@@ -439,6 +616,7 @@ class SqliteStore(Store):
     @override
     def register_node(self, reg: NodeRegistration, *, max_nodes: int | None = None) -> int:
         profile_json = json.dumps(asdict(reg.profile)) if reg.profile is not None else None
+        dropped: list[int] = []
         with self._write() as c:
             row = c.execute(
                 "SELECT latent_dim, num_classes FROM nodes WHERE node_id = ?", (reg.node_id,)
@@ -451,7 +629,7 @@ class SqliteStore(Store):
                         f"its limit (server.max_nodes = {max_nodes})"
                     )
             if reg.reset:
-                self._drop_node_latents(c, reg.node_id)
+                dropped = self._drop_node_latents(c, reg.node_id)
                 _bump_data_version(c)
             stored = self._stored_samples(c, reg.node_id)
             if (
@@ -484,9 +662,19 @@ class SqliteStore(Store):
                     time.time(),
                 ),
             )
+        self._free(dropped)  # a reset's superseded segments
         return stored
 
-    def _drop_node_latents(self, c: sqlite3.Connection, node_id: str) -> None:
+    def _drop_node_latents(self, c: sqlite3.Connection, node_id: str) -> list[int]:
+        """Supersede a node's committed uploads; the segment ids to delete after the commit."""
+        dropped = [
+            int(r[0])
+            for r in c.execute(
+                "SELECT segment_id FROM segments WHERE kind = ? AND upload_id IN "
+                "(SELECT upload_id FROM uploads WHERE node_id = ? AND state = 'committed')",
+                (_LATENT_KIND, node_id),
+            )
+        ]
         c.execute(
             "DELETE FROM chunks WHERE upload_id IN "
             "(SELECT upload_id FROM uploads WHERE node_id = ? AND state = 'committed')",
@@ -496,6 +684,8 @@ class SqliteStore(Store):
             "UPDATE uploads SET state = 'superseded' WHERE node_id = ? AND state = 'committed'",
             (node_id,),
         )
+        _delete_segment_rows(c, dropped)
+        return dropped
 
     @override
     def get_node(self, node_id: str) -> NodeRegistration:
@@ -579,21 +769,26 @@ class SqliteStore(Store):
     def begin_upload(self, upload_id: str, node_id: str, mode: UploadMode) -> None:
         with self._write() as c:
             _reopen(c, _LATENTS, upload_id, node_id)
+            old = self._new_segment(c, _LATENT_KIND, upload_id)
             c.execute(
                 "INSERT OR REPLACE INTO uploads (upload_id, node_id, mode, state, created_at) "
                 "VALUES (?, ?, ?, 'open', ?)",
                 (upload_id, node_id, mode.value, time.time()),
             )
+        self._release(_LATENT_KIND, upload_id, old)
 
     @override
     def put_chunk(
         self, upload_id: str, seq: int, latents: WireTensor, labels: WireTensor, samples: int
     ) -> None:
+        # the bytes as they arrived, appended once; only where they are goes to the database
+        ref = self._writer(_LATENT_KIND, upload_id).append((latents.data, labels.data))
         with self._write(durable=False) as c:
             c.execute(
                 "INSERT OR REPLACE INTO chunks (upload_id, seq, samples, latent_dtype, "
-                "latent_scale, latent_dim, latents, label_dtype, labels) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "latent_scale, latent_dim, latents, label_dtype, labels, segment_id, "
+                "seg_offset, seg_length, seg_crc) "
+                "VALUES (?, ?, ?, ?, ?, ?, X'', ?, X'', ?, ?, ?, ?)",
                 (
                     upload_id,
                     seq,
@@ -601,9 +796,11 @@ class SqliteStore(Store):
                     latents.dtype,
                     latents.scale,
                     latents.shape[1],
-                    latents.data,
                     labels.dtype,
-                    labels.data,
+                    ref.segment_id,
+                    ref.offset_bytes,
+                    ref.length_bytes,
+                    ref.checksum,
                 ),
             )
 
@@ -616,6 +813,9 @@ class SqliteStore(Store):
         max_node_bytes: int | None = None,
         num_classes: int | None = None,
     ) -> UploadAck:
+        # payload durable before the metadata that points at it commits
+        self._sync_segment(_LATENT_KIND, upload_id)
+        dropped: list[int] = []
         with self._write() as c:
             row = c.execute(
                 "SELECT node_id, mode, state FROM uploads WHERE upload_id = ?", (upload_id,)
@@ -625,7 +825,7 @@ class SqliteStore(Store):
             node_id, mode = row[0], UploadMode(row[1])
             have = c.execute(
                 "SELECT COUNT(*), COALESCE(SUM(samples), 0), "
-                "COALESCE(SUM(LENGTH(latents) + LENGTH(labels)), 0) "
+                "COALESCE(SUM(COALESCE(seg_length, LENGTH(latents) + LENGTH(labels))), 0) "
                 "FROM chunks WHERE upload_id = ?",
                 (upload_id,),
             ).fetchone()
@@ -659,7 +859,7 @@ class SqliteStore(Store):
                     f"server.max_node_bytes = {max_node_bytes}; nothing of it was stored"
                 )
             if mode is UploadMode.REPLACE:
-                self._drop_node_latents(c, node_id)
+                dropped = self._drop_node_latents(c, node_id)
             _bump_data_version(c)
             c.execute(
                 "UPDATE uploads SET state = 'committed', samples = ?, payload_bytes = ?, "
@@ -667,6 +867,7 @@ class SqliteStore(Store):
                 (int(have[1]), int(have[2]), time.time(), upload_id),
             )
             stored = self._stored_samples(c, node_id)
+        self._release(_LATENT_KIND, upload_id, dropped)
         return UploadAck(
             upload_id=upload_id,
             samples=int(have[1]),
@@ -678,7 +879,8 @@ class SqliteStore(Store):
     @override
     def abort_upload(self, upload_id: str) -> None:
         with self._write() as c:
-            _discard_open(c, _LATENTS, upload_id)
+            removed = _discard_open(c, _LATENTS, _LATENT_KIND, upload_id)
+        self._release(_LATENT_KIND, upload_id, removed)
 
     @override
     def node_payload_bytes(self, node_id: str) -> int:
@@ -693,25 +895,91 @@ class SqliteStore(Store):
         ).fetchone()
         return int(total)
 
-    def _node_chunks(self, node_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _chunk_rows(self, node_id: str) -> list[_ChunkRow]:
+        """Metadata of a node's committed chunks, in upload then chunk order (no payload)."""
         rows = self._conn().execute(
-            "SELECT ch.samples, ch.latent_dtype, ch.latent_scale, ch.latent_dim, ch.latents, "
-            "ch.label_dtype, ch.labels FROM chunks ch JOIN uploads u ON u.upload_id = ch.upload_id "
+            "SELECT ch.rowid, ch.samples, ch.latent_dtype, ch.latent_scale, ch.latent_dim, "
+            "ch.label_dtype, ch.segment_id, ch.seg_offset, ch.seg_length, ch.seg_crc "
+            "FROM chunks ch JOIN uploads u ON u.upload_id = ch.upload_id "
             "WHERE u.node_id = ? AND u.state = 'committed' ORDER BY u.committed_at, ch.seq",
             (node_id,),
         )
-        for n, ldt, scale, dim, lat, ydt, lab in rows:
-            x = from_wire(WireTensor(bytes(lat), ldt, (int(n), int(dim)), float(scale)), "latents")
-            y = from_wire(WireTensor(bytes(lab), ydt, (int(n),)), "labels")
-            yield x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+        return [
+            _ChunkRow(
+                rowid=int(r[0]),
+                samples=int(r[1]),
+                latent_dtype=str(r[2]),
+                latent_scale=float(r[3]),
+                latent_dim=int(r[4]),
+                label_dtype=str(r[5]),
+                ref=None
+                if r[6] is None
+                else SegmentRef(int(r[6]), int(r[7]), int(r[8]), int(r[9])),
+            )
+            for r in rows
+        ]
+
+    def _read_chunk(self, row: _ChunkRow) -> tuple[np.ndarray, np.ndarray]:
+        """One chunk's latents (float32) and labels (int64), from its segment or inline."""
+        if row.ref is None:  # written before schema 3: bytes inline
+            found = (
+                self._conn()
+                .execute("SELECT latents, labels FROM chunks WHERE rowid = ?", (row.rowid,))
+                .fetchone()
+            )
+            if found is None:
+                raise StoreError("stored chunk disappeared while reading (data replaced?)")
+            lat, lab = bytes(found[0]), bytes(found[1])
+        else:
+            data = self._read_payload(row.ref)
+            split = row.samples * row.latent_dim * np.dtype(row.latent_dtype).itemsize
+            lat, lab = data[:split], data[split:]
+        x = from_wire(
+            WireTensor(lat, row.latent_dtype, (row.samples, row.latent_dim), row.latent_scale),
+            "latents",
+        )
+        y = from_wire(WireTensor(lab, row.label_dtype, (row.samples,)), "labels")
+        return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
 
     @override
     def node_data(self, node_id: str) -> tuple[np.ndarray, np.ndarray]:
         node = self.get_node(node_id)
-        parts = list(self._node_chunks(node_id))
+        parts = [self._read_chunk(row) for row in self._chunk_rows(node_id)]
         if not parts:
             return np.zeros((0, node.latent_dim), np.float32), np.zeros((0,), np.int64)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    @override
+    def node_blocks(self, node_id: str, max_rows: int) -> LatentBlocks:
+        node = self.get_node(node_id)
+        groups: list[list[_ChunkRow]] = []
+        rows_in_last = 0
+        for row in self._chunk_rows(node_id):
+            if not groups or rows_in_last + row.samples > max_rows:
+                groups.append([])
+                rows_in_last = 0
+            groups[-1].append(row)
+            rows_in_last += row.samples
+
+        def read_block(index: int) -> tuple[np.ndarray, np.ndarray]:
+            rows = groups[index]
+            if len(rows) == 1:
+                return self._read_chunk(rows[0])
+            total = sum(r.samples for r in rows)
+            x = np.empty((total, node.latent_dim), np.float32)
+            y = np.empty((total,), np.int64)
+            at = 0
+            for row in rows:  # one chunk in memory besides the block
+                x[at : at + row.samples], y[at : at + row.samples] = self._read_chunk(row)
+                at += row.samples
+            return x, y
+
+        return LatentBlocks(
+            node_id=node_id,
+            latent_dim=node.latent_dim,
+            block_rows=tuple(sum(r.samples for r in g) for g in groups),
+            read_block=_store_errors(read_block),
+        )
 
     @override
     def data_version(self) -> int:
@@ -856,24 +1124,39 @@ class SqliteStore(Store):
     ) -> None:
         with self._write() as c:
             _reopen(c, _DELTAS, upload_id, node_id)
+            old = self._new_segment(c, _DELTA_KIND, upload_id)
             c.execute(
                 "INSERT OR REPLACE INTO deltas (upload_id, node_id, base_version, state, samples, "
                 "trainable, created_at) VALUES (?, ?, ?, 'open', ?, ?, ?)",
                 (upload_id, node_id, base_version, samples, trainable, time.time()),
             )
+        self._release(_DELTA_KIND, upload_id, old)
 
     @override
     def put_delta_chunk(self, upload_id: str, seq: int, entries: list[DeltaEntry]) -> None:
         st = stats(entries)
+        ref = self._writer(_DELTA_KIND, upload_id).append((pack_entries(entries),))
         with self._write(durable=False) as c:
             c.execute(
                 "INSERT OR REPLACE INTO delta_chunks (upload_id, seq, tensors, params, "
-                "payload_bytes, blob) VALUES (?, ?, ?, ?, ?, ?)",
-                (upload_id, seq, st.tensors, st.params, st.payload_bytes, pack_entries(entries)),
+                "payload_bytes, blob, segment_id, seg_offset, seg_length, seg_crc) "
+                "VALUES (?, ?, ?, ?, ?, X'', ?, ?, ?, ?)",
+                (
+                    upload_id,
+                    seq,
+                    st.tensors,
+                    st.params,
+                    st.payload_bytes,
+                    ref.segment_id,
+                    ref.offset_bytes,
+                    ref.length_bytes,
+                    ref.checksum,
+                ),
             )
 
     @override
     def commit_delta(self, upload_id: str, chunks: int) -> DeltaAck:
+        self._sync_segment(_DELTA_KIND, upload_id)  # payload durable before the metadata
         with self._write() as c:
             row = c.execute(
                 "SELECT state, base_version FROM deltas WHERE upload_id = ?", (upload_id,)
@@ -904,6 +1187,7 @@ class SqliteStore(Store):
                     upload_id,
                 ),
             )
+        self._release(_DELTA_KIND, upload_id, [])
         return DeltaAck(
             upload_id=upload_id,
             tensors=int(have[1]),
@@ -916,7 +1200,8 @@ class SqliteStore(Store):
     @override
     def abort_delta(self, upload_id: str) -> None:
         with self._write() as c:
-            _discard_open(c, _DELTAS, upload_id)
+            removed = _discard_open(c, _DELTAS, _DELTA_KIND, upload_id)
+        self._release(_DELTA_KIND, upload_id, removed)
 
     @override
     def latest_deltas(
@@ -942,10 +1227,19 @@ class SqliteStore(Store):
         out = []
         for upload_id, node, version, samples in rows:
             entries: list[DeltaEntry] = []
-            for (blob,) in c.execute(
-                "SELECT blob FROM delta_chunks WHERE upload_id = ? ORDER BY seq", (upload_id,)
-            ):
-                entries.extend(unpack_entries(bytes(blob)))
+            for inline, segment, offset, length, crc in c.execute(
+                "SELECT blob, segment_id, seg_offset, seg_length, seg_crc FROM delta_chunks "
+                "WHERE upload_id = ? ORDER BY seq",
+                (upload_id,),
+            ).fetchall():
+                blob = (
+                    bytes(inline)  # written before schema 3
+                    if segment is None
+                    else self._read_payload(
+                        SegmentRef(int(segment), int(offset), int(length), int(crc))
+                    )
+                )
+                entries.extend(unpack_entries(blob))
             out.append(StoredDelta(upload_id, node, int(version), int(samples), tuple(entries)))
         return out
 
@@ -959,7 +1253,16 @@ class SqliteStore(Store):
                 "SELECT COUNT(*) FROM deltas WHERE node_id = ? AND state = 'committed'",
                 (node_id,),
             ).fetchone()
-            for uploads, chunks in (_LATENTS, _DELTAS):
+            removed: list[int] = []
+            for (uploads, chunks), kind in ((_LATENTS, _LATENT_KIND), (_DELTAS, _DELTA_KIND)):
+                removed += [
+                    int(r[0])
+                    for r in c.execute(
+                        f"SELECT segment_id FROM segments WHERE kind = ? AND upload_id IN "
+                        f"(SELECT upload_id FROM {uploads} WHERE node_id = ?)",
+                        (kind, node_id),
+                    )
+                ]
                 c.execute(
                     f"DELETE FROM {chunks} WHERE upload_id IN "
                     f"(SELECT upload_id FROM {uploads} WHERE node_id = ?)",
@@ -967,7 +1270,11 @@ class SqliteStore(Store):
                 )
                 c.execute(f"DELETE FROM {uploads} WHERE node_id = ?", (node_id,))
             c.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
+            _delete_segment_rows(c, removed)
             _bump_data_version(c)
+        # whole segments go: each holds one upload of this node (an upload still streaming
+        # for it finds its segment gone and fails at commit, then its writer is released)
+        self._free(removed)
         return samples, int(deltas)
 
     @override
@@ -984,6 +1291,7 @@ class SqliteStore(Store):
             self._conn().execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"database {str(self._path)!r} cannot be read: {exc}") from exc
+        self._segments.check()
 
     # -- credentials --------------------------------------------------------------------------
 
@@ -1057,6 +1365,10 @@ class SqliteStore(Store):
 
     @override
     def close(self) -> None:
+        with self._writers_lock:
+            for writer in self._writers.values():
+                writer.close()
+            self._writers.clear()
         with self._lock:
             for conn in self._connections:
                 conn.close()
@@ -1079,8 +1391,23 @@ def _store_errors(method: Callable[..., Any]) -> Callable[..., Any]:
 
 # Every operation of the interface: no raw sqlite3 error escapes the error tree, wherever it
 # happens (a read outside a transaction, an execute inside one, a disk that fills up).
-for _name in sorted(Store.__abstractmethods__):
+for _name in sorted({*Store.__abstractmethods__, "node_blocks"}):
     setattr(SqliteStore, _name, _store_errors(getattr(SqliteStore, _name)))
+
+
+@dataclass(frozen=True)
+class _ChunkRow:
+    """Metadata of one stored latent chunk."""
+
+    rowid: int
+    samples: int
+    latent_dtype: str
+    latent_scale: float
+    latent_dim: int
+    label_dtype: str
+    ref: SegmentRef | None
+    """Where the bytes are; None for a chunk stored inline (before schema 3)."""
+
 
 _LATENTS = ("uploads", "chunks")
 _DELTAS = ("deltas", "delta_chunks")
@@ -1102,18 +1429,34 @@ def _reopen(c: sqlite3.Connection, tables: tuple[str, str], upload_id: str, node
     c.execute(f"DELETE FROM {chunks} WHERE upload_id = ?", (upload_id,))
 
 
-def _discard_open(c: sqlite3.Connection, tables: tuple[str, str], upload_id: str) -> None:
-    """Delete an open upload and its staged chunks.
+def _discard_open(
+    c: sqlite3.Connection, tables: tuple[str, str], kind: str, upload_id: str
+) -> list[int]:
+    """Delete an open upload, its staged chunks and its segment rows; the segment ids.
 
     Never a committed upload's chunks: a concurrent attempt may have committed it.
     """
     uploads, chunks = tables
+    segments = [
+        int(r[0])
+        for r in c.execute(
+            f"SELECT segment_id FROM segments WHERE kind = ? AND upload_id = ? AND EXISTS "
+            f"(SELECT 1 FROM {uploads} WHERE upload_id = ? AND state = 'open')",
+            (kind, upload_id, upload_id),
+        )
+    ]
+    _delete_segment_rows(c, segments)
     c.execute(
         f"DELETE FROM {chunks} WHERE upload_id = ? AND EXISTS (SELECT 1 FROM {uploads} "
         "WHERE upload_id = ? AND state = 'open')",
         (upload_id, upload_id),
     )
     c.execute(f"DELETE FROM {uploads} WHERE upload_id = ? AND state = 'open'", (upload_id,))
+    return segments
+
+
+def _delete_segment_rows(c: sqlite3.Connection, segment_ids: list[int]) -> None:
+    c.executemany("DELETE FROM segments WHERE segment_id = ?", [(i,) for i in segment_ids])
 
 
 def _bump_data_version(c: sqlite3.Connection) -> None:

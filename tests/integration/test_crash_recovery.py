@@ -18,6 +18,8 @@ from common.serde import latent_chunk_to_proto
 from common.tensors import to_wire
 from edge.uplink import RetryPolicy, UplinkClient
 from protos import uplink_pb2, uplink_pb2_grpc
+from server.segments import segment_dir_for
+from server.store import SqliteStore
 from tests.conftest import ServerProcess, start_server_process
 
 DIM = 16
@@ -77,6 +79,8 @@ def test_sigkill_mid_upload_then_resend(tmp_path: Path) -> None:
         while _staged_chunks(db) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _staged_chunks(db) == 5  # half the upload is staged durably ...
+        (partial,) = segment_dir_for(db).iterdir()
+        assert partial.stat().st_size == 5 * ROWS * (DIM * 4 + 1)  # ... its bytes in a segment
         _kill(server)
         release.set()
         with pytest.raises(grpc.RpcError) as info:
@@ -92,16 +96,23 @@ def test_sigkill_mid_upload_then_resend(tmp_path: Path) -> None:
             status = client.status()
             assert status.nodes[0].samples == 0  # ... but none of it is visible
             assert _staged_chunks(db) == 0  # and the leftovers were swept
+            assert not partial.exists()  # with their segment
             ack = client.push_latents("n0", x, y, num_classes=10, upload_id="upload-1")
             assert (ack.samples, ack.deduplicated, ack.stored_samples) == (len(x), False, len(x))
             again = client.push_latents("n0", x, y, num_classes=10, upload_id="upload-1")
             assert again.deduplicated and again.stored_samples == len(x)
     finally:
         server.stop()
-    with sqlite3.connect(db) as conn:
-        blobs = conn.execute("SELECT latents FROM chunks ORDER BY seq").fetchall()
-    stored = np.concatenate([np.frombuffer(b[0], np.float32) for b in blobs]).reshape(-1, DIM)
+    store = SqliteStore(db)
+    try:
+        stored, labels = store.node_data("n0")
+    finally:
+        store.close()
     np.testing.assert_array_equal(stored, x)
+    np.testing.assert_array_equal(labels, y)
+    # one segment: the committed upload's bytes, once (the killed attempt's was reclaimed)
+    (segment,) = segment_dir_for(db).iterdir()
+    assert segment.stat().st_size == x.nbytes + len(y)
 
 
 def test_acknowledged_upload_survives_sigkill(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ def test_removing_the_database_turns_health_not_serving(tmp_path: Path) -> None:
     try:
         assert _status(server.address) == SERVING
         for path in tmp_path.glob("server.db*"):
-            path.unlink()
+            if path.is_file():  # the database and its WAL files; not the segment directory
+                path.unlink()
         deadline = time.monotonic() + 10
         while _status(server.address) != NOT_SERVING and time.monotonic() < deadline:
             time.sleep(0.2)

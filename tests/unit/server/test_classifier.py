@@ -176,3 +176,40 @@ def test_shared_mode_replies_have_the_nodes_own_width(
     model = train_classifier(data, {"a": CLASSES, "b": 7}, ClassifierMode.SHARED, FAST)
     assert model.predict("a", nodes["test"]["a"][0])[1].shape[1] == CLASSES
     assert model.predict("b", nodes["test"]["b"][0])[1].shape[1] == 7
+
+
+class _CountingSource:
+    """A LatentSource over arrays cut into blocks; records which blocks are read."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, rows: int) -> None:
+        self._x, self._y, self._rows = x, y, rows
+        self.latent_dim = x.shape[1]
+        self.block_rows = tuple(min(rows, len(y) - s) for s in range(0, len(y), rows))
+        self.reads: list[int] = []
+
+    def block(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        self.reads.append(index)
+        rows = slice(index * self._rows, (index + 1) * self._rows)
+        return self._x[rows].copy(), self._y[rows].copy()
+
+
+@pytest.mark.parametrize("mode", list(ClassifierMode))
+def test_training_from_block_sources(
+    mode: ClassifierMode, nodes: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+) -> None:
+    """One block trains exactly like arrays; several blocks keep the accuracy, read lazily."""
+    quick = ClassifierConfig(hidden_units=(16,), epochs=6)
+    arrays = train_classifier(nodes["train"], CLASSES, mode, quick, seed=0)
+    whole = {n: _CountingSource(x, y, rows=len(y)) for n, (x, y) in nodes["train"].items()}
+    same = train_classifier(whole, CLASSES, mode, quick, seed=0)
+    assert same.to_bytes() == arrays.to_bytes()
+    blocks = {n: _CountingSource(x, y, rows=64) for n, (x, y) in nodes["train"].items()}
+    streamed = train_classifier(blocks, CLASSES, mode, quick, seed=0)
+    for node, (x, y) in nodes["test"].items():
+        accuracy = np.mean(streamed.predict(node, x)[0] == y)
+        assert accuracy >= np.mean(arrays.predict(node, x)[0] == y) - 0.05  # as good
+        info = streamed.summary()["nodes"][0 if node == "a" else 1]
+        assert info["samples"] == len(nodes["train"][node][1])
+        src = blocks[node]
+        # 2 statistics passes + 1 read per block per epoch + the accuracy pass
+        assert len(src.reads) == len(src.block_rows) * (quick.epochs + 3)

@@ -1,0 +1,259 @@
+"""Append-only payload segment files beside the store's database.
+
+Payload bytes (latents + labels of a chunk, a delta chunk's packed entries) are appended to
+segment files in a directory beside the SQLite file (``server.db`` -> ``server.db.segments/``);
+the database holds only where each record is: (segment id, offset, length, CRC-32). The bytes
+are written once, with ``os.writev`` of the buffers that arrived, instead of twice through
+SQLite's write-ahead log.
+
+Layout: one segment per upload attempt, named ``{segment_id:012d}.seg``, holding that upload's
+records back to back (no framing: the metadata row says where a record starts and ends).
+Segment ids come from the database (``AUTOINCREMENT``), so a name is never reused. A segment
+is written only by its upload and is immutable once the upload commits.
+
+Durability order (what makes an acknowledgement mean durable):
+
+1. the records are appended (page cache);
+2. :meth:`SegmentWriter.sync` fsyncs the file and, the first time, the directory (the new
+   name); this happens before the commit transaction that makes the metadata visible;
+3. the metadata transaction commits with ``synchronous=FULL``.
+
+A crash before 3 leaves a segment no committed row references: the start-up sweep deletes
+it (see :meth:`SegmentDir.sweep`). Space is freed a whole segment at a time, when the store
+deletes the last rows of its upload (node removed, data replaced, upload aborted).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+SEGMENT_SUFFIX = ".seg"
+"""File name suffix of a segment."""
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    """Where one record lives."""
+
+    segment_id: int
+    """The segment file (``{segment_id:012d}.seg``)."""
+    offset_bytes: int
+    """First byte of the record in the file."""
+    length_bytes: int
+    """Bytes of the record."""
+    checksum: int
+    """CRC-32 (``zlib.crc32``) of the record's bytes."""
+
+
+def segment_dir_for(db_path: Path) -> Path:
+    """The segment directory of a database file: ``<db>.segments`` beside it."""
+    return db_path.with_name(db_path.name + ".segments")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SegmentWriter:
+    """Appends records to one segment; one upload (one thread at a time) writes it."""
+
+    def __init__(self, directory: SegmentDir, segment_id: int) -> None:
+        self.segment_id = segment_id
+        self._dir = directory
+        self._path = directory.path_of(segment_id)
+        self._lock = threading.Lock()
+        try:
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._size_bytes = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise StoreError(f"cannot open segment {str(self._path)!r}: {exc}") from exc
+        self._dir_synced = False
+        self._dirty = False
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes in the file (the next record's offset)."""
+        return self._size_bytes
+
+    def append(self, parts: Sequence[bytes | memoryview]) -> SegmentRef:
+        """Append one record made of ``parts`` (not yet durable: see :meth:`sync`)."""
+        checksum = 0
+        length = 0
+        for part in parts:
+            checksum = zlib.crc32(part, checksum)
+            length += len(part)
+        with self._lock:
+            offset = self._size_bytes
+            try:
+                _write_all(self._fd, parts, length)
+            except OSError as exc:
+                # a short or failed write leaves garbage past the end we know: cut it off
+                self._truncate_quietly(offset)
+                raise StoreError(
+                    f"cannot append {length} bytes to segment {str(self._path)!r}: {exc}"
+                ) from exc
+            self._size_bytes = offset + length
+            self._dirty = True
+        return SegmentRef(self.segment_id, offset, length, checksum)
+
+    def sync(self) -> None:
+        """Make every appended record durable: fsync the file, and its name the first time."""
+        with self._lock:
+            try:
+                if self._dirty:
+                    os.fsync(self._fd)
+                    self._dirty = False
+                if not self._dir_synced:
+                    _fsync_dir(self._dir.path)
+                    self._dir_synced = True
+            except OSError as exc:
+                raise StoreError(f"cannot fsync segment {str(self._path)!r}: {exc}") from exc
+
+    def close(self) -> None:
+        """Release the file descriptor (idempotent)."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def _truncate_quietly(self, size_bytes: int) -> None:
+        try:
+            os.ftruncate(self._fd, size_bytes)
+        except OSError:
+            logger.warning("could not truncate segment %s after a failed write", self._path)
+
+
+def _write_all(fd: int, parts: Sequence[bytes | memoryview], length: int) -> None:
+    """``os.writev`` until all of ``parts`` (``length`` bytes) is written."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    written = 0
+    while views:
+        n = os.writev(fd, views)
+        if n <= 0:
+            raise OSError(f"writev wrote {n} bytes")
+        written += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    if written != length:
+        raise OSError(f"wrote {written} bytes, expected {length}")
+
+
+class SegmentDir:
+    """The directory of segments beside a database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            if not path.is_dir():
+                path.mkdir()
+                _fsync_dir(path)
+                _fsync_dir(path.parent)  # the directory's own name
+        except OSError as exc:
+            raise StoreError(f"cannot create segment directory {str(path)!r}: {exc}") from exc
+
+    def path_of(self, segment_id: int) -> Path:
+        """The file of segment ``segment_id``."""
+        return self.path / f"{segment_id:012d}{SEGMENT_SUFFIX}"
+
+    def writer(self, segment_id: int) -> SegmentWriter:
+        """A writer appending to segment ``segment_id`` (created when missing)."""
+        return SegmentWriter(self, segment_id)
+
+    def read(self, ref: SegmentRef) -> bytes:
+        """The record at ``ref``, its checksum verified.
+
+        Raises:
+            StoreError: naming the segment and offset when the file is missing, short, or the
+                bytes do not match the checksum (never wrong data).
+        """
+        path = self.path_of(ref.segment_id)
+        where = f"segment {str(path)!r} at offset {ref.offset_bytes} ({ref.length_bytes} bytes)"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise StoreError(f"cannot read {where}: {exc}") from exc
+        try:
+            data = os.pread(fd, ref.length_bytes, ref.offset_bytes)
+        except OSError as exc:
+            raise StoreError(f"cannot read {where}: {exc}") from exc
+        finally:
+            os.close(fd)
+        if len(data) != ref.length_bytes:
+            raise StoreError(f"{where} is truncated: only {len(data)} bytes there")
+        if zlib.crc32(data) != ref.checksum:
+            raise StoreError(
+                f"checksum mismatch in {where}: stored CRC-32 {ref.checksum:#010x}, "
+                f"read {zlib.crc32(data):#010x}; the payload is corrupt"
+            )
+        return data
+
+    def remove(self, segment_ids: Iterable[int]) -> int:
+        """Delete segments whose metadata is gone (missing files are fine); bytes freed."""
+        freed = 0
+        for segment_id in segment_ids:
+            path = self.path_of(segment_id)
+            try:
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                # left for the next start-up sweep, which deletes files no row names
+                logger.warning("could not delete segment %s: %s", path, exc)
+        return freed
+
+    def sweep(self, known: set[int]) -> tuple[int, int]:
+        """Delete every file of the directory that is not a segment in ``known``.
+
+        Run at start-up, when no upload is open: a segment whose metadata never committed
+        (crash between the payload write and the commit, or before a deletion's unlink) is
+        not in ``known``. Returns (files deleted, bytes freed).
+        """
+        files = freed = 0
+        try:
+            entries = list(os.scandir(self.path))
+        except OSError as exc:
+            raise StoreError(f"cannot list segment directory {str(self.path)!r}: {exc}") from exc
+        for entry in entries:
+            stem, suffix = os.path.splitext(entry.name)
+            if suffix == SEGMENT_SUFFIX and stem.isdigit() and int(stem) in known:
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                size = entry.stat(follow_symlinks=False).st_size
+                os.unlink(entry.path)
+            except OSError as exc:
+                logger.warning("could not delete orphaned segment %s: %s", entry.path, exc)
+                continue
+            files += 1
+            freed += size
+        if files:
+            try:
+                _fsync_dir(self.path)
+            except OSError as exc:
+                logger.warning("could not fsync %s after the sweep: %s", self.path, exc)
+        return files, freed
+
+    def check(self) -> None:
+        """Raise StoreError when the directory is gone."""
+        if not self.path.is_dir():
+            raise StoreError(f"segment directory {str(self.path)!r} is gone")
