@@ -82,34 +82,24 @@ def in_memory_job(
     Raises:
         ConfigError: a bad device spec, or a ``train`` option in-memory training does not take.
     """
-    import torch
-
     from common.analog_devices import parse_device_spec
     from common.analog_training import train_in_memory
-    from common.datasets import filter_classes, load_dataset, parse_classes
     from common.finetune import TrainResult, accuracy
-    from common.zoo import ModelSpec, build_model, parameter_count
-    from server.train_cli import Trained
+    from common.zoo import build_model, parameter_count
+    from server.train_cli import Trained, load_job_data
 
     device = parse_device_spec(device_spec)
     refused = {
         "--train-noise": bool(job.train_noise),
         "--augment": job.augment != "none",
         "--weight-decay": job.weight_decay > 0,
-        "--weight-clip": getattr(job, "weight_clip", 0.0) > 0,
+        "--weight-clip": job.weight_clip > 0,
     }
     for flag, given in refused.items():
         if given:
             raise ConfigError(f"{flag} does not combine with --in-memory (plain SGD on devices)")
-    if job.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here")
-    if job.threads:
-        torch.set_num_threads(job.threads)
     started = time.perf_counter()
-    data = load_dataset(job.data)
-    if job.classes:
-        data = filter_classes(data, parse_classes(job.classes))
-    spec = ModelSpec(job.model, *data.input_shape, data.num_classes, job.norm)
+    data, spec = load_job_data(job)
     model = build_model(spec, seed=job.seed).to(job.device)
     logger.info(
         "train --in-memory %s (%s): %s (%d parameters) on %d samples of %s",

@@ -144,25 +144,35 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
     )
 
 
-def train_job(job: TrainJob, *, what: str = "train") -> Trained:
-    """Load the data, build the network, train every parameter, score the test split."""
+def load_job_data(job: TrainJob) -> tuple[Dataset, ModelSpec]:
+    """Check the device, set the threads, load (and filter) the data; the network it needs.
+
+    Shared by :func:`train_job` and ``train --in-memory`` (``server/inmemory_cli.py``).
+    """
     import torch
 
     from common.datasets import filter_classes, load_dataset, parse_classes
-    from common.finetune import Trainable, TrainSettings, accuracy, train_network
-    from common.noise_aware import inject_weight_noise, training_spec
-    from common.zoo import ModelSpec, build_model, parameter_count
+    from common.zoo import ModelSpec
 
     if job.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here")
-    spec_check = training_spec(job.train_noise) if job.train_noise else None
     if job.threads:
         torch.set_num_threads(job.threads)
-    started = time.perf_counter()
     data = load_dataset(job.data)
     if job.classes:
         data = filter_classes(data, parse_classes(job.classes))
-    spec = ModelSpec(job.model, *data.input_shape, data.num_classes, job.norm)
+    return data, ModelSpec(job.model, *data.input_shape, data.num_classes, job.norm)
+
+
+def train_job(job: TrainJob, *, what: str = "train") -> Trained:
+    """Load the data, build the network, train every parameter, score the test split."""
+    from common.finetune import Trainable, TrainSettings, accuracy, train_network
+    from common.noise_aware import inject_weight_noise, training_spec
+    from common.zoo import build_model, parameter_count
+
+    spec_check = training_spec(job.train_noise) if job.train_noise else None
+    started = time.perf_counter()
+    data, spec = load_job_data(job)
     settings = TrainSettings(
         epochs=job.epochs,
         batch_size=job.batch_size,
