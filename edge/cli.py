@@ -25,7 +25,7 @@ import numpy as np
 from common.config import read_tables
 from common.constants import RETRY_WINDOW_S
 from common.errors import ConfigError, UplinkError
-from common.records import EnergyProfile, NodeRegistration
+from common.records import EnergyProfile, NodeRegistration, Schedule
 from common.tls import (
     ClientTls,
     add_client_tls_flags,
@@ -36,9 +36,12 @@ from common.tls import (
 from edge.privacy import check_noise_std
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from common.datasets import Dataset
     from common.modelfile import ModelFile
     from common.models import AutoencoderConfig, ConvAutoencoder
+    from common.types import FloatArray
     from edge.transfer import FinetuneConfig
     from edge.uplink import DownloadedModel, UplinkClient
 
@@ -256,7 +259,7 @@ def load_config(args: argparse.Namespace) -> tuple[EdgeConfig, EnergyProfile | N
         if not getattr(config, key):
             raise ConfigError(f"--{key.replace('_', '-')} is required (or edge.{key} in --config)")
     check_address(config.server, "--server (edge.server)")
-    _finetune_config(config)  # refuse a bad --trainable / --delta-encoding before any work
+    finetune_config(config)  # refuse a bad --trainable / --delta-encoding before any work
     ClientTls.from_paths(config.tls_ca, config.tls_cert, config.tls_key)  # and bad TLS files
     read_token(config.token, config.token_file)  # and a bad token file
     if config.train_noise:
@@ -293,12 +296,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_data(config: EdgeConfig) -> Dataset:
-    """This node's shard of its local dataset (never leaves the node)."""
+def local_data(config: EdgeConfig, *, loaded: Dataset | None = None) -> Dataset:
+    """This node's shard of its local dataset (never leaves the node).
+
+    ``loaded``: the whole dataset ``config.data`` names, when already loaded.
+    """
     from common.datasets import filter_classes, load_dataset, parse_classes, parse_shard, shard
 
     index, count = parse_shard(config.shard)
-    data = load_dataset(config.data)
+    data = load_dataset(config.data) if loaded is None else loaded
     if config.classes:
         data = filter_classes(data, parse_classes(config.classes))
     data = shard(data, index, count, skew=config.skew, seed=config.seed)
@@ -307,7 +313,8 @@ def _local_data(config: EdgeConfig) -> Dataset:
     return data
 
 
-def _finetune_config(config: EdgeConfig) -> FinetuneConfig:
+def finetune_config(config: EdgeConfig) -> FinetuneConfig:
+    """The node's fine-tuning settings (ConfigError on a bad trainable or delta encoding)."""
     from common.delta import DeltaEncoding
     from common.finetune import Trainable
     from edge.transfer import EPOCHS, FinetuneConfig
@@ -376,14 +383,49 @@ def _derived_profile(
     )
 
 
-def run_edge(config: EdgeConfig, profile: EnergyProfile | None = None) -> dict[str, Any]:
-    """Run the node's branch (latents or fine-tune); return its report (also written if asked)."""
-    from common.models import AutoencoderConfig, compression_ratio
-    from edge.transfer import run_finetune
-    from edge.uplink import RetryPolicy, UplinkClient
+@dataclass
+class PreparedNode:
+    """A node ready to take part in a round: its shard, models and report so far."""
 
-    started = time.perf_counter()
-    data = _local_data(config)
+    config: EdgeConfig
+    data: Dataset
+    ae_config: AutoencoderConfig
+    ft: FinetuneConfig
+    base: tuple[DownloadedModel, ModelFile] | None
+    """The server's base model (None when it serves none, or not needed)."""
+    registration: NodeRegistration
+    """What the node registers with (its profile derived from its data and models)."""
+    report: dict[str, Any]
+
+
+@dataclass
+class TrainedEncoder:
+    """The encoder a node trained and uploaded latents of, with the noise it adds to them."""
+
+    model: ConvAutoencoder
+    noise: Callable[[FloatArray], FloatArray]
+
+
+def prepare_node(
+    client: UplinkClient,
+    config: EdgeConfig,
+    profile: EnergyProfile | None = None,
+    *,
+    data: Dataset | None = None,
+) -> PreparedNode:
+    """Load the node's shard, fetch the base model if needed and derive its profile.
+
+    The only RPC is the base model's download; registering is the caller's step.
+
+    Args:
+        client: An open client to the server.
+        config: The node's settings.
+        profile: Its energy profile (fields left at 0 are derived here).
+        data: The node's shard when already loaded (else :func:`local_data` of ``config``).
+    """
+    from common.models import AutoencoderConfig, compression_ratio
+
+    data = local_data(config) if data is None else data
     c, h, w = data.input_shape
     ae_config = AutoencoderConfig(in_channels=c, height=h, width=w, latent_dim=config.latent_dim)
     logger.info(
@@ -417,33 +459,63 @@ def run_edge(config: EdgeConfig, profile: EnergyProfile | None = None) -> dict[s
         profile=profile,
         reset=config.reset,
     )
-    ft = _finetune_config(config)
+    ft = finetune_config(config)
+    base = None
+    if config.mode == "finetune" or config.scheduled:
+        base = _base_if_served(client, config, ft)
+    if profile is not None:
+        profile = _derived_profile(
+            profile, config=config, data=data, ae_config=ae_config, ft=ft, base=base
+        )
+        reg = replace(reg, profile=profile)
+        report["profile"] = asdict(profile)
+    return PreparedNode(config, data, ae_config, ft, base, reg, report)
+
+
+def run_edge(config: EdgeConfig, profile: EnergyProfile | None = None) -> dict[str, Any]:
+    """Run the node's branch (latents or fine-tune); return its report (also written if asked)."""
+    from edge.uplink import RetryPolicy, UplinkClient
+
+    started = time.perf_counter()
     tls = ClientTls.from_paths(config.tls_ca, config.tls_cert, config.tls_key)
     retry = RetryPolicy(window_s=config.retry_window_s)
     token = read_token(config.token, config.token_file)
     with UplinkClient(config.server, retry=retry, tls=tls, token=token) as client:
-        base = None
-        if config.mode == "finetune" or config.scheduled:
-            base = _base_if_served(client, config, ft)
-        if profile is not None:
-            profile = _derived_profile(
-                profile, config=config, data=data, ae_config=ae_config, ft=ft, base=base
-            )
-            reg = replace(reg, profile=profile)
-            report["profile"] = asdict(profile)
-        stored = client.register(reg)
+        node = prepare_node(client, config, profile)
+        report = node.report
+        stored = client.register(node.registration)
         logger.info("registered with %s (%d samples already stored)", config.server, stored)
-        branch = _branch(client, config, base is not None, report)
-        if branch == "finetune":
-            report.update(
-                run_finetune(client, config.node_id, data, ft, base=base, export_dir=config.export)
-            )
-        elif branch == "latents":
-            report["mode"] = "latents"
-            _run_latents(client, config, data, ae_config, report)
+        run_branch(client, node, _branch(client, config, node.base is not None, report))
     report["seconds"] = time.perf_counter() - started
     _write_report(config, report)
     return report
+
+
+def run_branch(client: UplinkClient, node: PreparedNode, branch: str) -> TrainedEncoder | None:
+    """Run ``branch`` (``latents``, ``finetune`` or ``skip``) of a prepared, registered node.
+
+    Updates ``node.report``; returns the trained encoder of the latents branch.
+    """
+    from edge.transfer import run_finetune
+
+    config = node.config
+    if branch == "finetune":
+        node.report.update(
+            run_finetune(
+                client, config.node_id, node.data, node.ft, base=node.base, export_dir=config.export
+            )
+        )
+    elif branch == "latents":
+        node.report["mode"] = "latents"
+        return _run_latents(client, config, node.data, node.ae_config, node.report)
+    return None
+
+
+def branch_for(sched: Schedule, *, has_base: bool) -> str:
+    """``latents`` when selected to upload, else ``finetune`` (``skip`` without a base model)."""
+    if sched.upload:
+        return "latents"
+    return "finetune" if has_base else "skip"
 
 
 def _branch(
@@ -454,27 +526,27 @@ def _branch(
         return config.mode
     sched = client.schedule(config.node_id)
     report["schedule"] = asdict(sched)
-    if sched.upload:
+    branch = branch_for(sched, has_base=has_base)
+    if branch == "latents":
         logger.info("round %d: upload with %.3g Hz", sched.round, sched.bandwidth_hz)
-        return "latents"
-    if has_base:
+    elif branch == "finetune":
         logger.info("round %d: not selected to upload: fine-tuning locally", sched.round)
-        return "finetune"
-    logger.info("round %d: not selected to upload", sched.round)
-    report["skipped_upload"] = True
-    return "skip"
+    else:
+        logger.info("round %d: not selected to upload", sched.round)
+        report["skipped_upload"] = True
+    return branch
 
 
-def _run_latents(
+def upload_latents(
     client: UplinkClient,
     config: EdgeConfig,
     data: Dataset,
     ae_config: AutoencoderConfig,
     report: dict[str, Any],
-) -> None:
-    """Train the autoencoder, upload latents, classify through the server, export."""
+) -> TrainedEncoder:
+    """Train the autoencoder without labels and upload the latents + labels."""
     from edge.privacy import LatentNoise, LatentNoiseConfig
-    from edge.trainer import TrainConfig, encode, reconstruct, train_autoencoder
+    from edge.trainer import TrainConfig, encode, train_autoencoder
 
     train_config = TrainConfig(seed=config.seed, train_noise=config.train_noise)
     report["train_noise"] = config.train_noise
@@ -506,18 +578,56 @@ def _run_latents(
     report.update(
         samples=ack.samples, uploaded_bytes=ack.payload_bytes, stored_samples=ack.stored_samples
     )
-    if config.evaluate and len(data.y_test):
+    return TrainedEncoder(model, noise)
+
+
+def evaluate_latents(
+    client: UplinkClient,
+    config: EdgeConfig,
+    data: Dataset,
+    encoder: TrainedEncoder,
+    report: dict[str, Any],
+    *,
+    wait: bool = True,
+) -> None:
+    """Classify the node's test split through the server; adds accuracy fields to ``report``.
+
+    ``wait``: first wait for a classifier that covers the node.
+    """
+    from edge.trainer import encode
+
+    if not len(data.y_test):
+        return
+    if wait:
         client.wait_for_classifier(config.node_id)
-        pred = client.classify(
-            config.node_id, noise(encode(model, data.x_test)), encoding=config.latent_dtype
-        )
-        correct = int(np.sum(pred.labels == data.y_test))
-        report.update(
-            accuracy=correct / len(data.y_test),
-            correct=correct,
-            test_samples=len(data.y_test),
-            classifier_version=pred.classifier_version,
-        )
+    pred = client.classify(
+        config.node_id,
+        encoder.noise(encode(encoder.model, data.x_test)),
+        encoding=config.latent_dtype,
+    )
+    correct = int(np.sum(pred.labels == data.y_test))
+    report.update(
+        accuracy=correct / len(data.y_test),
+        correct=correct,
+        test_samples=len(data.y_test),
+        classifier_version=pred.classifier_version,
+    )
+
+
+def _run_latents(
+    client: UplinkClient,
+    config: EdgeConfig,
+    data: Dataset,
+    ae_config: AutoencoderConfig,
+    report: dict[str, Any],
+) -> TrainedEncoder:
+    """Train the autoencoder, upload latents, classify through the server, export."""
+    from edge.trainer import reconstruct
+
+    encoder = upload_latents(client, config, data, ae_config, report)
+    if config.evaluate:
+        evaluate_latents(client, config, data, encoder, report)
+    model = encoder.model
     sample = data.x_test if len(data.x_test) else data.x_train
     recon = reconstruct(model, sample[:256])
     report["reconstruction_mse"] = float(np.mean((recon - sample[:256]) ** 2))
@@ -529,6 +639,7 @@ def _run_latents(
         np.savez_compressed(
             path.with_suffix(".recon.npz"), original=sample[:16], reconstruction=recon[:16]
         )
+    return encoder
 
 
 def _export(

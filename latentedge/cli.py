@@ -69,6 +69,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "solve the joint energy/latency upload and bandwidth plan",
     ),
     "simulate": ("device_sim.cli", "run an ONNX model with analog non-idealities, Monte Carlo"),
+    "fleet": (
+        "latentedge.fleet_cli",
+        "run N virtual edge nodes (local processes or Ray) against a server, round after round",
+    ),
 }
 
 logger = logging.getLogger(__name__)
