@@ -11,7 +11,8 @@ CPU ratio is the robust one when other jobs share the machine):
                    weights at ORT_ENABLE_ALL, so its output is checked against the patched graph
   weights_as_input weights become graph inputs, one session for all draws
   copies=K         device_sim's runner: K graph copies per session (K draws per session)
-and the runner with DAC/ADC (copies=8; --io-only times only these, with the clean pass). Memory:
+and the runner with DAC/ADC, clipping or with iterative bound management (copies=8; --io-only
+times only these, with the clean pass). Memory:
 --memory runs a 10,000-image resnet8 simulation and prints peak RSS growth against the input size.
 """
 
@@ -126,6 +127,8 @@ def bench_model(
     for spec_text in (
         "pcm:t=3600+dac:bits=8+adc:bits=8",
         "pcm:t=3600+dac:bits=8+adc:bits=8,noise=0.06",
+        "pcm:t=3600+dac:bits=8+adc:bits=8,bm=iterative",
+        "pcm:t=3600+dac:bits=8+adc:bits=8,noise=0.06,bm=iterative",
     ):
         io_spec = parse_noise_spec(spec_text)
         io_runner = Simulator(path, config=RunnerConfig(batch_size=batch, draws_per_session=8))
@@ -160,13 +163,13 @@ def bench_model(
         f"\n{name}: {len(x)} samples, batch {batch}; clean pass: wall {wall_s * 1e3:.1f} ms, "
         f"CPU {cpu_s * 1e3:.1f} ms (medians of {len(clean_wall)})"
     )
-    print(f"{'option (per draw)':<58} {'wall ms':>8} {'x clean':>8} {'CPU ms':>8} {'x clean':>8}")
+    print(f"{'option (per draw)':<78} {'wall ms':>8} {'x clean':>8} {'CPU ms':>8} {'x clean':>8}")
     rows = []
     for label, _, _ in cases:
         w_ratio, c_ratio = statistics.median(wall[label]), statistics.median(cpu[label])
         rows.append((label, w_ratio, c_ratio))
         print(
-            f"{label:<58} {w_ratio * wall_s * 1e3:>8.1f} {w_ratio:>8.2f} "
+            f"{label:<78} {w_ratio * wall_s * 1e3:>8.1f} {w_ratio:>8.2f} "
             f"{c_ratio * cpu_s * 1e3:>8.1f} {c_ratio:>8.2f}"
         )
     return rows

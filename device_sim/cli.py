@@ -12,7 +12,14 @@ import numpy as np
 
 from common.errors import NoiseInjectionError
 from device_sim.noise import NOISE_KINDS
-from device_sim.runner import RunnerConfig, simulate, simulate_per_layer, simulate_sweep
+from device_sim.runner import (
+    DrawBackend,
+    LocalDraws,
+    RunnerConfig,
+    simulate,
+    simulate_per_layer,
+    simulate_sweep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +78,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--draws-per-session", type=int, default=8, help="draws per onnxruntime session (8)"
     )
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
+    parser.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="where the draws run: this process (default) or Ray actors (same numbers)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        default="",
+        help="Ray cluster to join (default: start a local one); with --backend ray",
+    )
 
 
 def _load_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +120,21 @@ def run(args: argparse.Namespace) -> int:
         raise NoiseInjectionError("--plot needs --sweep")
     if args.per_layer and args.sweep is not None:
         raise NoiseInjectionError("--per-layer takes --noise, not --sweep")
+    if args.backend == "local" and args.ray_address:
+        raise NoiseInjectionError("--ray-address needs --backend ray")
     x, y = _load_data(args)
+    backend: DrawBackend = LocalDraws()
+    if args.backend == "ray":
+        from device_sim.ray_backend import RayDraws
+
+        backend = RayDraws(args.ray_address)
+    try:
+        return _run(args, x, y, backend)
+    finally:
+        backend.close()
+
+
+def _run(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, backend: DrawBackend) -> int:
     config = RunnerConfig(
         batch_size=args.batch_size,
         draws_per_session=args.draws_per_session,
@@ -115,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         "analog_exclude": args.analog_exclude,
         "fold_affine": not args.no_fold,
         "config": config,
+        "backend": backend,
     }
     if args.sweep is not None:
         sweep = simulate_sweep(args.model, x, y, args.sweep, **common)

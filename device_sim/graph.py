@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,6 +289,9 @@ class NoiseInput:
     """Name of the layer output in the clean graph whose per-sample shape the noise has."""
     scale: float
     """Std of the values to feed (output noise std in ADC steps)."""
+    stream: tuple[int, ...]
+    """Key of its random stream after ``(seed, draw, 1)``: ``(j,)`` for layer ``j``'s ADC (pass 0
+    of ``bm=iterative``), ``(j, k)`` for pass k ≥ 1 of ``bm=iterative``."""
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -795,7 +798,12 @@ def add_io_quantization(
     x/s to 2^bits − 2 steps over [−1, 1]. The ADC normalises y by s · max|W|, adds the noise input,
     clips to [−bound, bound], rounds to 2^bits − 2 steps over that range and scales back, times
     the scalar initializer :func:`adc_scale_name` (1; the runner writes each draw's drift
-    compensation factor there); the bias is added after.
+    compensation factor there); the bias is added after. With ``adc.bm == "iterative"`` pass
+    k = 0 … K computes the layer on x/(s · 2^k) (one more MVM node per pass with a DAC, all
+    reading the same weight initializer; without a DAC the one product is rescaled), each with its
+    own noise input, and each output vector takes the first pass none of whose rounded outputs
+    exceeds ±bound (a Gemm/MatMul row, the C_out outputs of one Conv position), else the last
+    pass, clipped (:func:`_bm_nodes`).
 
     Returns:
         The rewritten model and the noise inputs it expects (the runner feeds them).
@@ -809,7 +817,7 @@ def add_io_quantization(
     opset = _opset(model)
     by_name = {n.name: n for n in graph.node}
     noise_inputs: list[NoiseInput] = []
-    for tensor in prepared.analog:
+    for layer, tensor in enumerate(prepared.analog):
         node = by_name[tensor.node]
         if tensor.weight_input != 1 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
             raise NoiseInjectionError(
@@ -819,16 +827,17 @@ def add_io_quantization(
         if node.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0:
             raise NoiseInjectionError(f"dac/adc: Gemm {node.name!r} has alpha != 1")
         w = prepared.weights[tensor.graph_name]
-        new_nodes, noise = _io_nodes(node, w, opset=opset, dac=dac, adc=adc, graph=graph)
-        if noise is not None:
-            noise_inputs.append(noise)
+        new_nodes, noise = _io_nodes(
+            node, w, opset=opset, dac=dac, adc=adc, graph=graph, layer=layer
+        )
+        noise_inputs += noise
         position = list(graph.node).index(node)
         for offset, extra in enumerate(new_nodes):
             graph.node.insert(position + 1 + offset, extra)
     return model, noise_inputs
 
 
-def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula order
+def _io_nodes(  # one straight-line list of nodes, in formula order
     node: onnx.NodeProto,
     weight: np.ndarray,
     *,
@@ -836,7 +845,8 @@ def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula o
     dac: DacConfig | None,
     adc: AdcConfig | None,
     graph: onnx.GraphProto,
-) -> tuple[list[onnx.NodeProto], NoiseInput | None]:
+    layer: int,
+) -> tuple[list[onnx.NodeProto], list[NoiseInput]]:
     """Insert the pre-layer nodes before ``node`` and return the post-layer ones."""
     p = f"{node.name}/io/"
     dtype = weight.dtype
@@ -875,6 +885,10 @@ def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula o
     position = list(graph.node).index(node)
     for offset, extra in enumerate(pre):
         graph.node.insert(position + offset, extra)
+    if adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1:
+        return _bm_nodes(
+            node, weight, x=x, opset=opset, dac=dac, adc=adc, graph=graph, layer=layer, const=const
+        )
     post: list[onnx.NodeProto] = []
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if bias is not None:
@@ -882,7 +896,7 @@ def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula o
         del node.input[2:]
     y = p + "y"
     node.output[0] = y
-    noise: NoiseInput | None = None
+    noise: list[NoiseInput] = []
     if adc is not None:
         w_max = float(np.max(np.abs(weight))) or 1.0
         step = 2.0 * adc.bound / (2**adc.bits - 2)
@@ -894,13 +908,17 @@ def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula o
         ]
         yn = p + "yn"
         if adc.noise > 0:
-            noise = NoiseInput(name=p + "adc_noise", layer_output=out, scale=adc.noise / step)
-            graph.input.append(
-                helper.make_tensor_value_info(
-                    noise.name, helper.np_dtype_to_tensor_dtype(dtype), None
+            noise.append(
+                NoiseInput(
+                    name=p + "adc_noise", layer_output=out, scale=adc.noise / step, stream=(layer,)
                 )
             )
-            post.append(helper.make_node("Add", [yn, noise.name], [p + "ynz"]))
+            graph.input.append(
+                helper.make_tensor_value_info(
+                    noise[0].name, helper.np_dtype_to_tensor_dtype(dtype), None
+                )
+            )
+            post.append(helper.make_node("Add", [yn, noise[0].name], [p + "ynz"]))
             yn = p + "ynz"
         limit = adc.bound / step
         # the digital output scale (drift compensation) multiplies after the ADC, as aihwkit's
@@ -913,16 +931,199 @@ def _io_nodes(  # noqa: PLR0915  # one straight-line list of nodes, in formula o
             helper.make_node("Mul", [p + "yr", p + "unit_out"], [p + "yd"]),
         ]
         y = p + "yd"
-    if bias is not None:
-        b = numpy_helper.to_array(next(t for t in graph.initializer if t.name == bias))
-        if node.op_type == "Conv":
-            b = b.reshape((-1,) + (1,) * (weight.ndim - 2))
-        elif node.op_type == "Gemm":
-            b = b * float(_attr(node, "beta", 1.0))
-        post.append(helper.make_node("Add", [y, const("bias", b)], [out]))
-    else:
-        post.append(helper.make_node("Identity", [y], [out]))
+    post.append(_bias_node(node, weight, bias=bias, y=y, out=out, graph=graph, const=const))
     return post, noise
+
+
+def _bias_node(
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    *,
+    bias: str | None,
+    y: str,
+    out: str,
+    graph: onnx.GraphProto,
+    const: Callable[[str, float | np.ndarray], str],
+) -> onnx.NodeProto:
+    """The digital bias after the ADC (an Identity without one), writing the layer's output."""
+    if bias is None:
+        return helper.make_node("Identity", [y], [out])
+    b = numpy_helper.to_array(next(t for t in graph.initializer if t.name == bias))
+    if node.op_type == "Conv":
+        b = b.reshape((-1,) + (1,) * (weight.ndim - 2))
+    elif node.op_type == "Gemm":
+        b = b * float(_attr(node, "beta", 1.0))
+    return helper.make_node("Add", [y, const("bias", b)], [out])
+
+
+def _bm_nodes(
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    *,
+    x: str,
+    opset: int,
+    dac: DacConfig | None,
+    adc: AdcConfig,
+    graph: onnx.GraphProto,
+    layer: int,
+    const: Callable[[str, float | np.ndarray], str],
+) -> tuple[list[onnx.NodeProto], list[NoiseInput]]:
+    """ADC with aihwkit's iterative bound management, per output vector (after the pre-nodes).
+
+    Pass k = 0 … K (K from :meth:`AdcConfig.bm_passes`) reads x/(s · 2^k): with a DAC, its own
+    copy of the layer node (same weight initializer) on the input requantised on that grid;
+    without one, pass 0's product times 2^−k (exact). In ADC steps its output is
+    round(y/(s · 2^k · max|W| · step) + noise_k); the vector (a Gemm/MatMul row, the C_out outputs
+    of one Conv position) is saturated when any |code| > bound/step (aihwkit tests the rounded
+    noisy output with ``>``). Each vector takes the first unsaturated pass, else the last pass
+    clipped to ±bound/step; the codes times s · 2^k · max|W| · step times the digital scale,
+    plus the bias, are the output. Pass 0 is computed exactly as ``bm=clip`` computes it, so the
+    two differ only on vectors saturated at pass 0.
+    """
+    p = f"{node.name}/io/"
+    dtype = weight.dtype
+    passes = adc.bm_passes(None if dac is None else dac.bits)
+    out = node.output[0]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None:
+        node.input[2] = ""
+        del node.input[2:]
+    node.output[0] = p + "y"
+    products = _bm_products(node, x, passes=passes, dac=dac, graph=graph, const=const)
+    w_max = float(np.max(np.abs(weight))) or 1.0
+    step = 2.0 * adc.bound / (2**adc.bits - 2)
+    limit = adc.bound / step
+    bm_axes = [1] if node.op_type == "Conv" else [-1]
+    post: list[onnx.NodeProto] = []
+    noise: list[NoiseInput] = []
+    codes: list[str] = []
+    units: list[str] = []
+    passed: list[str] = []
+    for k in range(passes):
+        q = p if k == 0 else f"{p}bm{k}/"
+        suffix = "" if k == 0 else str(k)
+        post += [
+            helper.make_node(
+                "Mul", [p + "s", const(f"w_max_step{suffix}", w_max * step * 2.0**k)], [q + "unit"]
+            ),
+            helper.make_node("Reciprocal", [q + "unit"], [q + "per_unit"]),
+            helper.make_node("Mul", [products[k], q + "per_unit"], [q + "yn"]),
+        ]
+        yn = q + "yn"
+        if adc.noise > 0:
+            stream = (layer,) if k == 0 else (layer, k)
+            noise.append(
+                NoiseInput(
+                    name=p + f"adc_noise{suffix}",
+                    layer_output=out,
+                    scale=adc.noise / step,
+                    stream=stream,
+                )
+            )
+            graph.input.append(
+                helper.make_tensor_value_info(
+                    noise[-1].name, helper.np_dtype_to_tensor_dtype(dtype), None
+                )
+            )
+            post.append(helper.make_node("Add", [yn, noise[-1].name], [q + "ynz"]))
+            yn = q + "ynz"
+        if k == passes - 1:
+            post += [
+                helper.make_node("Clip", [yn, const("lo", -limit), const("hi", limit)], [q + "yc"]),
+                helper.make_node("Round", [q + "yc"], [q + "yr"]),
+            ]
+        else:
+            post += [
+                helper.make_node("Round", [yn], [q + "yr"]),
+                helper.make_node("Abs", [q + "yr"], [q + "yabs"]),
+                _reduce_max(
+                    q + "yabs",
+                    q + "ymax",
+                    axes=bm_axes,
+                    opset=opset,
+                    axes_name=p + "bm_axes",
+                    graph=graph,
+                ),
+                # codes are integers: |code| > limit  <=>  not (max |code| < limit + 1/2)
+                helper.make_node(
+                    "Less", [q + "ymax", const("bm_ok_below", limit + 0.5)], [q + "ok"]
+                ),
+            ]
+            passed.append(q + "ok")
+        codes.append(q + "yr")
+        units.append(q + "unit")
+    code, unit = codes[-1], units[-1]
+    for k in range(passes - 2, -1, -1):
+        q = f"{p}bm{k}/sel_"
+        post += [
+            helper.make_node("Where", [passed[k], codes[k], code], [q + "code"]),
+            helper.make_node("Where", [passed[k], units[k], unit], [q + "unit"]),
+        ]
+        code, unit = q + "code", q + "unit"
+    scale_name = const(adc_scale_name(node.name)[len(p) :], 1.0)
+    post += [
+        helper.make_node("Mul", [unit, scale_name], [p + "unit_out"]),
+        helper.make_node("Mul", [code, p + "unit_out"], [p + "yd"]),
+    ]
+    post.append(_bias_node(node, weight, bias=bias, y=p + "yd", out=out, graph=graph, const=const))
+    return post, noise
+
+
+def _bm_products(
+    node: onnx.NodeProto,
+    x: str,
+    *,
+    passes: int,
+    dac: DacConfig | None,
+    graph: onnx.GraphProto,
+    const: Callable[[str, float | np.ndarray], str],
+) -> list[str]:
+    """The layer outputs of passes 0 … passes − 1 (``node`` computes pass 0's, on x/s).
+
+    With a DAC, pass k ≥ 1 gets its own copy of ``node`` (same weight initializer) on x
+    requantised on the grid of x/(s · 2^k), inserted before ``node``; without one, every pass
+    reads pass 0's product (the ADC normalisation then divides by 2^k, exactly).
+    """
+    p = f"{node.name}/io/"
+    inserted: list[onnx.NodeProto] = []
+    products = [p + "y"]
+    if dac is not None:
+        levels = float(2 ** (dac.bits - 1) - 1)
+        for k in range(1, passes):
+            q = f"{p}bm{k}/"
+            inserted += [
+                helper.make_node("Mul", [p + "s", const(f"bm{k}/reduction", 2.0**k)], [q + "s"]),
+                helper.make_node("Div", [const("dac_levels", levels), q + "s"], [q + "to_int"]),
+                helper.make_node("Div", [q + "s", const("dac_levels", levels)], [q + "to_x"]),
+                helper.make_node("Mul", [x, q + "to_int"], [q + "xl"]),
+                helper.make_node("Round", [q + "xl"], [q + "xr"]),
+                helper.make_node("Mul", [q + "xr", q + "to_x"], [q + "x"]),
+            ]
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = q + node.op_type
+            copy.input[0] = q + "x"
+            copy.output[0] = q + "y"
+            inserted.append(copy)
+            products.append(q + "y")
+        # before the layer node (after the pre-nodes): add_io_quantization puts the ADC after it
+        position = list(graph.node).index(node)
+        for offset, extra in enumerate(inserted):
+            graph.node.insert(position + offset, extra)
+    else:
+        products *= passes
+    return products
+
+
+def _reduce_max(
+    x: str, out: str, *, axes: list[int], opset: int, axes_name: str, graph: onnx.GraphProto
+) -> onnx.NodeProto:
+    """ReduceMax with keepdims over ``axes`` (an initializer ``axes_name`` from opset 18 on)."""
+    if opset < 18:
+        return helper.make_node("ReduceMax", [x], [out], axes=axes, keepdims=1)
+    if not any(t.name == axes_name for t in graph.initializer):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
+    return helper.make_node("ReduceMax", [x, axes_name], [out], keepdims=1)
 
 
 def replicate(

@@ -289,6 +289,36 @@ class AdcConfig:
     """Std of additive Gaussian output noise, in normalised output units (aihwkit uses 0.06)."""
     bound: float = 12.0
     """Output clipping bound in normalised units (input range 1 · max|W| = 1)."""
+    bm: str = "clip"
+    """Output bound management: ``clip`` (one pass, saturated outputs clipped to ±bound) or
+    ``iterative`` (aihwkit's default: a saturated input vector is re-run with its input halved,
+    up to :attr:`bm_passes` passes; ``docs/noise-models.md``)."""
+
+    def bm_passes(self, dac_bits: int | None) -> int:
+        """Passes of ``bm=iterative`` (1 for ``clip``): aihwkit's limit on the reduction 2^k.
+
+        aihwkit stops after the pass with reduction 2^k once 2^k > ``max_bm_factor`` (1000) or
+        2^k > ``max_bm_res`` / (2 · ``inp_res``) (0.25 · (2^bits − 2) / 2 for a ``bits``-bit DAC;
+        without a DAC term, aihwkit's default 7-bit DAC), so passes k = 0 … K with K the smallest
+        k where 2^k exceeds the smaller limit: K = 4 for 7 bits, 5 for 8 bits, at most 10.
+        """
+        if self.bm != "iterative":
+            return 1
+        bits = _AIHWKIT_DAC_BITS if dac_bits is None else dac_bits
+        limit = min(_MAX_BM_FACTOR, _MAX_BM_RES * (2**bits - 2) / 2)
+        passes = 1
+        while 2 ** (passes - 1) <= limit:
+            passes += 1
+        return passes
+
+
+_AIHWKIT_DAC_BITS = 7
+"""aihwkit's default DAC (``IOParameters.inp_res = 1 / (2^7 − 2)``), used for ``bm=iterative``'s
+pass limit when the spec has no ``dac`` term."""
+_MAX_BM_FACTOR = 1000.0
+"""aihwkit's ``IOParameters.max_bm_factor``."""
+_MAX_BM_RES = 0.25
+"""aihwkit's ``IOParameters.max_bm_res``."""
 
 
 @dataclass(frozen=True)
@@ -444,6 +474,7 @@ _PARAMS: dict[str, dict[str, _Param]] = {
         "bits": _integer("adc", "bits", 2, 24),
         "noise": _optional(_number("adc", "noise", 0.0), 0.0),
         "bound": _optional(_number("adc", "bound", 1e-6), 12.0),
+        "bm": _choice("adc", "bm", ("clip", "iterative"), "clip"),
     },
 }
 

@@ -3,7 +3,8 @@
 Draw ``d`` of a run with seed ``s`` takes the noise of analog tensor ``i`` from the stream
 ``default_rng([s, d, 0, i])`` and the ADC output noise of layer ``j`` from
 ``default_rng([s, d, 1, j])`` (its raw 64-bit words, 16 bits per element: :func:`adc_noise`),
-consumed in sample order; so a draw does not depend on the batch
+and with ``adc:bm=iterative`` pass k ≥ 1 of layer j from ``default_rng([s, d, 1, j, k])``
+(:attr:`NoiseInput.stream`), each consumed in sample order; so a draw does not depend on the batch
 size, the thread count, how draws are grouped into sessions, or which other tensors are noisy.
 Several draws share one onnxruntime session: the graph is replicated ``draws_per_session`` times
 and each copy's weights are written into the serialized graph (the fastest correct option
@@ -12,6 +13,7 @@ measured in ``bench/device_sim_throughput.py``).
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 import math
@@ -20,7 +22,7 @@ import statistics
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +113,8 @@ class Simulator:
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
         self.name = str(model) if not isinstance(model, onnx.ModelProto) else proto.graph.name
         self.config = config or RunnerConfig()
+        self._source = proto
+        self._options = (output, fold_affine, analog_include, analog_exclude)
         self.prepared: PreparedGraph = prepare(
             proto,
             output=output,
@@ -123,6 +127,18 @@ class Simulator:
         self._batch_checked = not self.prepared.batch_was_fixed
         self._templates: dict[tuple[str, int], _Template] = {}
         self._noise_shapes: dict[str, tuple[int, ...]] = {}
+
+    def recipe(self) -> SimulatorRecipe:
+        """What rebuilds this simulator in another process (e.g. a Ray worker)."""
+        output, fold_affine, include, exclude = self._options
+        return SimulatorRecipe(
+            model=self._source.SerializeToString(),
+            output=output,
+            fold_affine=fold_affine,
+            analog_include=include,
+            analog_exclude=exclude,
+            config=self.config,
+        )
 
     @property
     def analog_names(self) -> tuple[str, ...]:
@@ -312,7 +328,9 @@ class Simulator:
         session = self._session(template.model.SerializeToString())
         outputs = [name(k, self.prepared.output_name) for k in range(len(draws))]
         streams = {
-            (k, j): np.random.default_rng([seed, draw, _ADC_STREAM, j]).bit_generator
+            (k, j): np.random.default_rng(
+                [seed, draw, _ADC_STREAM, *noise_inputs[j].stream]
+            ).bit_generator
             for k, draw in enumerate(draws)
             for j in range(len(noise_inputs))
         }
@@ -345,6 +363,92 @@ class Simulator:
 
 
 _NOISE_BITS = 16
+
+
+@dataclass(frozen=True)
+class SimulatorRecipe:
+    """The serialized model and options of a :class:`Simulator` (picklable, for workers)."""
+
+    model: bytes
+    """The source ONNX model, serialized (external data inlined)."""
+    output: str | None
+    fold_affine: bool
+    analog_include: str | None
+    analog_exclude: str | None
+    config: RunnerConfig
+
+    def build(self, *, threads: int | None = None) -> Simulator:
+        """The simulator (``threads``: override the onnxruntime threads; results don't change)."""
+        config = self.config if threads is None else replace(self.config, threads=threads)
+        return Simulator(
+            onnx.load_from_string(self.model),
+            output=self.output,
+            fold_affine=self.fold_affine,
+            analog_include=self.analog_include,
+            analog_exclude=self.analog_exclude,
+            config=config,
+        )
+
+
+@dataclass(frozen=True)
+class DrawJob:
+    """Accuracies to compute: ``spec`` on ``tensors`` (None = all analog ones) at ``draws``."""
+
+    spec: NoiseSpec
+    draws: tuple[int, ...]
+    tensors: tuple[int, ...] | None = None
+
+
+class DrawBackend(abc.ABC):
+    """Evaluates Monte-Carlo draws.
+
+    Draw ``d`` depends only on (seed, d, spec, tensors), so every backend returns exactly the
+    numbers of :class:`LocalDraws` for the same seed.
+    """
+
+    @abc.abstractmethod
+    def accuracies(
+        self, sim: Simulator, x: np.ndarray, y: np.ndarray, jobs: Sequence[DrawJob], seed: int
+    ) -> list[list[float]]:
+        """Per-draw accuracies of each job, in the order of its ``draws``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release what the backend holds."""
+
+
+class LocalDraws(DrawBackend):
+    """All draws in this process, one job after another (the default)."""
+
+    def accuracies(  # noqa: D102
+        self, sim: Simulator, x: np.ndarray, y: np.ndarray, jobs: Sequence[DrawJob], seed: int
+    ) -> list[list[float]]:
+        return [_job_accuracies(sim, x, y, job, seed) for job in jobs]
+
+    def close(self) -> None:  # noqa: D102
+        pass
+
+
+def _job_accuracies(
+    sim: Simulator, x: np.ndarray, y: np.ndarray, job: DrawJob, seed: int
+) -> list[float]:
+    result: list[float] = []
+    started = last = time.perf_counter()
+    n = len(job.draws)
+    for k, (_, outputs) in enumerate(sim.predictions(x, job.spec, job.draws, seed, job.tensors)):
+        result.append(sim.accuracy(outputs, y))
+        now = time.perf_counter()
+        if n > 1 and (now - last > 2.0 or k == n - 1):
+            logger.info(
+                "%s: draw %d/%d, mean accuracy %.4f (%.1f s)",
+                job.spec.text,
+                k + 1,
+                n,
+                float(np.mean(result)),
+                now - started,
+            )
+            last = now
+    return result
 
 
 @functools.cache
@@ -418,40 +522,40 @@ def accuracy(outputs: np.ndarray, y: np.ndarray, name: str = "output", listing: 
     return float(np.mean(predicted_classes(outputs, name, listing) == y))
 
 
-def _accuracies(
+def _all_accuracies(
     sim: Simulator,
     x: np.ndarray,
     y: np.ndarray,
-    spec: NoiseSpec,
+    runs: Sequence[tuple[NoiseSpec, Sequence[int] | None]],
     *,
     draws: int,
     seed: int,
     clean: float,
-    tensors: Sequence[int] | None = None,
-) -> list[float]:
+    backend: DrawBackend | None,
+) -> list[list[float]]:
+    """Per-draw accuracies of each ``(spec, tensors)`` run.
+
+    The random draws of all runs go to ``backend`` at once, so a Ray backend spreads sweep
+    points and layers as well as draws.
+    """
     if draws < 1:
         raise NoiseInjectionError(f"draws must be >= 1, got {draws}")
-    if spec.is_clean:
-        return [clean] * draws
-    if not spec.is_random:  # deterministic (quantisation only): every draw is the same
-        _, outputs = next(sim.predictions(x, spec, [0], seed, tensors))
-        return [sim.accuracy(outputs, y)] * draws
-    result: list[float] = []
-    started = last = time.perf_counter()
-    for draw, outputs in sim.predictions(x, spec, range(draws), seed, tensors):
-        result.append(sim.accuracy(outputs, y))
-        now = time.perf_counter()
-        if now - last > 2.0 or draw == draws - 1:
-            logger.info(
-                "%s: draw %d/%d, mean accuracy %.4f (%.1f s)",
-                spec.text,
-                draw + 1,
-                draws,
-                float(np.mean(result)),
-                now - started,
-            )
-            last = now
-    return result
+    jobs: list[DrawJob] = []
+    for spec, tensors in runs:
+        if spec.is_clean:
+            continue
+        # deterministic (quantisation only): every draw is the same, so run draw 0 only
+        chosen = tuple(range(draws)) if spec.is_random else (0,)
+        jobs.append(DrawJob(spec, chosen, None if tensors is None else tuple(tensors)))
+    done = iter((backend or LocalDraws()).accuracies(sim, x, y, jobs, seed))
+    out: list[list[float]] = []
+    for spec, _ in runs:
+        if spec.is_clean:
+            out.append([clean] * draws)
+            continue
+        values = next(done)
+        out.append(values if spec.is_random else values * draws)
+    return out
 
 
 def _as_spec(noise: str | NoiseSpec) -> NoiseSpec:
@@ -496,6 +600,7 @@ def simulate(  # noqa: PLR0917  # the demo calls simulate(model, x, y, spec, dra
     analog_exclude: str | None = None,
     fold_affine: bool = True,
     config: RunnerConfig | None = None,
+    backend: DrawBackend | None = None,
 ) -> SimulationReport:
     """Accuracy of ``model_path`` on ``(x, y)`` under ``noise_spec`` over Monte-Carlo draws.
 
@@ -512,6 +617,8 @@ def simulate(  # noqa: PLR0917  # the demo calls simulate(model, x, y, spec, dra
         analog_exclude: regex; matching initializer names are not analog.
         fold_affine: fold BatchNormalization/Mul following an analog layer into its weights.
         config: batch size, draws per session and threads.
+        backend: where the draws run (default :class:`LocalDraws`); any backend gives the same
+            numbers.
 
     Returns:
         The report (``to_json_dict()`` for JSON).
@@ -524,7 +631,9 @@ def simulate(  # noqa: PLR0917  # the demo calls simulate(model, x, y, spec, dra
     sim, clean = _prepare(
         model_path, x, y, output, analog_include, analog_exclude, fold_affine, config
     )
-    per_draw = _accuracies(sim, x, y, spec, draws=draws, seed=seed, clean=clean)
+    (per_draw,) = _all_accuracies(
+        sim, x, y, [(spec, None)], draws=draws, seed=seed, clean=clean, backend=backend
+    )
     return _report(
         sim,
         spec,
@@ -576,6 +685,7 @@ def simulate_sweep(  # noqa: PLR0917  # the demo calls simulate_sweep(model, x, 
     analog_exclude: str | None = None,
     fold_affine: bool = True,
     config: RunnerConfig | None = None,
+    backend: DrawBackend | None = None,
 ) -> SweepReport:
     """Run :func:`simulate` at each level of ``sweep`` (e.g. ``"awgn:snr_db=0,10,20"``).
 
@@ -585,21 +695,22 @@ def simulate_sweep(  # noqa: PLR0917  # the demo calls simulate_sweep(model, x, 
     sim, clean = _prepare(
         model_path, x, y, output, analog_include, analog_exclude, fold_affine, config
     )
-    reports = []
-    for level in levels:
-        started = time.perf_counter()
-        per_draw = _accuracies(sim, x, y, level.spec, draws=draws, seed=seed, clean=clean)
-        reports.append(
-            _report(
-                sim,
-                level.spec,
-                seed=seed,
-                x=x,
-                clean=clean,
-                per_draw=per_draw,
-                seconds=time.perf_counter() - started,
-            )
-        )
+    started = time.perf_counter()
+    per_level = _all_accuracies(
+        sim,
+        x,
+        y,
+        [(level.spec, None) for level in levels],
+        draws=draws,
+        seed=seed,
+        clean=clean,
+        backend=backend,
+    )
+    seconds = (time.perf_counter() - started) / len(levels)  # levels run together
+    reports = [
+        _report(sim, level.spec, seed=seed, x=x, clean=clean, per_draw=per_draw, seconds=seconds)
+        for level, per_draw in zip(levels, per_level, strict=True)
+    ]
     return SweepReport(
         model=sim.name,
         parameter=parameter,
@@ -621,6 +732,7 @@ def simulate_per_layer(  # noqa: PLR0917  # the demo calls simulate_per_layer(mo
     analog_exclude: str | None = None,
     fold_affine: bool = True,
     config: RunnerConfig | None = None,
+    backend: DrawBackend | None = None,
 ) -> PerLayerReport:
     """Put the weight noise of ``noise_spec`` on one analog tensor at a time.
 
@@ -636,21 +748,35 @@ def simulate_per_layer(  # noqa: PLR0917  # the demo calls simulate_per_layer(mo
     sim, clean = _prepare(
         model_path, x, y, output, analog_include, analog_exclude, fold_affine, config
     )
-    layers = []
-    for i, tensor in enumerate(sim.prepared.analog):
-        started = time.perf_counter()
-        per_draw = _accuracies(sim, x, y, spec, draws=draws, seed=seed, clean=clean, tensors=[i])
-        report = _report(
-            sim,
-            spec,
-            seed=seed,
-            x=x,
-            clean=clean,
-            per_draw=per_draw,
-            seconds=time.perf_counter() - started,
-            tensors=[i],
+    analog = sim.prepared.analog
+    started = time.perf_counter()
+    per_layer = _all_accuracies(
+        sim,
+        x,
+        y,
+        [(spec, [i]) for i in range(len(analog))],
+        draws=draws,
+        seed=seed,
+        clean=clean,
+        backend=backend,
+    )
+    seconds = (time.perf_counter() - started) / max(1, len(analog))  # layers run together
+    layers = [
+        LayerResult(
+            name=tensor.name,
+            report=_report(
+                sim,
+                spec,
+                seed=seed,
+                x=x,
+                clean=clean,
+                per_draw=per_draw,
+                seconds=seconds,
+                tensors=[i],
+            ),
         )
-        layers.append(LayerResult(name=tensor.name, report=report))
+        for i, (tensor, per_draw) in enumerate(zip(analog, per_layer, strict=True))
+    ]
     return PerLayerReport(
         model=sim.name, noise=spec.text, clean_accuracy=clean, layers=tuple(layers)
     )
