@@ -13,30 +13,18 @@ backend is made.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from common.errors import ConfigError
+from common.ray_session import start_ray
 from device_sim.runner import DrawBackend, DrawJob, Simulator, SimulatorRecipe
 
 logger = logging.getLogger(__name__)
 
-RAY_MISSING = "--backend ray needs Ray, which is not installed: pip install latentedge[ray]"
 """The one-line error when Ray is asked for but not importable."""
-
-
-def import_ray() -> Any:
-    """The ``ray`` module, or ConfigError naming the extra to install."""
-    try:
-        import ray  # noqa: PLC0415  # an optional extra, imported only when chosen
-    except ImportError as exc:
-        raise ConfigError(RAY_MISSING) from exc
-    return ray
 
 
 _SIMULATORS: dict[str, Simulator] = {}
@@ -70,16 +58,7 @@ class RayDraws(DrawBackend):
         Each task takes one CPU and runs onnxruntime on one thread, so Ray runs one task per
         CPU of the cluster.
         """
-        self._ray = ray = import_ray()
-        self._started = not ray.is_initialized()
-        if self._started:
-            ray.init(
-                address=address or "local",  # "local": a new instance, never a stale one
-                num_cpus=None if address else max(1, os.cpu_count() or 1),
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+        self._ray, self._started = start_ray(address)
 
     def accuracies(  # noqa: D102
         self, sim: Simulator, x: np.ndarray, y: np.ndarray, jobs: Sequence[DrawJob], seed: int

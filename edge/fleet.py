@@ -31,7 +31,6 @@ import abc
 import contextlib
 import logging
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +42,7 @@ import numpy as np
 from common.constants import RETRY_WINDOW_S
 from common.datasets import load_dataset
 from common.errors import ConfigError, LatentEdgeError, UplinkError
+from common.ray_session import start_ray
 from common.records import EnergyProfile, Schedule
 from edge.cli import (
     EdgeConfig,
@@ -64,7 +64,6 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
 """Names of the fleet backends (``--backend``)."""
-RAY_MISSING = "--backend ray needs Ray, which is not installed: pip install latentedge[ray]"
 """The one-line error when Ray is asked for but not importable."""
 
 
@@ -429,29 +428,12 @@ class LocalBackend(FleetBackend):
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def import_ray() -> Any:
-    """The ``ray`` module, or ConfigError naming the extra to install."""
-    try:
-        import ray  # noqa: PLC0415  # an optional extra, imported only when chosen
-    except ImportError as exc:
-        raise ConfigError(RAY_MISSING) from exc
-    return ray
-
-
 class RayBackend(FleetBackend):
     """One Ray actor per worker, on the cluster at ``address`` or on a local one started here."""
 
     def __init__(self, config: FleetConfig, address: str = "") -> None:
-        self._ray = ray = import_ray()
-        self._started = not ray.is_initialized()
-        if self._started:
-            ray.init(
-                address=address or "local",  # "local": a new instance, never a stale one
-                num_cpus=None if address else max(1, os.cpu_count() or 1),
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+        ray, self._started = start_ray(address)
+        self._ray = ray
         self.workers = config.workers
         actor = ray.remote(num_cpus=0)(FleetWorker)
         self._actors = [actor.remote(config) for _ in range(config.workers)]
