@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from common.delta import DeltaEntry, DeltaKind
 from common.errors import CodecError
 from common.records import (
@@ -19,7 +21,7 @@ from common.records import (
     UploadAck,
     UploadMode,
 )
-from common.tensors import WireTensor, from_wire, to_wire
+from common.tensors import WireArray, WireTensor, from_wire, to_wire
 from protos import tensor_pb2, uplink_pb2
 
 _MODE_TO_PROTO = {
@@ -120,6 +122,95 @@ def latent_chunk_to_proto(chunk: LatentChunk) -> uplink_pb2.LatentChunk:
         mode=_MODE_TO_PROTO[chunk.mode],
         total_samples=chunk.total_samples,
     )
+
+
+# -- hand-written LatentChunk serialiser --------------------------------------------------
+# The bytes protobuf's SerializeToString gives for the same message (fields in number order,
+# proto3 defaults left out, ``shape`` packed), built with one copy of the payload instead of
+# four (ndarray -> bytes -> message -> serialised message). The schema is protos/uplink.proto
+# and protos/tensor.proto; tests/unit/common/test_serde_wire.py checks byte equality.
+
+_WIRE_VARINT = 0
+_WIRE_LEN = 2
+_WIRE_FIXED32 = 5
+_U64_MASK = (1 << 64) - 1
+
+
+def _varint(value: int) -> bytes:
+    """Base-128 varint of ``value`` (negative values as their 64-bit two's complement)."""
+    value &= _U64_MASK
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint((field << 3) | wire_type)
+
+
+def _len_field(field: int, payload_bytes: int) -> bytes:
+    """Key and length prefix of a length-delimited field (the payload follows)."""
+    return _key(field, _WIRE_LEN) + _varint(payload_bytes)
+
+
+def _string_field(field: int, value: str) -> bytes:
+    if not value:
+        return b""
+    raw = value.encode("utf-8")
+    return _len_field(field, len(raw)) + raw
+
+
+def _varint_field(field: int, value: int) -> bytes:
+    return _key(field, _WIRE_VARINT) + _varint(value) if value else b""
+
+
+def _tensor_parts(tensor: WireArray) -> tuple[bytes, memoryview | None, bytes]:
+    """A ``Tensor`` message as (head, data, tail): head ends with data's key and length."""
+    data = tensor.buffer()
+    size = len(data)
+    head = _len_field(1, size) if size else b""
+    tail = _string_field(2, tensor.dtype)
+    if tensor.shape:
+        dims = b"".join(_varint(d) for d in tensor.shape)
+        tail += _len_field(3, len(dims)) + dims
+    scale = struct.pack("<f", tensor.scale)
+    if scale != b"\0\0\0\0":  # proto3 leaves out a float whose bits are all zero
+        tail += _key(4, _WIRE_FIXED32) + scale
+    return head, data if size else None, tail
+
+
+def latent_chunk_to_bytes(
+    *,
+    node_id: str,
+    upload_id: str,
+    seq: int,
+    last: bool,
+    latents: WireArray,
+    labels: WireArray,
+    mode: UploadMode,
+    total_samples: int,
+) -> bytes:
+    """The serialised ``LatentChunk``, copying each tensor's payload once, from its array.
+
+    The bytes equal ``latent_chunk_to_proto(...).SerializeToString()`` for the same chunk.
+    """
+    parts: list[bytes | memoryview] = [
+        _string_field(1, node_id) + _string_field(2, upload_id) + _varint_field(3, seq)
+    ]
+    if last:
+        parts.append(_key(4, _WIRE_VARINT) + b"\x01")
+    for field, tensor in ((5, latents), (6, labels)):
+        head, data, tail = _tensor_parts(tensor)
+        size = len(head) + (len(data) if data is not None else 0) + len(tail)
+        parts.append(_len_field(field, size) + head)
+        if data is not None:
+            parts.append(data)
+        parts.append(tail)
+    parts.append(_varint_field(7, int(_MODE_TO_PROTO[mode])) + _varint_field(8, total_samples))
+    return b"".join(parts)
 
 
 def latent_chunk_from_proto(msg: uplink_pb2.LatentChunk) -> LatentChunk:

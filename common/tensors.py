@@ -54,8 +54,35 @@ class WireTensor:
         return len(self.data)
 
 
-def to_wire(array: np.ndarray, encoding: str | None = None) -> WireTensor:
-    """Encode ``array`` for the wire, optionally converting float data to ``encoding``.
+@dataclass(frozen=True)
+class WireArray:
+    """A tensor ready for the wire without copying its bytes: what :func:`to_wire` would send.
+
+    ``array`` is C-contiguous and little-endian; its bytes are exactly ``to_wire(...).data``.
+    It may share memory with the caller's array: do not modify that array until it was sent.
+    """
+
+    array: np.ndarray
+    """C-contiguous little-endian array of dtype :attr:`dtype`."""
+    dtype: str
+    """One of :data:`WIRE_DTYPES`."""
+    shape: tuple[int, ...]
+    """Dimensions, outermost first."""
+    scale: float = 0.0
+    """Dequantisation scale for ``int8`` (0 = unscaled)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size in bytes."""
+        return int(self.array.nbytes)
+
+    def buffer(self) -> memoryview:
+        """The payload bytes as a flat byte view of :attr:`array` (no copy)."""
+        return self.array.reshape(-1).view(np.uint8).data
+
+
+def wire_array(array: np.ndarray, encoding: str | None = None) -> WireArray:
+    """Like :func:`to_wire`, but without copying data that is already in the wire's layout.
 
     Args:
         array: Any array whose dtype is in :data:`WIRE_DTYPES` (or float64/bool-free ints).
@@ -78,18 +105,29 @@ def to_wire(array: np.ndarray, encoding: str | None = None) -> WireTensor:
             scale = peak / 127.0 if peak > 0 else 1.0
             arr = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
         else:
-            arr = arr.astype(encoding)
+            arr = arr.astype(encoding, copy=False)
     elif arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     name = arr.dtype.name
     if name not in WIRE_DTYPES:
         raise CodecError(f"dtype {name!r} cannot travel; expected one of {list(WIRE_DTYPES)}")
-    little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    little = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+    return WireArray(array=little, dtype=name, shape=tuple(int(d) for d in arr.shape), scale=scale)
+
+
+def to_wire(array: np.ndarray, encoding: str | None = None) -> WireTensor:
+    """Encode ``array`` for the wire, optionally converting float data to ``encoding``.
+
+    Args:
+        array: Any array whose dtype is in :data:`WIRE_DTYPES` (or float64/bool-free ints).
+        encoding: For float arrays, one of :data:`FLOAT_ENCODINGS`; None keeps the dtype.
+
+    Raises:
+        CodecError: on an unsupported dtype or encoding, or non-finite values for int8.
+    """
+    wire = wire_array(array, encoding)
     return WireTensor(
-        data=np.ascontiguousarray(little).tobytes(),
-        dtype=name,
-        shape=tuple(int(d) for d in arr.shape),
-        scale=scale,
+        data=wire.array.tobytes(), dtype=wire.dtype, shape=wire.shape, scale=wire.scale
     )
 
 
