@@ -44,6 +44,7 @@ from common.datasets import load_dataset
 from common.errors import ConfigError, LatentEdgeError, UplinkError
 from common.ray_session import start_ray
 from common.records import EnergyProfile, Schedule
+from common.tls import ClientTls
 from edge.cli import (
     EdgeConfig,
     PreparedNode,
@@ -103,6 +104,11 @@ class FleetConfig:
     """Folder of downloaded models (empty = ~/.cache/latentedge/models)."""
     retry_window_s: float = RETRY_WINDOW_S
     """Seconds each node keeps retrying an unreachable server."""
+    tls: ClientTls | None = field(default=None, repr=False)
+    """The server's CA (and a client certificate for mutual TLS); None = plaintext."""
+    token: str = field(default="", repr=False)
+    """Credential sent with every RPC. An admin token acts for every virtual node; a node
+    token only for its own id, so a fleet on a server that requires tokens needs an admin one."""
     workers: int = 1
     """Worker processes (local) or actors (Ray); each runs many nodes one after another."""
     samples_per_node: int = 0
@@ -251,7 +257,9 @@ class FleetWorker:
     def _uplink(self) -> UplinkClient:
         if self._client is None:
             retry = RetryPolicy(window_s=self._config.retry_window_s)
-            self._client = UplinkClient(self._config.server, retry=retry).__enter__()
+            self._client = UplinkClient(
+                self._config.server, retry=retry, tls=self._config.tls, token=self._config.token
+            ).__enter__()
         return self._client
 
     def _shard(self, config: EdgeConfig, index: int) -> Dataset:

@@ -27,7 +27,13 @@ from pathlib import Path
 
 from common.errors import ConfigError, UplinkError
 from common.records import EnergyProfile
-from common.tls import check_address
+from common.tls import (
+    add_client_tls_flags,
+    add_client_token_flags,
+    check_address,
+    client_tls_from_args,
+    client_token_from_args,
+)
 from edge.fleet import FleetConfig, FleetNode, RoundSummary, make_backend, run_fleet
 
 logger = logging.getLogger(__name__)
@@ -37,6 +43,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``fleet`` flags."""
     parser.add_argument("--nodes", type=int, required=True, help="number of virtual nodes N")
     parser.add_argument("--server", required=True, help="HOST:PORT of the server")
+    add_client_tls_flags(parser)
+    add_client_token_flags(parser)
     parser.add_argument(
         "--devices",
         type=Path,
@@ -186,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         evaluate=args.evaluate,
         model_cache=args.model_cache,
         retry_window_s=args.retry_window_s,
+        tls=client_tls_from_args(args),
+        token=client_token_from_args(args),
         samples_per_node=args.samples_per_node,
         workers=min(args.nodes, args.workers or os.cpu_count() or 1),
     )

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from common.modelfile import from_torch, write_model_file
+from common.tls import ClientTls
 from common.zoo import ModelSpec, build_model
 from edge.uplink import UplinkClient
 from tests.conftest import ServerProcess, start_server_process
@@ -25,19 +26,28 @@ weight_latency = 0.4
 """A cell where 4 digits nodes (~337 training samples each) need at least one uploader."""
 
 
-def start_fleet_server(tmp_path: Path) -> ServerProcess:
-    """``latentedge server`` with a [cell] (scheduling on) and a lenet base model (8x8 digits)."""
+def start_fleet_server(tmp_path: Path, *extra: str) -> ServerProcess:
+    """``latentedge server`` with a [cell] (scheduling on) and a lenet base model (8x8 digits);
+    ``extra`` server flags (TLS, say)."""
     base = tmp_path / "base.safetensors"
     spec = ModelSpec("lenet", 1, 8, 8, 10)
     write_model_file(from_torch(spec, build_model(spec, seed=0)), base)
     toml = tmp_path / "server.toml"
     toml.write_text(SERVER_TOML)
     return start_server_process(
-        tmp_path / "server.db", "--config", str(toml), "--base-model", str(base)
+        tmp_path / "server.db", "--config", str(toml), "--base-model", str(base), *extra
     )
 
 
-def check_fleet_report(report: dict[str, Any], address: str, nodes: int, rounds: int) -> None:
+def check_fleet_report(
+    report: dict[str, Any],
+    address: str,
+    nodes: int,
+    rounds: int,
+    *,
+    tls: ClientTls | None = None,
+    token: str = "",
+) -> None:
     """Every round ran every node on a fresh server round, and the server holds what it says."""
     assert report["nodes"] == nodes and len(report["rounds"]) == rounds
     assert report["registration_failed"] == 0, report["registration_errors"]
@@ -51,7 +61,7 @@ def check_fleet_report(report: dict[str, Any], address: str, nodes: int, rounds:
         assert r["test_samples"] > 0 and 0.0 <= r["accuracy"] <= 1.0
         server_rounds.append(r["server_round"])
     assert server_rounds == list(range(server_rounds[0], server_rounds[0] + rounds))
-    with UplinkClient(address) as client:
+    with UplinkClient(address, tls=tls, token=token) as client:
         status = client.status()
     by_id = {n.node_id: n for n in status.nodes}
     assert len(by_id) == nodes

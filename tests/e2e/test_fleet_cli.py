@@ -9,27 +9,39 @@ from pathlib import Path
 
 import pytest
 
+from common.tls import ClientTls
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 from tests.support_fleet import check_fleet_report, start_fleet_server
+from tests.support_tls import make_pki
 
 pytestmark = pytest.mark.e2e
 
 
-def test_fleet_local_runs_scheduled_rounds(tmp_path: Path) -> None:
+def test_fleet_local_runs_scheduled_rounds_over_tls_with_an_admin_token(tmp_path: Path) -> None:
     devices = tmp_path / "devices.csv"
     gen = run_cli("allocate", "generate", "--devices", "4", "--seed", "1", "--out", str(devices))
     assert gen.returncode == 0, gen.stderr
-    server = start_fleet_server(tmp_path)
+    pki = make_pki(tmp_path / "pki")
+    admin = run_cli("token", "issue", "--admin", "fleet", "--db", str(tmp_path / "server.db"))
+    assert admin.returncode == 0, admin.stderr
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(admin.stdout)
+    tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    server = start_fleet_server(tmp_path, *tls)
     try:
+        fleet = ["fleet", "--server", server.address, "--tls-ca", str(pki.ca), "--data", "digits"]
+        # a server with TLS wants a credential on every RPC: without one no node registers
+        denied = run_cli(*fleet, "--nodes", "2", "--retry-window-s", "1", timeout=120)
+        assert_one_line_error(denied, 4, "no node of the fleet registered")
+        assert "UNAUTHENTICATED" in denied.stderr
         out = tmp_path / "fleet.json"
         proc = run_cli(
-            "fleet",
+            *fleet,
+            "--token-file", str(token_file),
             "--nodes", "4",
             "--rounds", "2",
             "--devices", str(devices),
-            "--data", "digits",
             "--workers", "2",
-            "--server", server.address,
             "--model-cache", str(tmp_path / "cache"),
             "--out", str(out),
             timeout=240,
@@ -37,7 +49,15 @@ def test_fleet_local_runs_scheduled_rounds(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(out.read_text())
         assert report["backend"] == "local" and report["workers"] == 2
-        check_fleet_report(report, server.address, nodes=4, rounds=2)
+        check_fleet_report(
+            report,
+            server.address,
+            nodes=4,
+            rounds=2,
+            tls=ClientTls(ca=pki.ca.read_bytes()),
+            token=admin.stdout.strip(),
+        )
+        assert admin.stdout.strip() not in out.read_text() + proc.stdout + proc.stderr
         # progress on stderr, one line per round; the summary on stdout
         assert proc.stderr.count("round 1/2 (server round") == 1
         assert proc.stdout.startswith("fleet of 4 nodes on 2 local worker(s)")
