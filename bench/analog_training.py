@@ -7,7 +7,8 @@ One epoch of 6,000 MNIST training images (batch 64, 94 steps) of the zoo ``mlp``
 timed right after a digital-SGD run (interleaved, so load from other jobs hits both alike) and the
 ratio to that run is taken; medians over repeats of wall time and of process CPU time (the CPU
 ratio is the robust one on a shared machine). Variants: analog-sgd on ``softbounds`` (pulsed
-and expected-update modes) and on ``expstep`` (pulse-by-pulse loop), residual on ``softbounds``.
+and expected-update modes) and on ``expstep`` and ``powstep`` (pulse-by-pulse loop), residual on
+``softbounds``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ VARIANTS = (
     ("analog-sgd", "softbounds"),
     ("analog-sgd", "softbounds:mode=expected"),
     ("analog-sgd", "expstep"),
+    ("analog-sgd", "powstep"),
     ("residual", "softbounds"),
 )
 

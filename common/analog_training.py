@@ -61,6 +61,8 @@ class _Tile:
     slow: AnalogArray | None
     fast: AnalogArray | None
     fast_zero: torch.Tensor | None
+    scratch: tuple[torch.Tensor, torch.Tensor]
+    """Two buffers shaped like the weight (the desired changes, ``P − zero``)."""
 
 
 class InMemoryOptimizer:
@@ -96,7 +98,7 @@ class InMemoryOptimizer:
             peak = float(w.abs().max()) if w.numel() else 0.0
             scale = peak / (config.init_fraction * device.w_max) if peak > 0 else 1.0
             if algo is Algorithm.DIGITAL_SGD:
-                self.tiles.append(_Tile(p, 1.0, None, None, None))
+                self.tiles.append(_Tile(p, 1.0, None, None, None, (w, w)))
                 continue
             slow = AnalogArray(device, w / scale, self.rng)
             fast = zero = None
@@ -104,7 +106,8 @@ class InMemoryOptimizer:
                 fast = AnalogArray(device, torch.zeros_like(w), self.rng)
                 zero = fast.symmetry_point()
                 fast.w = torch.minimum(torch.maximum(zero.clone(), fast.lo), fast.hi)
-            tile = _Tile(p, scale, slow, fast, zero)
+            scratch = (torch.empty_like(w), torch.empty_like(w))
+            tile = _Tile(p, scale, slow, fast, zero, scratch)
             self.tiles.append(tile)
             self._write(tile)
 
@@ -133,23 +136,31 @@ class InMemoryOptimizer:
             if tile.slow is None:
                 tile.param.add_(grad, alpha=-lr)
                 continue
-            desired = grad * (-lr / tile.scale)
+            desired = torch.mul(grad, -lr / tile.scale, out=tile.scratch[0])
             if tile.fast is None:
                 tile.slow.update(desired)
-            else:
-                tile.fast.update(desired)
-                if transfer:
-                    assert tile.fast_zero is not None
-                    tile.slow.update(self.config.transfer_rate * (tile.fast.w - tile.fast_zero))
-            self._write(tile)
+                self._write(tile)
+                continue
+            tile.fast.update(desired)
+            assert tile.fast_zero is not None
+            # P − zero once: the transfer's Δ_W and the written W̄ share it (P does not move
+            # while W is updated)
+            fast = torch.sub(tile.fast.w, tile.fast_zero, out=tile.scratch[1])
+            if transfer:
+                tile.slow.update(torch.mul(fast, self.config.transfer_rate, out=tile.scratch[0]))
+            self._write(tile, fast)
 
-    def _write(self, tile: _Tile) -> None:
-        """Set the parameter to the digital-equivalent weight (W̄ = s(W + γP) or s·W)."""
+    def _write(self, tile: _Tile, fast: torch.Tensor | None = None) -> None:
+        """Set the parameter to the digital-equivalent weight (W̄ = s(W + γP) or s·W).
+
+        ``fast``: ``P − zero`` when the caller has it already.
+        """
         assert tile.slow is not None
         with torch.no_grad():
             torch.mul(tile.slow.w, tile.scale, out=tile.param.data)
             if tile.fast is not None and tile.fast_zero is not None:
-                fast = torch.sub(tile.fast.w, tile.fast_zero)
+                if fast is None:
+                    fast = torch.sub(tile.fast.w, tile.fast_zero)
                 tile.param.data.add_(fast, alpha=self.config.gamma * tile.scale)
 
 

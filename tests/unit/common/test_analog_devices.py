@@ -13,7 +13,9 @@ from common.analog_devices import (
     AnalogArray,
     DeviceConfig,
     UpdateMode,
+    _random_bytes,
     parse_device_spec,
+    response,
     symmetry_point,
 )
 from common.errors import ConfigError
@@ -115,6 +117,53 @@ def test_n_pulses_at_once_equal_n_single_pulses(spec: str) -> None:
         single.update(torch.full_like(GRID, dw))
     torch.testing.assert_close(batch.w, single.w, rtol=0, atol=1e-9)
     assert bool((batch.w >= start).all()) and int((batch.w > start).sum()) >= len(GRID) - 1
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "expstep:asym=0.1",
+        "powstep:asym=-0.2",
+        "expstep:bound_d2d=0.2,step_d2d=0.3,bl=9",
+        "powstep:gamma=1.5,bound_d2d=0.1",
+    ],
+)
+def test_pulse_loop_matches_pulses_fired_one_at_a_time(spec: str) -> None:
+    """The folded, compacting pulse loop = each pulse from ``response`` on each device.
+
+    Mixed counts (0 to bl, both signs) on 6000 devices, so the loop masks and compacts.
+    """
+    gen = torch.Generator().manual_seed(4)
+    start = torch.rand(6000, generator=gen) * 1.6 - 0.8
+    arr = AnalogArray(parse_device_spec(spec), start, np.random.default_rng(1))
+    cfg = arr.config
+    counts = (torch.rand(6000, generator=gen) ** 3 * (cfg.bl + 1)).floor() - 0.0
+    signed = counts * torch.where(torch.rand(6000, generator=gen) < 0.5, -1.0, 1.0)
+    w, lo, hi = arr.w.clone(), arr.lo.expand_as(arr.w), arr.hi.expand_as(arr.w)
+    d_up = (arr.dw * (1 + cfg.asym)).expand_as(w)
+    d_down = (arr.dw * (1 - cfg.asym)).expand_as(w)
+    for k in range(cfg.bl):
+        up, down = response(cfg, w, lo, hi)
+        step = torch.where(signed > 0, up * d_up, -down * d_down)
+        w = torch.where(signed.abs() > k, (w + step).clamp(lo, hi), w)
+    arr._pulses_loop(signed.clone())
+    torch.testing.assert_close(arr.w, w, rtol=0, atol=1e-5)
+    assert int((arr.w != start).sum()) > 2000
+
+
+@pytest.mark.parametrize("count", [0, 1, 6, 8, 1280, 1281, 200704])
+def test_random_bytes_are_generator_bytes(count: int) -> None:
+    """The fast path gives ``Generator.bytes``'s bytes and leaves the generator as it does."""
+    fast, slow = np.random.default_rng(9), np.random.default_rng(9)
+    for k in range(3):
+        if k == 1:  # a float32 normal leaves half a word buffered: the slow path
+            fast.standard_normal(3, dtype=np.float32)
+            slow.standard_normal(3, dtype=np.float32)
+        assert _random_bytes(fast, count).numpy().tobytes() == slow.bytes(count)
+    assert fast.standard_normal(4, dtype=np.float32).tolist() == (
+        slow.standard_normal(4, dtype=np.float32).tolist()
+    )
+    assert fast.integers(2**62) == slow.integers(2**62)
 
 
 def test_device_to_device_variation_gives_each_device_its_own_step_and_bounds() -> None:
