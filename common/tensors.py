@@ -131,15 +131,15 @@ def to_wire(array: np.ndarray, encoding: str | None = None) -> WireTensor:
     )
 
 
-def from_wire(tensor: WireTensor, field: str = "tensor") -> np.ndarray:
-    """Decode a :class:`WireTensor` into a new writable array; scaled int8 comes back as float32.
+def wire_view(tensor: WireTensor, field: str = "tensor") -> np.ndarray:
+    """A read-only array over a :class:`WireTensor`'s bytes, checked like :func:`from_wire`.
 
-    Args:
-        tensor: What arrived.
-        field: Name used in error messages (e.g. ``"latents"``).
+    No payload byte is copied: the array shares ``tensor.data``'s memory and has the wire's
+    dtype (little-endian). Scaled ``int8`` comes back unscaled (int8); its scale is checked
+    (finite, > 0, at most the float32-safe bound), so ``view * scale`` is finite float32.
 
     Raises:
-        CodecError: naming ``field`` when dtype, shape or byte length is inconsistent.
+        CodecError: naming ``field`` when dtype, shape, byte length or scale is inconsistent.
     """
     if tensor.dtype not in WIRE_DTYPES:
         raise CodecError(f"{field}.dtype must be one of {list(WIRE_DTYPES)}, got {tensor.dtype!r}")
@@ -155,18 +155,37 @@ def from_wire(tensor: WireTensor, field: str = "tensor") -> np.ndarray:
             f"{field}.data has {len(tensor.data)} bytes, expected {expected} for "
             f"{tensor.dtype} {list(tensor.shape)}"
         )
+    if (
+        tensor.dtype == "int8"
+        and tensor.scale != 0.0
+        and (not math.isfinite(tensor.scale) or tensor.scale < 0 or tensor.scale > _MAX_SCALE)
+    ):
+        raise CodecError(
+            f"{field}.scale must be finite, > 0 and at most {_MAX_SCALE:.4g} (so that "
+            f"127 * scale stays a float32), got {tensor.scale}"
+        )
     try:
-        # a writable array that owns its memory (frombuffer views are read-only)
-        arr = np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
+        view = np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
     except ValueError as exc:
         raise CodecError(f"{field}.shape {list(tensor.shape)} is not usable: {exc}") from exc
-    arr = arr.astype(dtype.newbyteorder("="))
+    view.flags.writeable = False
+    return view
+
+
+def from_wire(tensor: WireTensor, field: str = "tensor") -> np.ndarray:
+    """Decode a :class:`WireTensor` into a new writable array; scaled int8 comes back as float32.
+
+    Args:
+        tensor: What arrived.
+        field: Name used in error messages (e.g. ``"latents"``).
+
+    Raises:
+        CodecError: naming ``field`` when dtype, shape or byte length is inconsistent.
+    """
+    view = wire_view(tensor, field)
+    # a writable array that owns its memory (frombuffer views are read-only)
+    arr = view.astype(view.dtype.newbyteorder("="))
     if tensor.dtype == "int8" and tensor.scale != 0.0:
-        if not math.isfinite(tensor.scale) or tensor.scale < 0 or tensor.scale > _MAX_SCALE:
-            raise CodecError(
-                f"{field}.scale must be finite, > 0 and at most {_MAX_SCALE:.4g} (so that "
-                f"127 * scale stays a float32), got {tensor.scale}"
-            )
         return arr.astype(np.float32) * np.float32(tensor.scale)
     return arr
 

@@ -427,6 +427,10 @@ class SqliteStore(Store):
         # the segment each open upload appends to, by (kind, upload id)
         self._writers: dict[tuple[str, str], SegmentWriter] = {}
         self._writers_lock = threading.Lock()
+        self._staged_rows: dict[str, dict[int, _StagedRow]] = {}
+        """Chunk rows of open uploads, by upload id and seq, inserted at commit (or in batches
+        of :data:`STAGED_ROWS_MAX`): a chunk costs no SQLite transaction while it streams."""
+        self._staged_lock = threading.Lock()
         try:
             self._migrate()
             stat = self._path.stat()
@@ -767,6 +771,7 @@ class SqliteStore(Store):
 
     @override
     def begin_upload(self, upload_id: str, node_id: str, mode: UploadMode) -> None:
+        self._take_staged(upload_id)
         with self._write() as c:
             _reopen(c, _LATENTS, upload_id, node_id)
             old = self._new_segment(c, _LATENT_KIND, upload_id)
@@ -781,28 +786,37 @@ class SqliteStore(Store):
     def put_chunk(
         self, upload_id: str, seq: int, latents: WireTensor, labels: WireTensor, samples: int
     ) -> None:
-        # the bytes as they arrived, appended once; only where they are goes to the database
+        # the bytes as they arrived, appended once; only where they are goes to the database,
+        # in the commit transaction (a crash before it leaves an unreferenced segment, which
+        # the start-up sweep deletes, exactly as it did with rows of an open upload)
         ref = self._writer(_LATENT_KIND, upload_id).append((latents.data, labels.data))
-        with self._write(durable=False) as c:
-            c.execute(
-                "INSERT OR REPLACE INTO chunks (upload_id, seq, samples, latent_dtype, "
-                "latent_scale, latent_dim, latents, label_dtype, labels, segment_id, "
-                "seg_offset, seg_length, seg_crc) "
-                "VALUES (?, ?, ?, ?, ?, ?, X'', ?, X'', ?, ?, ?, ?)",
-                (
-                    upload_id,
-                    seq,
-                    samples,
-                    latents.dtype,
-                    latents.scale,
-                    latents.shape[1],
-                    labels.dtype,
-                    ref.segment_id,
-                    ref.offset_bytes,
-                    ref.length_bytes,
-                    ref.checksum,
-                ),
-            )
+        row: _StagedRow = (
+            upload_id,
+            seq,
+            samples,
+            latents.dtype,
+            latents.scale,
+            latents.shape[1],
+            labels.dtype,
+            ref.segment_id,
+            ref.offset_bytes,
+            ref.length_bytes,
+            ref.checksum,
+        )
+        with self._staged_lock:
+            rows = self._staged_rows.setdefault(upload_id, {})
+            rows[seq] = row
+            batch = list(rows.values()) if len(rows) >= STAGED_ROWS_MAX else []
+            if batch:
+                rows.clear()
+        if batch:  # memory stays bounded however many chunks an upload has
+            with self._write(durable=False) as c:
+                c.executemany(_INSERT_CHUNK_ROW, batch)
+
+    def _take_staged(self, upload_id: str) -> list[_StagedRow]:
+        """Forget the staged rows of ``upload_id``; return them."""
+        with self._staged_lock:
+            return list(self._staged_rows.pop(upload_id, {}).values())
 
     @override
     def commit_upload(
@@ -823,6 +837,9 @@ class SqliteStore(Store):
             if row is None or row[2] != "open":
                 raise ConflictError(f"upload_id {upload_id!r} is not open")
             node_id, mode = row[0], UploadMode(row[1])
+            with self._staged_lock:
+                staged = list(self._staged_rows.get(upload_id, {}).values())
+            c.executemany(_INSERT_CHUNK_ROW, staged)
             have = c.execute(
                 "SELECT COUNT(*), COALESCE(SUM(samples), 0), "
                 "COALESCE(SUM(COALESCE(seg_length, LENGTH(latents) + LENGTH(labels))), 0) "
@@ -867,6 +884,7 @@ class SqliteStore(Store):
                 (int(have[1]), int(have[2]), time.time(), upload_id),
             )
             stored = self._stored_samples(c, node_id)
+        self._take_staged(upload_id)
         self._release(_LATENT_KIND, upload_id, dropped)
         return UploadAck(
             upload_id=upload_id,
@@ -878,6 +896,7 @@ class SqliteStore(Store):
 
     @override
     def abort_upload(self, upload_id: str) -> None:
+        self._take_staged(upload_id)
         with self._write() as c:
             removed = _discard_open(c, _LATENTS, _LATENT_KIND, upload_id)
         self._release(_LATENT_KIND, upload_id, removed)
@@ -1461,6 +1480,21 @@ def _delete_segment_rows(c: sqlite3.Connection, segment_ids: list[int]) -> None:
 
 def _bump_data_version(c: sqlite3.Connection) -> None:
     c.execute("UPDATE meta SET value = value + 1 WHERE key = 'data_version'")
+
+
+STAGED_ROWS_MAX = 1024
+"""Staged chunk rows an open upload keeps in memory (~200 bytes each) before they are
+inserted (uncommitted-upload rows, as invisible as in memory) in one transaction."""
+
+_StagedRow = tuple[str, int, int, str, float, int, str, int, int, int, int]
+"""upload_id, seq, samples, latent dtype, scale, latent_dim, label dtype, segment_id,
+offset, length, CRC-32: the values of :data:`_INSERT_CHUNK_ROW`."""
+
+_INSERT_CHUNK_ROW = (
+    "INSERT OR REPLACE INTO chunks (upload_id, seq, samples, latent_dtype, latent_scale, "
+    "latent_dim, latents, label_dtype, labels, segment_id, seg_offset, seg_length, seg_crc) "
+    "VALUES (?, ?, ?, ?, ?, ?, X'', ?, X'', ?, ?, ?, ?)"
+)
 
 
 class _Transaction:

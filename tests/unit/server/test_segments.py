@@ -172,3 +172,34 @@ def test_a_version_1_database_keeps_its_inline_rows_and_adds_segments(tmp_path: 
     conn.close()
     assert inline == (0,)  # the replaced inline rows left the database
     assert len(_segments(db)) == 1
+
+
+def test_chunk_rows_wait_in_memory_for_the_commit_in_bounded_batches(
+    store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("server.store.STAGED_ROWS_MAX", 2)
+    x, y = _data(0, chunks=5)
+
+    def rows() -> int:
+        with sqlite3.connect(tmp_path / "s.db") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+
+    store.begin_upload("u1", "n0", UploadMode.APPEND)
+    for seq in range(5):
+        part = slice(seq * ROWS, (seq + 1) * ROWS)
+        store.put_chunk("u1", seq, to_wire(x[part]), to_wire(y[part]), ROWS)
+        assert rows() == (seq + 1) // 2 * 2  # full batches of 2 go to the database, unsynced
+    assert store.node_data("n0")[0].shape == (0, DIM)  # nothing visible before the commit
+    ack = store.commit_upload("u1", 5)
+    assert (ack.samples, rows()) == (5 * ROWS, 5)
+    np.testing.assert_array_equal(store.node_data("n0")[0], x)
+    # an aborted upload leaves no row, in memory or in the database
+    store.begin_upload("u2", "n0", UploadMode.APPEND)
+    for seq in range(3):
+        store.put_chunk("u2", seq, to_wire(x[:ROWS]), to_wire(y[:ROWS]), ROWS)
+    store.abort_upload("u2")
+    store.begin_upload("u2", "n0", UploadMode.APPEND)
+    store.put_chunk("u2", 0, to_wire(x[:ROWS]), to_wire(y[:ROWS]), ROWS)
+    assert store.commit_upload("u2", 1).samples == ROWS  # the earlier attempt's rows are gone
+    assert rows() == 6
+    store.close()
