@@ -43,7 +43,13 @@ class ServerConfig:
     listen: str = DEFAULT_LISTEN
     """HOST:PORT to bind; port 0 picks a free port (printed on start)."""
     db: str = "latentedge.db"
-    """SQLite database file (created when missing)."""
+    """SQLite database file (created when missing), or ``postgresql://USER@HOST:PORT/DB`` for
+    several replicas on one database (the password, if any, from ``PGPASSWORD`` or
+    ``~/.pgpass``, or in the URL)."""
+    payload_dir: str = ""
+    """Directory for payload segment files: SQLite's default is ``<db>.segments`` beside the
+    file; with PostgreSQL payloads stay in the database unless this names a directory every
+    replica mounts at the same path."""
     classifier_mode: str = "per_node"
     """``per_node`` (one classifier per node) or ``shared`` (one, told the node identity)."""
     max_upload_bytes: int = MAX_UPLOAD_BYTES
@@ -150,7 +156,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen", help=f"HOST:PORT to bind (default {DEFAULT_LISTEN}; port 0 = any)"
     )
-    parser.add_argument("--db", help="SQLite database path (default latentedge.db)")
+    parser.add_argument(
+        "--db",
+        help="SQLite database path (default latentedge.db) or postgresql://USER@HOST:PORT/DB",
+    )
+    parser.add_argument(
+        "--payload-dir",
+        help="payload segment directory (SQLite: default <db>.segments; PostgreSQL: default "
+        "payloads in the database; replicas must share it)",
+    )
     parser.add_argument(
         "--classifier-mode", choices=["per_node", "shared"], help="classifier family"
     )
@@ -206,6 +220,7 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         for key in (
             "listen",
             "db",
+            "payload_dir",
             "classifier_mode",
             "max_upload_bytes",
             *(key for key, _kind, _text in _LIMIT_FLAGS),
@@ -248,7 +263,7 @@ def _open_core(config: ServerConfig) -> tuple[Store, SplitLearningServer]:
     from server.core import IngestLimits, SplitLearningServer
     from server.store import open_store
 
-    store = open_store(config.db)
+    store = open_store(config.db, payload_dir=config.payload_dir or None)
     core = SplitLearningServer(
         store,
         limits=IngestLimits(
@@ -311,7 +326,10 @@ def _banner(
         base += ", mutual TLS" if tls.client_ca else ", TLS"
     if credentials:
         base += ", credentials required"
-    sys.stdout.write(f"latentedge server listening on {host}:{port} (db {config.db}{base})\n")
+    from server.store import describe_store
+
+    db = describe_store(config.db)
+    sys.stdout.write(f"latentedge server listening on {host}:{port} (db {db}{base})\n")
     sys.stdout.write(f"metrics on {metrics.url}\n" if metrics is not None else "")
     sys.stdout.flush()
 

@@ -79,6 +79,10 @@ MAX_NODE_SAMPLES = 2**53
 """Largest sample count a node may declare (exact in the scheduler's float64 columns)."""
 MAX_PROFILE_VALUE = 1e30
 """Largest energy-profile number: products of a few stay finite in the scheduler."""
+SHARED_POLL_S = 1.0
+"""On a store several replicas share: how often the trainer looks for data they stored and
+classifiers they trained (the newest classifier is served at most this much later)."""
+
 UPLOAD_LOCK_WAIT_S = 30.0
 """How long a stream waits for another stream of the same upload_id before UNAVAILABLE."""
 _LATENT_DTYPES = ("float32", "float16", "int8")
@@ -310,7 +314,6 @@ class SplitLearningServer:
             with _aborting(self._store.abort_upload, first.upload_id):
                 ack = self._stage_and_commit(first, chunks, node)
         self._trainer.notify()
-        self._scheduler.on_upload_committed(node.node_id)
         return ack
 
     def _open_stream(self, chunks: Iterator[_C], what: str) -> tuple[_C, NodeRegistration]:
@@ -370,13 +373,17 @@ class SplitLearningServer:
             lock, users = self._upload_locks.get(upload_id, (threading.Lock(), 0))
             self._upload_locks[upload_id] = (lock, users + 1)
         try:
+            started = time.monotonic()
             if not lock.acquire(timeout=UPLOAD_LOCK_WAIT_S):
                 raise BusyError(
                     f"upload_id {upload_id!r} is still being received on another stream; "
                     "retry shortly"
                 )
             try:
-                yield
+                # and across the server replicas sharing the store
+                left_s = max(0.0, UPLOAD_LOCK_WAIT_S - (time.monotonic() - started))
+                with self._store.upload_guard(upload_id, left_s):
+                    yield
             finally:
                 lock.release()
         finally:
@@ -539,7 +546,6 @@ class SplitLearningServer:
         """
         _check_id(node_id, "node_id", NODE_ID_PATTERN)
         removed = self._store.remove_node(node_id)
-        self._scheduler.on_node_removed(node_id)
         self._trainer.notify()
         logger.info("removed node %s (%d samples, %d deltas)", node_id, *removed)
         return removed
@@ -603,7 +609,6 @@ class SplitLearningServer:
             )
             with _aborting(self._store.abort_delta, first.upload_id):
                 ack = self._stage_delta(first, chunks, base)
-        self._scheduler.on_upload_committed(node.node_id)
         current = self._hub.current_version()
         if ack.base_version != current:
             logger.warning(
@@ -686,13 +691,7 @@ class _ClassifierTrainer:
         self._thread = threading.Thread(target=self._loop, name="classifier-trainer", daemon=True)
 
     def start(self) -> None:
-        latest = self._store.latest_classifier()
-        if latest is not None:
-            version, meta, blob, trained_at = latest
-            self._classifier = LatentClassifier.from_bytes(blob)
-            self._version, self._meta, self._trained_at = version, meta, trained_at
-            self._trained_data_version = int(str(meta.get("data_version", -1)))
-            logger.info("loaded classifier version %d (%s)", version, meta.get("mode"))
+        self._adopt_newer()
         if self._store.data_version() != self._trained_data_version:
             self.notify()
         self._thread.start()
@@ -727,9 +726,47 @@ class _ClassifierTrainer:
                 training=self._pending,
             )
 
+    def _adopt_newer(self) -> None:
+        """Serve the newest stored classifier when it is newer than ours (another replica's)."""
+        if self._store.classifier_version() <= self._version:
+            return
+        latest = self._store.latest_classifier()
+        if latest is None or latest[0] <= self._version:
+            return
+        version, meta, blob, trained_at = latest
+        classifier = LatentClassifier.from_bytes(blob)
+        with self._lock:
+            self._classifier = classifier
+            self._version, self._meta, self._trained_at = version, meta, trained_at
+            self._trained_data_version = int(str(meta.get("data_version", -1)))
+        logger.info("loaded classifier version %d (%s)", version, meta.get("mode"))
+
+    def _caught_up(self) -> bool:
+        """Whether the classifier served covers the stored data (adopting a newer one first)."""
+        self._adopt_newer()
+        done = self._store.data_version() == self._trained_data_version
+        if done:
+            with self._lock:
+                self._pending = False
+        return done
+
     def _loop(self) -> None:
+        # On a store that replicas share, uploads through the others change the data too:
+        # look every SHARED_POLL_S for their changes and for classifiers they trained.
+        poll_s = SHARED_POLL_S if self._store.shared else None
         while not self._stopping:
-            self._wake.wait()
+            woke = self._wake.wait(poll_s)
+            if self._stopping:
+                return
+            if not woke:
+                try:
+                    if self._caught_up():
+                        continue
+                except LatentEdgeError:
+                    logger.warning(
+                        "could not read the shared store; will look again", exc_info=True
+                    )
+                    continue
             delay = self._not_before - time.monotonic()
             if delay > 0 and self._halt.wait(delay):  # debounce; notifications accumulate
                 return
@@ -748,6 +785,16 @@ class _ClassifierTrainer:
                     self._pending = False
 
     def _train_once(self) -> None:
+        with self._store.training_lease() as mine:
+            if not mine:  # another replica is training: its result is adopted when stored
+                with self._lock:
+                    self._pending = True
+                return
+            if self._store.shared and self._caught_up():  # another replica trained this data
+                return
+            self._train_locked()
+
+    def _train_locked(self) -> None:
         data_version = self._store.data_version()
         if data_version == self._trained_data_version:  # a late wake-up: nothing new
             with self._lock:

@@ -23,9 +23,9 @@ import numpy as np
 
 from common.errors import ConflictError, InfeasibleAllocationError
 from common.records import NodeRegistration, Schedule
-from server.allocation import AllocationPlan, AllocationProblem, Cell, Device, solve
+from server.allocation import AllocationProblem, Cell, Device, solve
 from server.allocation.generate import equal_share_rate
-from server.store import Store
+from server.store import RoundState, Store
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +60,25 @@ def device_for(reg: NodeRegistration, cell: Cell | None = None, share_of: int = 
 
 
 class RoundScheduler:
-    """Makes and serves one allocation plan per round."""
+    """Makes and serves one allocation plan per round.
+
+    The round's state lives in the store (the plan, when it was made, the uploaders it still
+    waits for), so every server replica on a shared store serves the same round: the replica
+    that finds a round due makes the next plan, and if another replica stored that round first,
+    its plan is the one served.
+    """
 
     def __init__(self, store: Store, cell: Cell | None, *, round_timeout_s: float = 600.0) -> None:
         self._store = store
         self._cell = cell
         self._round_timeout_s = round_timeout_s
-        self._opened_at = 0.0
         self._lock = threading.Lock()
-        last = store.last_plan()
-        self._round = last[0] if last else 0
-        self._plan: AllocationPlan | None = None
+        self._round = 0
+        """The round whose plan is cached below."""
+        self._round_latency_s = 0.0
         self._decisions: dict[str, Schedule] = {}
-        self._waiting: set[str] = set()
         self._selected = 0
-        """Uploaders the current plan selected."""
-        self._closed = False
+        """Uploaders the cached plan selected."""
 
     def schedule(self, node_id: str) -> Schedule:
         """This round's decision for ``node_id`` (making the round's plan when due).
@@ -95,48 +98,70 @@ class RoundScheduler:
                 "table to its config to take part in scheduling"
             )
         with self._lock:
-            expired = time.monotonic() - self._opened_at > self._round_timeout_s
-            idle = self._plan is not None and not self._selected
-            overdue = expired and (bool(self._waiting) or idle)
-            if overdue and self._waiting:
-                logger.warning(
-                    "round %d timed out waiting for %s", self._round, sorted(self._waiting)
-                )
-            joiner = idle and node_id not in self._decisions
-            if joiner:
-                logger.info(
-                    "round %d selected no uploader; %s joined: new round", self._round, node_id
-                )
-            if self._plan is None or self._closed or overdue or joiner:
-                self._new_round(self._cell)
+            state = self._store.round_state()
+            if state is None or self._due(state, node_id):
+                self._new_round(self._cell, 0 if state is None else state.round)
+            elif state.round != self._round:
+                self._load()
             decision = self._decisions.get(node_id)
             if decision is None:
-                assert self._plan is not None
                 return Schedule(
                     round=self._round,
                     upload=False,
                     bandwidth_hz=0.0,
                     energy_j=0.0,
                     latency_s=0.0,
-                    round_latency_s=self._plan.round_latency_s,
+                    round_latency_s=self._round_latency_s,
                 )
             return decision
 
-    def on_node_removed(self, node_id: str) -> None:
-        """A removed node is no longer awaited this round."""
-        with self._lock:
-            if node_id in self._waiting:
-                self._waiting.discard(node_id)
-                self._closed = not self._waiting
+    def _due(self, state: RoundState, node_id: str) -> bool:
+        """Whether the stored round is over for a request of ``node_id``."""
+        if state.round != self._round:
+            self._load()
+        if self._selected and not state.waiting:
+            return True  # every selected uploader committed
+        expired = time.time() - state.created_at > self._round_timeout_s
+        idle = not self._selected
+        if expired and state.waiting:
+            logger.warning(
+                "round %d timed out waiting for %d uploader(s)", state.round, state.waiting
+            )
+            return True
+        if expired and idle:
+            return True
+        if idle and node_id not in self._decisions:
+            logger.info("round %d selected no uploader; %s joined: new round", state.round, node_id)
+            return True
+        return False
 
-    def on_upload_committed(self, node_id: str) -> None:
-        """Count a committed upload towards closing the round."""
-        with self._lock:
-            if node_id in self._waiting:
-                self._waiting.discard(node_id)
-                self._closed = not self._waiting
+    def _load(self) -> None:
+        """Cache the stored plan of the newest round (made by this replica or another)."""
+        last = self._store.last_plan()
+        if last is None:
+            raise ConflictError("the scheduling round's plan disappeared from the store")
+        self._cache(last[0], json.loads(last[1]))
 
-    def _new_round(self, cell: Cell) -> None:
+    def _cache(self, round_index: int, doc: dict[str, object]) -> None:
+        devices = doc.get("devices", [])
+        assert isinstance(devices, list)
+        latency = float(str(doc.get("round_latency_s", 0.0)))
+        self._round = round_index
+        self._round_latency_s = latency
+        self._decisions = {
+            str(d["id"]): Schedule(
+                round=round_index,
+                upload=bool(d["upload"]),
+                bandwidth_hz=float(d["bandwidth_hz"]),
+                energy_j=float(d["energy_j"]),
+                latency_s=float(d["latency_s"]),
+                round_latency_s=latency,
+            )
+            for d in devices
+        }
+        self._selected = sum(1 for d in devices if d["upload"])
+
+    def _new_round(self, cell: Cell, last_round: int) -> None:
         regs = [self._store.get_node(status.node_id) for status in self._store.list_nodes()]
         regs = [reg for reg in regs if reg.profile is not None]
         devices = [device_for(reg, cell, len(regs)) for reg in regs]
@@ -144,30 +169,19 @@ class RoundScheduler:
             plan = solve(AllocationProblem.from_devices(devices, cell))
         except InfeasibleAllocationError as exc:
             raise ConflictError(f"this round's allocation is infeasible: {exc}") from exc
-        self._round += 1
+        round_index = last_round + 1
         doc = plan.to_json_dict()
-        doc["round"] = self._round
-        self._store.save_plan(self._round, json.dumps(doc))
-        self._plan = plan
-        self._decisions = {
-            d.id: Schedule(
-                round=self._round,
-                upload=d.upload,
-                bandwidth_hz=d.bandwidth_hz,
-                energy_j=d.energy_j,
-                latency_s=d.latency_s,
-                round_latency_s=plan.round_latency_s,
-            )
-            for d in plan.decisions()
-        }
-        self._waiting = {d.id for d in plan.decisions() if d.upload}
-        self._selected = len(self._waiting)
-        self._closed = False
-        self._opened_at = time.monotonic()
+        doc["round"] = round_index
+        uploaders = [d.id for d in plan.decisions() if d.upload]
+        if not self._store.save_plan(round_index, json.dumps(doc), uploaders):
+            logger.info("round %d was planned by another replica; serving its plan", round_index)
+            self._load()
+            return
+        self._cache(round_index, doc)
         logger.info(
             "round %d: %d of %d node(s) upload; objective %.4g, gap %.2e, round latency %.3g s",
-            self._round,
-            len(self._waiting),
+            round_index,
+            len(uploaders),
             len(devices),
             plan.objective,
             plan.gap,

@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,21 +220,24 @@ class SegmentDir:
                 logger.warning("could not delete segment %s: %s", path, exc)
         return freed
 
-    def sweep(self, known: set[int]) -> tuple[int, int]:
-        """Delete every file of the directory that is not a segment in ``known``.
+    def sweep(self, known: Callable[[], set[int]]) -> tuple[int, int]:
+        """Delete every file of the directory that is not a segment ``known()`` returns.
 
-        Run at start-up, when no upload is open: a segment whose metadata never committed
-        (crash between the payload write and the commit, or before a deletion's unlink) is
-        not in ``known``. Returns (files deleted, bytes freed).
+        Run at start-up: a segment whose metadata never committed (crash between the payload
+        write and the commit, or before a deletion's unlink) is not known. ``known`` is called
+        after the directory is listed, so a segment another process creates meanwhile (its row
+        is committed before its file exists) is either not listed or known.
+        Returns (files deleted, bytes freed).
         """
         files = freed = 0
         try:
             entries = list(os.scandir(self.path))
         except OSError as exc:
             raise StoreError(f"cannot list segment directory {str(self.path)!r}: {exc}") from exc
+        ids = known()
         for entry in entries:
             stem, suffix = os.path.splitext(entry.name)
-            if suffix == SEGMENT_SUFFIX and stem.isdigit() and int(stem) in known:
+            if suffix == SEGMENT_SUFFIX and stem.isdigit() and int(stem) in ids:
                 continue
             if not entry.is_file(follow_symlinks=False):
                 continue

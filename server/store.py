@@ -1,33 +1,39 @@
 """Durable storage of nodes, uploads, latents, classifiers and allocation plans.
 
-:class:`Store` is the interface; :class:`SqliteStore` is the embedded default: SQLite in WAL
-mode (``synchronous=FULL``, so a commit that returned survives a crash of the process) for
-metadata, and append-only segment files beside it (:mod:`server.segments`) for the payload
-bytes of latent and delta chunks, so each payload byte is written once, not twice through the
-write-ahead log. A PostgreSQL backend would implement the same interface for several server
-replicas.
+:class:`Store` is the interface. :class:`SqlStore` holds everything both SQL backends share (the
+SQL itself is written once, in the dialect SQLite and PostgreSQL both accept); each backend
+brings its connections, transactions, schema and start-up sweep:
+
+- :class:`SqliteStore`, the embedded default: SQLite in WAL mode (``synchronous=FULL``, so a
+  commit that returned survives a crash of the process) for metadata, and append-only segment
+  files beside it (:mod:`server.segments`) for the payload bytes of latent and delta chunks,
+  so each payload byte is written once, not twice through the write-ahead log.
+- :class:`server.store_postgres.PostgresStore` (``postgresql://`` URLs), for several server
+  replicas on one database: payloads in the database, or in a segment directory every replica
+  shares (``--payload-dir``).
 
 Uploads are staged chunk by chunk (so ingest memory stays flat): the chunk's bytes are appended
-to the upload's segment and a metadata row (segment, offset, length, CRC-32) is written in a
-short transaction with ``synchronous=NORMAL`` (no fsync; a crash may lose it, and it is
-invisible anyway). An upload becomes visible only when :meth:`Store.commit_upload` marks it
-committed in one ``synchronous=FULL`` transaction, and only after the segment file (and, when
-the segment is new, its directory) was fsync'd: an acknowledged upload's bytes are on disk
-before its metadata is. Staged chunks and segments of an upload that never committed are
-invisible and are swept at start-up (segment files no row names are deleted) or when the
-same upload id starts again.
+to the upload's segment (or, without segments, written in an invisible row) and its metadata
+row waits in memory until the commit. An upload becomes visible only when
+:meth:`Store.commit_upload` marks it committed in one durable transaction, and only after the
+segment file (and, when the segment is new, its directory) was fsync'd: an acknowledged
+upload's bytes are on disk before its metadata is. Staged chunks and segments of an upload that
+never committed are invisible and are swept at start-up (segment files no row names are
+deleted) or when the same upload id starts again.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +216,20 @@ CREATE TABLE IF NOT EXISTS segments (
 );
 CREATE INDEX IF NOT EXISTS segments_by_upload ON segments (kind, upload_id);
 """,
+    # Replicas: which store instance opened an upload (its start-up sweep may discard only
+    # the open uploads of instances that are gone), and the uploaders a round still waits for
+    # (the scheduler's state lives in the database, so every replica serves the same round).
+    4: """
+ALTER TABLE uploads ADD COLUMN owner INTEGER;
+ALTER TABLE deltas ADD COLUMN owner INTEGER;
+ALTER TABLE segments ADD COLUMN owner INTEGER;
+CREATE TABLE IF NOT EXISTS round_waiting (
+    round INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    PRIMARY KEY (round, node_id)
+);
+CREATE INDEX IF NOT EXISTS round_waiting_by_node ON round_waiting (node_id);
+""",
 }
 """Version -> the statements that turn the previous version into it (applied in order)."""
 
@@ -313,12 +333,54 @@ class Store(abc.ABC):
         """(version, meta, blob, trained_at) of the newest classifier, or None."""
 
     @abc.abstractmethod
-    def save_plan(self, round_index: int, plan_json: str) -> None:
-        """Store the allocation plan of a round."""
+    def classifier_version(self) -> int:
+        """Version of the newest stored classifier (0: none); cheap, no blob is read."""
+
+    @abc.abstractmethod
+    def save_plan(self, round_index: int, plan_json: str, waiting: Sequence[str] = ()) -> bool:
+        """Store round ``round_index``'s plan and the uploaders it ``waiting`` for.
+
+        Returns False (storing nothing) when the round already has a plan: another replica
+        made it first, and every replica serves that one.
+        """
 
     @abc.abstractmethod
     def last_plan(self) -> tuple[int, str] | None:
         """(round, plan JSON) of the newest plan, or None."""
+
+    @abc.abstractmethod
+    def round_state(self) -> RoundState | None:
+        """The newest round: when its plan was made and how many uploaders it still awaits.
+
+        A committed upload or delta of a node, or its removal, stops the rounds awaiting it.
+        """
+
+    # -- several server processes on one store -----------------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        """Whether other server processes may use the same store at the same time."""
+        return False
+
+    def upload_guard(
+        self, upload_id: str, wait_s: float
+    ) -> contextlib.AbstractContextManager[None]:
+        """Held while one stream of ``upload_id`` is received, across every process on the store.
+
+        The server also serialises the streams of one upload id inside its process; a store
+        that replicas share makes that hold across them.
+
+        Raises:
+            BusyError: another process holds ``upload_id`` for longer than ``wait_s``.
+        """
+        return contextlib.nullcontext()
+
+    def training_lease(self) -> contextlib.AbstractContextManager[bool]:
+        """Enter to learn whether this process may train the classifier now (held inside).
+
+        One process trains at a time; the others serve the newest stored version.
+        """
+        return contextlib.nullcontext(True)
 
     # -- transfer learning: base model versions and fine-tuning deltas -----------------------
 
@@ -407,137 +469,107 @@ class Store(abc.ABC):
         """Release connections."""
 
 
-class SqliteStore(Store):
-    """The embedded store: SQLite metadata (WAL mode) plus payload segment files beside it.
+@dataclass(frozen=True)
+class RoundState:
+    """The newest scheduling round, as stored."""
 
-    One connection per thread; segments live in ``<file>.segments/`` (see
-    :mod:`server.segments`).
+    round: int
+    """Round number (1, 2, ...)."""
+    created_at: float
+    """Wall-clock time its plan was stored (s since the epoch)."""
+    waiting: int
+    """Uploaders of the plan that have not committed an upload or delta since."""
+
+
+class SqlStore(Store):
+    """The store logic both SQL backends share; a backend supplies the plumbing.
+
+    Subclasses give :meth:`_conn` (this thread's connection; ``execute`` takes ``?``
+    placeholders), :meth:`_write` (a serialised write transaction), :meth:`check` and
+    :meth:`close`, then call :meth:`_sweep_open_uploads` once the schema is there. Payload
+    bytes go to ``segments`` when given, else into the chunk rows themselves.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self._path = Path(path)
-        if self._path.parent and not self._path.parent.exists():
-            raise StoreError(f"database directory {str(self._path.parent)!r} does not exist")
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        # One writer at a time in this process: threads queue here instead of polling
-        # SQLite's busy handler, which sleeps up to 100 ms and leaves the write lock idle.
-        self._write_lock = threading.Lock()
+    _db_errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    """The driver's exception classes, raised as StoreError by every operation."""
+
+    def __init__(self, segments: SegmentDir | None, *, owner: int = 0) -> None:
+        self._segments = segments
+        self._owner = owner
+        """This store instance's id in the ``owner`` column of the uploads it opens."""
         # the segment each open upload appends to, by (kind, upload id)
         self._writers: dict[tuple[str, str], SegmentWriter] = {}
         self._writers_lock = threading.Lock()
         self._staged_rows: dict[str, dict[int, _StagedRow]] = {}
         """Chunk rows of open uploads, by upload id and seq, inserted at commit (or in batches
-        of :data:`STAGED_ROWS_MAX`): a chunk costs no SQLite transaction while it streams."""
+        of :data:`STAGED_ROWS_MAX`): a chunk costs no transaction while it streams."""
         self._staged_lock = threading.Lock()
-        try:
-            self._migrate()
-            stat = self._path.stat()
-            self._identity = (stat.st_dev, stat.st_ino)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{str(self._path)!r} is not a usable SQLite database: {exc}") from exc
-        self._segments = SegmentDir(segment_dir_for(self._path))
-        swept = self._sweep_open_uploads()
-        if swept:
-            logger.info("discarded %d unfinished upload(s) left by an earlier run", swept)
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                conn = sqlite3.connect(
-                    self._path, isolation_level=None, check_same_thread=False, timeout=60.0
-                )
-                # 64 KiB pages: a 4 MiB chunk is 64 WAL frames, not 1000 (3x faster ingest);
-                # takes effect only when the file is created, before WAL mode
-                conn.execute("PRAGMA page_size=65536")
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")  # an ack means the commit hit the disk
-                conn.execute("PRAGMA busy_timeout=60000")
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot open database {str(self._path)!r}: {exc}") from exc
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+    @abc.abstractmethod
+    def _conn(self) -> Any:
+        """This thread's connection (``execute(sql, params)`` with ``?`` placeholders)."""
 
-    def _schema_version(self, c: sqlite3.Connection) -> int:
-        found = int(c.execute("PRAGMA user_version").fetchone()[0])
-        if found > SCHEMA_VERSION:
-            raise StoreError(
-                f"{str(self._path)!r} has store schema version {found}, newer than this "
-                f"latentedge reads (up to {SCHEMA_VERSION}): upgrade latentedge, or give "
-                "another --db"
-            )
-        return found
+    @abc.abstractmethod
+    def _write(self, *, durable: bool = True) -> contextlib.AbstractContextManager[Any]:
+        """A write transaction (one writer at a time); ``durable=False`` may skip the fsync."""
 
-    def _migrate(self) -> None:
-        """Create the schema, or bring an older database up to :data:`SCHEMA_VERSION`.
-
-        Version 0 is a new file or one written before versioning (schema 1 without the
-        mark): the version-1 statements are idempotent, then each migration applies in order,
-        all in one transaction, so a failure leaves the database as it was.
-        """
-        if self._schema_version(self._conn()) == SCHEMA_VERSION:
-            return
-        with self._write() as c:
-            found = self._schema_version(c)  # another process may have migrated meanwhile
-            steps = [(1, _SCHEMA)] if found < 1 else []
-            steps += [(v, _MIGRATIONS[v]) for v in sorted(_MIGRATIONS) if v > found]
-            for version, script in steps:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        c.execute(statement)
-                c.execute(f"PRAGMA user_version = {int(version)}")
-            if found:
-                logger.info(
-                    "migrated %s from store schema %d to %d", self._path, found, SCHEMA_VERSION
-                )
-
-    def _write(self, *, durable: bool = True) -> _Transaction:
-        """A write transaction; ``durable=False`` skips the fsync (only for staged chunks)."""
-        return _Transaction(self._conn(), self._write_lock, durable=durable)
+    def _dead_owners(self) -> list[int] | None:
+        """Owners whose open uploads the start-up sweep may discard (None: every one)."""
+        return None
 
     def _sweep_open_uploads(self) -> int:
-        """Discard unfinished uploads and reclaim every segment no committed row references.
+        """Discard unfinished uploads of dead owners; reclaim segments no row references.
 
         Run at start-up, before any upload is served: a segment of an upload that was open
         (payload written, maybe fsync'd, metadata never committed) loses its row here, and
         then every file of the segment directory that no row names is deleted.
         """
+        dead = self._dead_owners()
+        params: list[int] = dead or []
+        if dead is None:
+            owned = ""
+        elif not dead:
+            owned = " AND FALSE"
+        else:
+            owned = f" AND owner IN ({', '.join('?' * len(dead))})"
         with self._write() as c:
-            c.execute(
-                "DELETE FROM chunks WHERE upload_id IN "
-                "(SELECT upload_id FROM uploads WHERE state = 'open')"
+            for uploads, chunks in (_LATENTS, _DELTAS):
+                c.execute(
+                    f"DELETE FROM {chunks} WHERE upload_id IN "
+                    f"(SELECT upload_id FROM {uploads} WHERE state = 'open'{owned})",
+                    params,
+                )
+            swept = sum(
+                int(c.execute(f"DELETE FROM {t} WHERE state = 'open'{owned}", params).rowcount)
+                for t in ("uploads", "deltas")
             )
-            swept = c.execute("DELETE FROM uploads WHERE state = 'open'").rowcount
-            c.execute(
-                "DELETE FROM delta_chunks WHERE upload_id IN "
-                "(SELECT upload_id FROM deltas WHERE state = 'open')"
-            )
-            swept += c.execute("DELETE FROM deltas WHERE state = 'open'").rowcount
             c.execute(
                 "DELETE FROM segments WHERE segment_id NOT IN (SELECT segment_id FROM chunks "
                 "WHERE segment_id IS NOT NULL UNION SELECT segment_id FROM delta_chunks "
-                "WHERE segment_id IS NOT NULL)"
+                f"WHERE segment_id IS NOT NULL){owned}",
+                params,
             )
-            known = {int(r[0]) for r in c.execute("SELECT segment_id FROM segments")}
-        files, freed = self._segments.sweep(known)
-        if files:
-            logger.info(
-                "reclaimed %d orphaned segment file(s), %d bytes, left by an earlier run",
-                files,
-                freed,
-            )
-        return int(swept)
+        if self._segments is not None:
+            # the files are listed before the rows are read: a replica's new segment has its
+            # row committed before its file exists, so no live file is taken for an orphan
+            files, freed = self._segments.sweep(self._segment_ids)
+            if files:
+                logger.info(
+                    "reclaimed %d orphaned segment file(s), %d bytes, left by an earlier run",
+                    files,
+                    freed,
+                )
+        return swept
+
+    def _segment_ids(self) -> set[int]:
+        return {int(r[0]) for r in self._conn().execute("SELECT segment_id FROM segments")}
 
     # -- segments -----------------------------------------------------------------------------
 
-    def _new_segment(self, c: sqlite3.Connection, kind: str, upload_id: str) -> list[int]:
-        """Give ``upload_id`` a fresh segment; return the ids of the segments it had before."""
+    def _new_segment(self, c: Any, kind: str, upload_id: str) -> list[int]:
+        """Give ``upload_id`` a fresh segment (with segments); the ids of those it had before."""
         old = [
             int(r[0])
             for r in c.execute(
@@ -546,14 +578,16 @@ class SqliteStore(Store):
             )
         ]
         c.execute("DELETE FROM segments WHERE kind = ? AND upload_id = ?", (kind, upload_id))
-        c.execute(
-            "INSERT INTO segments (kind, upload_id, created_at) VALUES (?, ?, ?)",
-            (kind, upload_id, time.time()),
-        )
+        if self._segments is not None:
+            c.execute(
+                "INSERT INTO segments (kind, upload_id, created_at, owner) VALUES (?, ?, ?, ?)",
+                (kind, upload_id, time.time(), self._owner),
+            )
         return old
 
     def _writer(self, kind: str, upload_id: str) -> SegmentWriter:
         """The open upload's segment writer (opened on first use)."""
+        assert self._segments is not None
         key = (kind, upload_id)
         with self._writers_lock:
             writer = self._writers.get(key)
@@ -600,14 +634,19 @@ class SqliteStore(Store):
         self._free(removed)
 
     def _free(self, segment_ids: list[int]) -> None:
-        if segment_ids:
+        if segment_ids and self._segments is not None:
             freed = self._segments.remove(segment_ids)
             logger.debug("deleted %d segment(s), %d bytes", len(segment_ids), freed)
 
     def _read_payload(self, ref: SegmentRef) -> bytes:
+        if self._segments is None:
+            raise StoreError(
+                f"a stored chunk is in segment {ref.segment_id}, but this store was opened "
+                "without a payload directory (give the --payload-dir it was written with)"
+            )
         return self._segments.read(ref)
 
-    def _stored_samples(self, c: sqlite3.Connection, node_id: str) -> int:
+    def _stored_samples(self, c: Any, node_id: str) -> int:
         row = c.execute(
             "SELECT COALESCE(SUM(samples), 0) FROM uploads "
             "WHERE node_id = ? AND state = 'committed'",
@@ -669,7 +708,7 @@ class SqliteStore(Store):
         self._free(dropped)  # a reset's superseded segments
         return stored
 
-    def _drop_node_latents(self, c: sqlite3.Connection, node_id: str) -> list[int]:
+    def _drop_node_latents(self, c: Any, node_id: str) -> list[int]:
         """Supersede a node's committed uploads; the segment ids to delete after the commit."""
         dropped = [
             int(r[0])
@@ -725,11 +764,12 @@ class SqliteStore(Store):
                 "AND d.state = 'committed'), "
                 "(SELECT d.payload_bytes || ' ' || d.base_version FROM deltas d "
                 "WHERE d.node_id = n.node_id AND d.state = 'committed' "
-                "ORDER BY d.committed_at DESC, d.rowid DESC LIMIT 1) "
+                "ORDER BY d.committed_at DESC, d.upload_id DESC LIMIT 1) "
                 "FROM nodes n LEFT JOIN uploads u "
                 "ON u.node_id = n.node_id AND u.state = 'committed' "
-                "WHERE n.node_id > ? GROUP BY n.node_id ORDER BY n.node_id LIMIT ?",
-                (after, limit or -1),  # SQLite: LIMIT -1 = no limit
+                "WHERE n.node_id > ? GROUP BY n.node_id ORDER BY n.node_id"
+                + (" LIMIT ?" if limit else ""),
+                (after, limit) if limit else (after,),
             )
             .fetchall()
         )
@@ -776,9 +816,12 @@ class SqliteStore(Store):
             _reopen(c, _LATENTS, upload_id, node_id)
             old = self._new_segment(c, _LATENT_KIND, upload_id)
             c.execute(
-                "INSERT OR REPLACE INTO uploads (upload_id, node_id, mode, state, created_at) "
-                "VALUES (?, ?, ?, 'open', ?)",
-                (upload_id, node_id, mode.value, time.time()),
+                "INSERT INTO uploads (upload_id, node_id, mode, state, created_at, owner) "
+                "VALUES (?, ?, ?, 'open', ?, ?) ON CONFLICT (upload_id) DO UPDATE SET "
+                "node_id = excluded.node_id, mode = excluded.mode, state = 'open', samples = 0, "
+                "payload_bytes = 0, created_at = excluded.created_at, committed_at = NULL, "
+                "owner = excluded.owner",
+                (upload_id, node_id, mode.value, time.time(), self._owner),
             )
         self._release(_LATENT_KIND, upload_id, old)
 
@@ -786,6 +829,27 @@ class SqliteStore(Store):
     def put_chunk(
         self, upload_id: str, seq: int, latents: WireTensor, labels: WireTensor, samples: int
     ) -> None:
+        if self._segments is None:  # payloads in the database: an invisible row of the open upload
+            with self._write(durable=False) as c:
+                c.execute(
+                    _INSERT_CHUNK_ROW,
+                    (
+                        upload_id,
+                        seq,
+                        samples,
+                        latents.dtype,
+                        latents.scale,
+                        latents.shape[1],
+                        latents.data,
+                        labels.dtype,
+                        labels.data,
+                        None,
+                        None,
+                        None,
+                        None,
+                    ),
+                )
+            return
         # the bytes as they arrived, appended once; only where they are goes to the database,
         # in the commit transaction (a crash before it leaves an unreferenced segment, which
         # the start-up sweep deletes, exactly as it did with rows of an open upload)
@@ -797,7 +861,9 @@ class SqliteStore(Store):
             latents.dtype,
             latents.scale,
             latents.shape[1],
+            b"",
             labels.dtype,
+            b"",
             ref.segment_id,
             ref.offset_bytes,
             ref.length_bytes,
@@ -883,6 +949,7 @@ class SqliteStore(Store):
                 "committed_at = ? WHERE upload_id = ?",
                 (int(have[1]), int(have[2]), time.time(), upload_id),
             )
+            c.execute("DELETE FROM round_waiting WHERE node_id = ?", (node_id,))
             stored = self._stored_samples(c, node_id)
         self._take_staged(upload_id)
         self._release(_LATENT_KIND, upload_id, dropped)
@@ -906,7 +973,7 @@ class SqliteStore(Store):
         return self._payload_bytes(self._conn(), node_id)
 
     @staticmethod
-    def _payload_bytes(c: sqlite3.Connection, node_id: str) -> int:
+    def _payload_bytes(c: Any, node_id: str) -> int:
         (total,) = c.execute(
             "SELECT COALESCE(SUM(payload_bytes), 0) FROM uploads "
             "WHERE node_id = ? AND state = 'committed'",
@@ -917,7 +984,8 @@ class SqliteStore(Store):
     def _chunk_rows(self, node_id: str) -> list[_ChunkRow]:
         """Metadata of a node's committed chunks, in upload then chunk order (no payload)."""
         rows = self._conn().execute(
-            "SELECT ch.rowid, ch.samples, ch.latent_dtype, ch.latent_scale, ch.latent_dim, "
+            "SELECT ch.upload_id, ch.seq, ch.samples, ch.latent_dtype, ch.latent_scale, "
+            "ch.latent_dim, "
             "ch.label_dtype, ch.segment_id, ch.seg_offset, ch.seg_length, ch.seg_crc "
             "FROM chunks ch JOIN uploads u ON u.upload_id = ch.upload_id "
             "WHERE u.node_id = ? AND u.state = 'committed' ORDER BY u.committed_at, ch.seq",
@@ -925,25 +993,29 @@ class SqliteStore(Store):
         )
         return [
             _ChunkRow(
-                rowid=int(r[0]),
-                samples=int(r[1]),
-                latent_dtype=str(r[2]),
-                latent_scale=float(r[3]),
-                latent_dim=int(r[4]),
-                label_dtype=str(r[5]),
+                upload_id=str(r[0]),
+                seq=int(r[1]),
+                samples=int(r[2]),
+                latent_dtype=str(r[3]),
+                latent_scale=float(r[4]),
+                latent_dim=int(r[5]),
+                label_dtype=str(r[6]),
                 ref=None
-                if r[6] is None
-                else SegmentRef(int(r[6]), int(r[7]), int(r[8]), int(r[9])),
+                if r[7] is None
+                else SegmentRef(int(r[7]), int(r[8]), int(r[9]), int(r[10])),
             )
             for r in rows
         ]
 
     def _read_chunk(self, row: _ChunkRow) -> tuple[np.ndarray, np.ndarray]:
         """One chunk's latents (float32) and labels (int64), from its segment or inline."""
-        if row.ref is None:  # written before schema 3: bytes inline
+        if row.ref is None:  # bytes inline (no payload directory, or written before schema 3)
             found = (
                 self._conn()
-                .execute("SELECT latents, labels FROM chunks WHERE rowid = ?", (row.rowid,))
+                .execute(
+                    "SELECT latents, labels FROM chunks WHERE upload_id = ? AND seq = ?",
+                    (row.upload_id, row.seq),
+                )
                 .fetchone()
             )
             if found is None:
@@ -997,7 +1069,7 @@ class SqliteStore(Store):
             node_id=node_id,
             latent_dim=node.latent_dim,
             block_rows=tuple(sum(r.samples for r in g) for g in groups),
-            read_block=_store_errors(read_block),
+            read_block=_store_errors(read_block, self._db_errors),
         )
 
     @override
@@ -1010,11 +1082,12 @@ class SqliteStore(Store):
     @override
     def save_classifier(self, meta: dict[str, object], blob: bytes) -> int:
         with self._write() as c:
-            cur = c.execute(
-                "INSERT INTO classifiers (meta_json, blob, trained_at) VALUES (?, ?, ?)",
+            (version,) = c.execute(
+                "INSERT INTO classifiers (meta_json, blob, trained_at) VALUES (?, ?, ?) "
+                "RETURNING version",
                 (json.dumps(meta), blob, time.time()),
-            )
-            version = int(cur.lastrowid or 0)
+            ).fetchone()
+            version = int(version)
             # keep the newest few: older classifiers are never served again
             c.execute("DELETE FROM classifiers WHERE version <= ?", (version - 3,))
         return version
@@ -1034,12 +1107,39 @@ class SqliteStore(Store):
         return int(row[0]), json.loads(row[1]), bytes(row[2]), float(row[3])
 
     @override
-    def save_plan(self, round_index: int, plan_json: str) -> None:
+    def classifier_version(self) -> int:
+        row = self._conn().execute("SELECT COALESCE(MAX(version), 0) FROM classifiers").fetchone()
+        return int(row[0])
+
+    @override
+    def save_plan(self, round_index: int, plan_json: str, waiting: Sequence[str] = ()) -> bool:
         with self._write() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO plans (round, plan_json, created_at) VALUES (?, ?, ?)",
+            made = c.execute(
+                "INSERT INTO plans (round, plan_json, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (round) DO NOTHING",
                 (round_index, plan_json, time.time()),
+            ).rowcount
+            if not made:
+                return False
+            c.execute("DELETE FROM round_waiting WHERE round < ?", (round_index,))
+            c.executemany(
+                "INSERT INTO round_waiting (round, node_id) VALUES (?, ?) "
+                "ON CONFLICT (round, node_id) DO NOTHING",
+                [(round_index, node) for node in waiting],
             )
+        return True
+
+    @override
+    def round_state(self) -> RoundState | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT p.round, p.created_at, (SELECT COUNT(*) FROM round_waiting w "
+                "WHERE w.round = p.round) FROM plans p ORDER BY p.round DESC LIMIT 1"
+            )
+            .fetchone()
+        )
+        return None if row is None else RoundState(int(row[0]), float(row[1]), int(row[2]))
 
     @override
     def last_plan(self) -> tuple[int, str] | None:
@@ -1145,32 +1245,38 @@ class SqliteStore(Store):
             _reopen(c, _DELTAS, upload_id, node_id)
             old = self._new_segment(c, _DELTA_KIND, upload_id)
             c.execute(
-                "INSERT OR REPLACE INTO deltas (upload_id, node_id, base_version, state, samples, "
-                "trainable, created_at) VALUES (?, ?, ?, 'open', ?, ?, ?)",
-                (upload_id, node_id, base_version, samples, trainable, time.time()),
+                "INSERT INTO deltas (upload_id, node_id, base_version, state, samples, "
+                "trainable, created_at, owner) VALUES (?, ?, ?, 'open', ?, ?, ?, ?) "
+                "ON CONFLICT (upload_id) DO UPDATE SET node_id = excluded.node_id, "
+                "base_version = excluded.base_version, state = 'open', "
+                "samples = excluded.samples, trainable = excluded.trainable, tensors = 0, "
+                "params = 0, payload_bytes = 0, created_at = excluded.created_at, "
+                "committed_at = NULL, owner = excluded.owner",
+                (upload_id, node_id, base_version, samples, trainable, time.time(), self._owner),
             )
         self._release(_DELTA_KIND, upload_id, old)
 
     @override
     def put_delta_chunk(self, upload_id: str, seq: int, entries: list[DeltaEntry]) -> None:
         st = stats(entries)
-        ref = self._writer(_DELTA_KIND, upload_id).append((pack_entries(entries),))
+        packed = pack_entries(entries)
+        where: tuple[int | None, ...] = (None, None, None, None)
+        if self._segments is None:  # payloads in the database
+            inline = packed
+        else:
+            ref = self._writer(_DELTA_KIND, upload_id).append((packed,))
+            inline = b""
+            where = (ref.segment_id, ref.offset_bytes, ref.length_bytes, ref.checksum)
         with self._write(durable=False) as c:
             c.execute(
-                "INSERT OR REPLACE INTO delta_chunks (upload_id, seq, tensors, params, "
-                "payload_bytes, blob, segment_id, seg_offset, seg_length, seg_crc) "
-                "VALUES (?, ?, ?, ?, ?, X'', ?, ?, ?, ?)",
-                (
-                    upload_id,
-                    seq,
-                    st.tensors,
-                    st.params,
-                    st.payload_bytes,
-                    ref.segment_id,
-                    ref.offset_bytes,
-                    ref.length_bytes,
-                    ref.checksum,
-                ),
+                "INSERT INTO delta_chunks (upload_id, seq, tensors, params, payload_bytes, "
+                "blob, segment_id, seg_offset, seg_length, seg_crc) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (upload_id, seq) DO UPDATE SET "
+                "tensors = excluded.tensors, params = excluded.params, "
+                "payload_bytes = excluded.payload_bytes, blob = excluded.blob, "
+                "segment_id = excluded.segment_id, seg_offset = excluded.seg_offset, "
+                "seg_length = excluded.seg_length, seg_crc = excluded.seg_crc",
+                (upload_id, seq, st.tensors, st.params, st.payload_bytes, inline, *where),
             )
 
     @override
@@ -1178,7 +1284,7 @@ class SqliteStore(Store):
         self._sync_segment(_DELTA_KIND, upload_id)  # payload durable before the metadata
         with self._write() as c:
             row = c.execute(
-                "SELECT state, base_version FROM deltas WHERE upload_id = ?", (upload_id,)
+                "SELECT state, base_version, node_id FROM deltas WHERE upload_id = ?", (upload_id,)
             ).fetchone()
             if row is None or row[0] != "open":
                 raise ConflictError(f"delta upload_id {upload_id!r} is not open")
@@ -1206,6 +1312,7 @@ class SqliteStore(Store):
                     upload_id,
                 ),
             )
+            c.execute("DELETE FROM round_waiting WHERE node_id = ?", (row[2],))
         self._release(_DELTA_KIND, upload_id, [])
         return DeltaAck(
             upload_id=upload_id,
@@ -1237,10 +1344,10 @@ class SqliteStore(Store):
             outer_params.append(node_id)
         rows = c.execute(
             "SELECT d.upload_id, d.node_id, d.base_version, d.samples FROM deltas d "
-            "WHERE d.state = 'committed'" + outer + " AND d.rowid = (SELECT d2.rowid "
+            "WHERE d.state = 'committed'" + outer + " AND d.upload_id = (SELECT d2.upload_id "
             "FROM deltas d2 WHERE d2.node_id = d.node_id AND d2.state = 'committed'"
             + where
-            + " ORDER BY d2.committed_at DESC, d2.rowid DESC LIMIT 1) ORDER BY d.node_id",
+            + " ORDER BY d2.committed_at DESC, d2.upload_id DESC LIMIT 1) ORDER BY d.node_id",
             (*outer_params, *params),
         ).fetchall()
         out = []
@@ -1289,28 +1396,13 @@ class SqliteStore(Store):
                 )
                 c.execute(f"DELETE FROM {uploads} WHERE node_id = ?", (node_id,))
             c.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
+            c.execute("DELETE FROM round_waiting WHERE node_id = ?", (node_id,))
             _delete_segment_rows(c, removed)
             _bump_data_version(c)
         # whole segments go: each holds one upload of this node (an upload still streaming
         # for it finds its segment gone and fails at commit, then its writer is released)
         self._free(removed)
         return samples, int(deltas)
-
-    @override
-    def check(self) -> None:
-        try:
-            now = self._path.stat()
-        except OSError as exc:
-            raise StoreError(f"database {str(self._path)!r} is gone: {exc}") from exc
-        if (now.st_dev, now.st_ino) != self._identity:
-            raise StoreError(
-                f"database {str(self._path)!r} was replaced by another file since it was opened"
-            )
-        try:
-            self._conn().execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"database {str(self._path)!r} cannot be read: {exc}") from exc
-        self._segments.check()
 
     # -- credentials --------------------------------------------------------------------------
 
@@ -1356,7 +1448,7 @@ class SqliteStore(Store):
                 )
                 .fetchone()
             )
-        except sqlite3.Error as exc:
+        except self._db_errors as exc:
             raise StoreError(f"cannot read credentials: {exc}") from exc
         return None if row is None else self._token_row(row)
 
@@ -1382,12 +1474,122 @@ class SqliteStore(Store):
         )
         return [self._token_row(r) for r in rows]
 
-    @override
-    def close(self) -> None:
+    def _close_writers(self) -> None:
         with self._writers_lock:
             for writer in self._writers.values():
                 writer.close()
             self._writers.clear()
+
+
+class SqliteStore(SqlStore):
+    """The embedded store: SQLite metadata (WAL mode) plus payload segment files beside it.
+
+    One connection per thread; segments live in ``<file>.segments/`` (see
+    :mod:`server.segments`) unless ``payload_dir`` names another directory.
+    """
+
+    def __init__(self, path: str | Path, *, payload_dir: str | Path | None = None) -> None:
+        self._path = Path(path)
+        if self._path.parent and not self._path.parent.exists():
+            raise StoreError(f"database directory {str(self._path.parent)!r} does not exist")
+        super().__init__(
+            SegmentDir(Path(payload_dir) if payload_dir else segment_dir_for(self._path))
+        )
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        # One writer at a time in this process: threads queue here instead of polling
+        # SQLite's busy handler, which sleeps up to 100 ms and leaves the write lock idle.
+        self._write_lock = threading.Lock()
+        try:
+            self._migrate()
+            stat = self._path.stat()
+            self._identity = (stat.st_dev, stat.st_ino)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{str(self._path)!r} is not a usable SQLite database: {exc}") from exc
+        swept = self._sweep_open_uploads()
+        if swept:
+            logger.info("discarded %d unfinished upload(s) left by an earlier run", swept)
+
+    @override
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(
+                    self._path, isolation_level=None, check_same_thread=False, timeout=60.0
+                )
+                # 64 KiB pages: a 4 MiB chunk is 64 WAL frames, not 1000 (3x faster ingest);
+                # takes effect only when the file is created, before WAL mode
+                conn.execute("PRAGMA page_size=65536")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")  # an ack means the commit hit the disk
+                conn.execute("PRAGMA busy_timeout=60000")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open database {str(self._path)!r}: {exc}") from exc
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _schema_version(self, c: sqlite3.Connection) -> int:
+        found = int(c.execute("PRAGMA user_version").fetchone()[0])
+        if found > SCHEMA_VERSION:
+            raise StoreError(
+                f"{str(self._path)!r} has store schema version {found}, newer than this "
+                f"latentedge reads (up to {SCHEMA_VERSION}): upgrade latentedge, or give "
+                "another --db"
+            )
+        return found
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older database up to :data:`SCHEMA_VERSION`.
+
+        Version 0 is a new file or one written before versioning (schema 1 without the
+        mark): the version-1 statements are idempotent, then each migration applies in order,
+        all in one transaction, so a failure leaves the database as it was.
+        """
+        if self._schema_version(self._conn()) == SCHEMA_VERSION:
+            return
+        with self._write() as c:
+            found = self._schema_version(c)  # another process may have migrated meanwhile
+            steps = [(1, _SCHEMA)] if found < 1 else []
+            steps += [(v, _MIGRATIONS[v]) for v in sorted(_MIGRATIONS) if v > found]
+            for version, script in steps:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {int(version)}")
+            if found:
+                logger.info(
+                    "migrated %s from store schema %d to %d", self._path, found, SCHEMA_VERSION
+                )
+
+    @override
+    def _write(self, *, durable: bool = True) -> _Transaction:
+        """A write transaction; ``durable=False`` skips the fsync (only for staged chunks)."""
+        return _Transaction(self._conn(), self._write_lock, durable=durable)
+
+    @override
+    def check(self) -> None:
+        try:
+            now = self._path.stat()
+        except OSError as exc:
+            raise StoreError(f"database {str(self._path)!r} is gone: {exc}") from exc
+        if (now.st_dev, now.st_ino) != self._identity:
+            raise StoreError(
+                f"database {str(self._path)!r} was replaced by another file since it was opened"
+            )
+        try:
+            self._conn().execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {str(self._path)!r} cannot be read: {exc}") from exc
+        assert self._segments is not None
+        self._segments.check()
+
+    @override
+    def close(self) -> None:
+        self._close_writers()
         with self._lock:
             for conn in self._connections:
                 conn.close()
@@ -1395,37 +1597,53 @@ class SqliteStore(Store):
         self._local = threading.local()
 
 
-def _store_errors(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` with every ``sqlite3.Error`` raised as a StoreError (INTERNAL, exit 3)."""
+def _store_errors(
+    method: Callable[..., Any], errors: tuple[type[Exception], ...] | None = None
+) -> Callable[..., Any]:
+    """``method`` with every database driver error raised as a StoreError (INTERNAL, exit 3).
+
+    The driver's error classes are ``errors``, or the ``_db_errors`` of the method's store.
+    """
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        caught = errors if errors is not None else args[0]._db_errors
         try:
             return method(*args, **kwargs)
-        except sqlite3.Error as exc:
+        except caught as exc:
             raise StoreError(f"database error in {method.__name__}: {exc}") from exc
 
     return wrapper
 
 
-# Every operation of the interface: no raw sqlite3 error escapes the error tree, wherever it
+def raise_store_errors(cls: type[SqlStore]) -> None:
+    """Wrap every operation of the interface in ``cls`` with :func:`_store_errors`."""
+    for name in sorted({*Store.__abstractmethods__, "node_blocks"}):
+        method = getattr(cls, name)
+        if not getattr(method, "_store_errors", False):
+            wrapped = _store_errors(method)
+            wrapped._store_errors = True  # type: ignore[attr-defined]
+            setattr(cls, name, wrapped)
+
+
+# Every operation of the interface: no raw driver error escapes the error tree, wherever it
 # happens (a read outside a transaction, an execute inside one, a disk that fills up).
-for _name in sorted({*Store.__abstractmethods__, "node_blocks"}):
-    setattr(SqliteStore, _name, _store_errors(getattr(SqliteStore, _name)))
+raise_store_errors(SqliteStore)
 
 
 @dataclass(frozen=True)
 class _ChunkRow:
     """Metadata of one stored latent chunk."""
 
-    rowid: int
+    upload_id: str
+    seq: int
     samples: int
     latent_dtype: str
     latent_scale: float
     latent_dim: int
     label_dtype: str
     ref: SegmentRef | None
-    """Where the bytes are; None for a chunk stored inline (before schema 3)."""
+    """Where the bytes are; None for a chunk stored inline (no segments, or before schema 3)."""
 
 
 _LATENTS = ("uploads", "chunks")
@@ -1433,7 +1651,7 @@ _DELTAS = ("deltas", "delta_chunks")
 """(uploads table, staged chunks table) of latents and of deltas."""
 
 
-def _reopen(c: sqlite3.Connection, tables: tuple[str, str], upload_id: str, node_id: str) -> None:
+def _reopen(c: Any, tables: tuple[str, str], upload_id: str, node_id: str) -> None:
     """Check ``upload_id`` may (re)start for ``node_id`` and drop its staged chunks."""
     uploads, chunks = tables
     row = c.execute(
@@ -1448,9 +1666,7 @@ def _reopen(c: sqlite3.Connection, tables: tuple[str, str], upload_id: str, node
     c.execute(f"DELETE FROM {chunks} WHERE upload_id = ?", (upload_id,))
 
 
-def _discard_open(
-    c: sqlite3.Connection, tables: tuple[str, str], kind: str, upload_id: str
-) -> list[int]:
+def _discard_open(c: Any, tables: tuple[str, str], kind: str, upload_id: str) -> list[int]:
     """Delete an open upload, its staged chunks and its segment rows; the segment ids.
 
     Never a committed upload's chunks: a concurrent attempt may have committed it.
@@ -1474,11 +1690,11 @@ def _discard_open(
     return segments
 
 
-def _delete_segment_rows(c: sqlite3.Connection, segment_ids: list[int]) -> None:
+def _delete_segment_rows(c: Any, segment_ids: list[int]) -> None:
     c.executemany("DELETE FROM segments WHERE segment_id = ?", [(i,) for i in segment_ids])
 
 
-def _bump_data_version(c: sqlite3.Connection) -> None:
+def _bump_data_version(c: Any) -> None:
     c.execute("UPDATE meta SET value = value + 1 WHERE key = 'data_version'")
 
 
@@ -1486,14 +1702,20 @@ STAGED_ROWS_MAX = 1024
 """Staged chunk rows an open upload keeps in memory (~200 bytes each) before they are
 inserted (uncommitted-upload rows, as invisible as in memory) in one transaction."""
 
-_StagedRow = tuple[str, int, int, str, float, int, str, int, int, int, int]
-"""upload_id, seq, samples, latent dtype, scale, latent_dim, label dtype, segment_id,
-offset, length, CRC-32: the values of :data:`_INSERT_CHUNK_ROW`."""
+_StagedRow = tuple[str, int, int, str, float, int, bytes, str, bytes, int, int, int, int]
+"""upload_id, seq, samples, latent dtype, scale, latent_dim, latent bytes (empty: in the
+segment), label dtype, label bytes, segment_id, offset, length, CRC-32: the values of
+:data:`_INSERT_CHUNK_ROW`."""
 
 _INSERT_CHUNK_ROW = (
-    "INSERT OR REPLACE INTO chunks (upload_id, seq, samples, latent_dtype, latent_scale, "
-    "latent_dim, latents, label_dtype, labels, segment_id, seg_offset, seg_length, seg_crc) "
-    "VALUES (?, ?, ?, ?, ?, ?, X'', ?, X'', ?, ?, ?, ?)"
+    "INSERT INTO chunks (upload_id, seq, samples, latent_dtype, latent_scale, latent_dim, "
+    "latents, label_dtype, labels, segment_id, seg_offset, seg_length, seg_crc) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (upload_id, seq) DO UPDATE SET "
+    "samples = excluded.samples, latent_dtype = excluded.latent_dtype, "
+    "latent_scale = excluded.latent_scale, latent_dim = excluded.latent_dim, "
+    "latents = excluded.latents, label_dtype = excluded.label_dtype, labels = excluded.labels, "
+    "segment_id = excluded.segment_id, seg_offset = excluded.seg_offset, "
+    "seg_length = excluded.seg_length, seg_crc = excluded.seg_crc"
 )
 
 
@@ -1529,13 +1751,43 @@ class _Transaction:
             self._lock.release()
 
 
-def open_store(url: str | Path) -> Store:
-    """Open the store named by ``url``: a SQLite file path (``sqlite:///path`` or a bare path)."""
+def is_postgres_url(url: str | Path) -> bool:
+    """Whether ``url`` names a PostgreSQL database (``postgresql://`` or ``postgres://``)."""
+    return str(url).startswith(("postgresql://", "postgres://"))
+
+
+def describe_store(url: str | Path) -> str:
+    """``url`` fit for logs and messages: a PostgreSQL URL loses its password and options."""
+    if not is_postgres_url(url):
+        return str(url)
+    parts = urllib.parse.urlsplit(str(url))
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ":?"
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{parts.hostname or ''}{port}{parts.path}"
+
+
+def open_store(url: str | Path, *, payload_dir: str | Path | None = None) -> Store:
+    """Open the store named by ``url``.
+
+    A SQLite file path (``sqlite:///PATH`` or a bare path; payloads in ``<PATH>.segments/``
+    unless ``payload_dir``), or ``postgresql://USER@HOST:PORT/DB`` (payloads in the database
+    unless ``payload_dir``, which every replica must share).
+    """
     text = str(url)
+    if is_postgres_url(text):
+        from server.store_postgres import PostgresStore  # noqa: PLC0415 - psycopg when asked
+
+        store: Store = PostgresStore(text, payload_dir=payload_dir)
+        return store
     if text.startswith("sqlite:///"):
         text = text[len("sqlite:///") :]
     elif "://" in text:
+        scheme = text.split("://", 1)[0]
         raise StoreError(
-            f"unsupported store URL {text!r}; expected a SQLite path or sqlite:///PATH"
+            f"unsupported store URL scheme {scheme!r} in --db; expected a SQLite path, "
+            "sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
         )
-    return SqliteStore(text)
+    return SqliteStore(text, payload_dir=payload_dir)

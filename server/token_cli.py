@@ -37,7 +37,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     listing = actions.add_parser("list", help="list tokens (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     for sub in (issue, revoke, listing):
-        sub.add_argument("--db", required=True, help="the server's database (SQLite path)")
+        sub.add_argument(
+            "--db", required=True, help="the server's database (SQLite path or postgresql:// URL)"
+        )
 
 
 def _when(seconds: float | None) -> str:
@@ -49,9 +51,10 @@ def _when(seconds: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run one token action."""
     from server.auth import issue_token
-    from server.store import open_store
+    from server.store import describe_store, is_postgres_url, open_store
 
-    if args.action != "issue" and not Path(args.db).exists():
+    where = describe_store(args.db)
+    if args.action != "issue" and not is_postgres_url(args.db) and not Path(args.db).exists():
         raise ConfigError(f"--db {args.db!r} does not exist")
     store = open_store(args.db)
     try:
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 "an admin" if record.admin else "a node",
                 record.token_id,
                 record.subject,
-                args.db,
+                where,
             )
             sys.stdout.write(text + "\n")
         elif args.action == "revoke":
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             count = store.revoke_tokens(subject=args.subject, token_id=args.token_id)
             what = f"id {args.token_id}" if args.token_id else f"subject {args.subject!r}"
             if count == 0:
-                raise ConfigError(f"no live token with {what} in {args.db!r}")
+                raise ConfigError(f"no live token with {what} in {where!r}")
             sys.stdout.write(f"revoked {count} token(s) of {what}\n")
         else:
             rows = [

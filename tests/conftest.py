@@ -8,9 +8,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.support_postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -93,6 +96,15 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     server = start_server_process(tmp_path / "server.db")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on loopback for the whole session (apt-installed when missing)."""
+    from tests.support_postgres import running_postgres
+
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

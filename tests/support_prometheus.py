@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -16,20 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import stop_process
-
-APT_TIMEOUT_S = 900
-
-
-def _run_apt(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(
-        ["apt-get", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=APT_TIMEOUT_S,
-        env=env,
-    )
+from tests.support_apt import apt_install
 
 
 def find_or_install_prometheus() -> Path:
@@ -37,31 +23,12 @@ def find_or_install_prometheus() -> Path:
 
     Never skips: a test that needs Prometheus fails with the reason when it cannot have it.
     """
-    found = shutil.which("prometheus") or shutil.which("prometheus", path="/usr/bin:/usr/sbin")
+    path = "/usr/bin:/usr/sbin"
+    found = shutil.which("prometheus") or shutil.which("prometheus", path=path)
     if found:
         return Path(found)
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.fail(
-            "the Prometheus server binary `prometheus` is not on PATH and this user is not root, "
-            "so it cannot be apt-installed: install it (Debian: `apt-get install prometheus`) "
-            "or put it on PATH"
-        )
-    if shutil.which("apt-get") is None:
-        pytest.fail("`prometheus` is not on PATH and there is no apt-get to install it with")
-    for args in (
-        ("update",),
-        ("install", "-y", "--no-install-recommends", "prometheus"),
-    ):
-        try:
-            proc = _run_apt(*args)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`apt-get {' '.join(args)}` did not finish in {APT_TIMEOUT_S} s")
-        if proc.returncode != 0:
-            pytest.fail(
-                f"`prometheus` is not on PATH and `apt-get {' '.join(args)}` failed "
-                f"(exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
-            )
-    found = shutil.which("prometheus") or shutil.which("prometheus", path="/usr/bin:/usr/sbin")
+    apt_install("prometheus", "the Prometheus server binary `prometheus` is not on PATH")
+    found = shutil.which("prometheus") or shutil.which("prometheus", path=path)
     if not found:
         pytest.fail("`apt-get install prometheus` succeeded but no `prometheus` binary is on PATH")
     return Path(found)
