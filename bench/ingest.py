@@ -236,11 +236,23 @@ class RssSampler:
         return max(inside) if inside else self.at(t1)
 
 
-def start_latentedge_server(db: Path, log_path: Path) -> tuple[subprocess.Popen[str], str]:
-    """``latentedge server --listen 127.0.0.1:0 --db DB``; returns the process and its address."""
+def start_latentedge_server(
+    db: Path | str, log_path: Path, *extra: str
+) -> tuple[subprocess.Popen[str], str]:
+    """``latentedge server --listen 127.0.0.1:0 --db DB [EXTRA]``; the process and its address."""
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "latentedge", "server", "--listen", "127.0.0.1:0", "--db", db],
+            [
+                sys.executable,
+                "-m",
+                "latentedge",
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                str(db),
+                *extra,
+            ],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,

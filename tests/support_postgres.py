@@ -108,8 +108,12 @@ def _run(
     return proc
 
 
-def start_postgres() -> PostgresServer:
-    """initdb a fresh cluster in a temporary directory and start it on a free loopback port."""
+def start_postgres(*, durable: bool = False) -> PostgresServer:
+    """initdb a fresh cluster in a temporary directory and start it on a free loopback port.
+
+    Tests run it with ``fsync=off`` (PostgreSQL's own durability is not what they test);
+    ``durable=True`` keeps PostgreSQL's defaults, for benchmarks.
+    """
     bin_dir = find_or_install_postgres()
     run_as = None
     data_dir = Path(tempfile.mkdtemp(prefix="latentedge-pg-"))
@@ -136,8 +140,10 @@ def start_postgres() -> PostgresServer:
     )
     options = (
         f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories='' "
-        "-c fsync=off -c full_page_writes=off -c max_connections=200"
+        "-c max_connections=200"
     )
+    if not durable:
+        options += " -c fsync=off -c full_page_writes=off"
     proc = _run(
         server,
         "pg_ctl",
