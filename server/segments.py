@@ -2,7 +2,7 @@
 
 Payload bytes (latents + labels of a chunk, a delta chunk's packed entries) are appended to
 segment files in a directory beside the SQLite file (``server.db`` -> ``server.db.segments/``);
-the database holds only where each record is: (segment id, offset, length, CRC-32). The bytes
+the database holds only where each record is: (segment id, offset, length, checksum). The bytes
 are written once, with ``os.writev`` of the buffers that arrived, instead of twice through
 SQLite's write-ahead log.
 
@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from common.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,30 @@ class SegmentRef:
     length_bytes: int
     """Bytes of the record."""
     checksum: int
-    """CRC-32 (``zlib.crc32``) of the record's bytes."""
+    """:func:`payload_checksum` of the record's bytes (or, below 2^32, its CRC-32)."""
+
+
+_XXH3_MARK = 1 << 62
+"""Set in every XXH3 checksum, so none is below 2^32 (where CRC-32 values live)."""
+
+
+def payload_checksum(parts: Sequence[bytes | memoryview]) -> int:
+    """The checksum stored for a record made of ``parts``: XXH3-64's top 62 bits, marked.
+
+    ``2^62 | xxh3_64 >> 2``, always in [2^62, 2^63): it fits a signed 64-bit SQL integer and
+    cannot be mistaken for a CRC-32 (< 2^32), which records written before carry and which
+    :meth:`SegmentDir.read` still checks. XXH3 runs at ~20 GB/s here, against 1.7 GB/s for
+    ``zlib.crc32``, whose cost was a quarter of a chunk's ingest time (docs/benchmarks.md).
+    """
+    digest = xxhash.xxh3_64()
+    for part in parts:
+        digest.update(part)
+    return _XXH3_MARK | (digest.intdigest() >> 2)
+
+
+def checksum_of(data: bytes | memoryview, stored: int) -> int:
+    """``data``'s checksum in the algorithm of ``stored`` (CRC-32 below 2^32, else XXH3)."""
+    return zlib.crc32(data) if stored < 1 << 32 else payload_checksum((data,))
 
 
 def segment_dir_for(db_path: Path) -> Path:
@@ -91,11 +116,8 @@ class SegmentWriter:
 
     def append(self, parts: Sequence[bytes | memoryview]) -> SegmentRef:
         """Append one record made of ``parts`` (not yet durable: see :meth:`sync`)."""
-        checksum = 0
-        length = 0
-        for part in parts:
-            checksum = zlib.crc32(part, checksum)
-            length += len(part)
+        checksum = payload_checksum(parts)
+        length = sum(len(part) for part in parts)
         with self._lock:
             offset = self._size_bytes
             try:
@@ -197,10 +219,11 @@ class SegmentDir:
             os.close(fd)
         if len(data) != ref.length_bytes:
             raise StoreError(f"{where} is truncated: only {len(data)} bytes there")
-        if zlib.crc32(data) != ref.checksum:
+        found = checksum_of(data, ref.checksum)
+        if found != ref.checksum:
             raise StoreError(
-                f"checksum mismatch in {where}: stored CRC-32 {ref.checksum:#010x}, "
-                f"read {zlib.crc32(data):#010x}; the payload is corrupt"
+                f"checksum mismatch in {where}: stored {ref.checksum:#x}, read {found:#x}; "
+                "the payload is corrupt"
             )
         return data
 

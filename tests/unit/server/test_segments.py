@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sqlite3
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 from common.delta import DeltaEntry, DeltaKind
 from common.errors import StoreError
 from common.records import NodeRegistration, UploadMode
 from common.tensors import to_wire
-from server.segments import segment_dir_for
+from server.segments import SegmentDir, SegmentRef, payload_checksum, segment_dir_for
 from server.store import SqliteStore
 
 V1_DUMP = Path(__file__).parents[2] / "data" / "store_schema_v1.sql"
@@ -203,3 +205,24 @@ def test_chunk_rows_wait_in_memory_for_the_commit_in_bounded_batches(
     assert store.commit_upload("u2", 1).samples == ROWS  # the earlier attempt's rows are gone
     assert rows() == 6
     store.close()
+
+
+def test_checksums_are_xxh3_and_records_with_a_crc32_still_verify(tmp_path: Path) -> None:
+    directory = SegmentDir(tmp_path / "segs")
+    writer = directory.writer(7)
+    parts = (b"abc" * 1000, memoryview(b"defg" * 333))
+    ref = writer.append(parts)
+    writer.sync()
+    whole = b"".join(bytes(p) for p in parts)
+    assert ref.checksum == payload_checksum((whole,))  # however the record was split
+    assert 1 << 62 <= ref.checksum < 1 << 63  # fits a signed 64-bit column, never a CRC-32
+    assert ref.checksum == (1 << 62) | (xxhash.xxh3_64_intdigest(whole) >> 2)
+    assert directory.read(ref) == whole
+    # a row written before (schema 3) carries zlib's CRC-32 of the same bytes: still verified
+    legacy = SegmentRef(ref.segment_id, ref.offset_bytes, ref.length_bytes, zlib.crc32(whole))
+    assert directory.read(legacy) == whole
+    for bad in (legacy.checksum ^ 1, ref.checksum ^ 1):
+        wrong = SegmentRef(ref.segment_id, ref.offset_bytes, ref.length_bytes, bad)
+        with pytest.raises(StoreError, match="checksum mismatch"):
+            directory.read(wrong)
+    writer.close()
