@@ -434,7 +434,7 @@ _MAGIC = b"LEDELTA1"
 def pack_entries(entries: Sequence[DeltaEntry]) -> bytes:
     """Serialise entries for storage: magic, header length, JSON header, then the raw bytes."""
     header: list[dict[str, object]] = []
-    blobs: list[bytes] = []
+    blobs: list[bytes | memoryview] = []
     offset = 0
     for e in entries:
         item: dict[str, object] = {"name": e.name, "kind": e.kind.value}

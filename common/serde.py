@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 from common.delta import DeltaEntry, DeltaKind
 from common.errors import CodecError
@@ -38,7 +39,7 @@ _MODE_FROM_PROTO: dict[int, UploadMode] = {
 def tensor_to_proto(tensor: WireTensor) -> tensor_pb2.Tensor:
     """Wire tensor -> proto."""
     return tensor_pb2.Tensor(
-        data=tensor.data, dtype=tensor.dtype, shape=list(tensor.shape), scale=tensor.scale
+        data=bytes(tensor.data), dtype=tensor.dtype, shape=list(tensor.shape), scale=tensor.scale
     )
 
 
@@ -131,6 +132,7 @@ def latent_chunk_to_proto(chunk: LatentChunk) -> uplink_pb2.LatentChunk:
 # and protos/tensor.proto; tests/unit/common/test_serde_wire.py checks byte equality.
 
 _WIRE_VARINT = 0
+_WIRE_FIXED64 = 1
 _WIRE_LEN = 2
 _WIRE_FIXED32 = 5
 _U64_MASK = (1 << 64) - 1
@@ -211,6 +213,142 @@ def latent_chunk_to_bytes(
         parts.append(tail)
     parts.append(_varint_field(7, int(_MODE_TO_PROTO[mode])) + _varint_field(8, total_samples))
     return b"".join(parts)
+
+
+def latent_chunk_from_bytes(data: bytes) -> LatentChunk:
+    """Parse a serialised ``LatentChunk`` without copying its tensors' payloads.
+
+    The result equals ``latent_chunk_from_proto(LatentChunk.FromString(data))``, but each
+    tensor's ``data`` is a read-only ``memoryview`` of ``data`` (a 4 MiB chunk is not copied
+    into a message and then out of it). Wire-format rules as protobuf applies them: the last
+    value of a scalar field wins, a repeated message field merges, ``shape`` may be packed or
+    not, fields of unknown number or of an unexpected wire type are skipped, strings must be
+    UTF-8.
+
+    Raises:
+        CodecError: the bytes are not a well-formed ``LatentChunk`` (truncated, a varint of
+            more than 10 bytes, a group, invalid UTF-8, an unknown upload mode).
+    """
+    view = memoryview(data)
+    node_id = upload_id = ""
+    seq = total_samples = mode = 0
+    last = False
+    tensors: dict[int, _TensorFields] = {}
+    for field, wire_type, value in _fields(data, 0, len(data)):
+        if wire_type == _WIRE_LEN and isinstance(value, tuple):
+            if field in (1, 2):
+                text = _utf8(view[value[0] : value[1]], "node_id" if field == 1 else "upload_id")
+                node_id, upload_id = (text, upload_id) if field == 1 else (node_id, text)
+            elif field in (5, 6):
+                _merge_tensor(tensors.setdefault(field, _TensorFields()), data, view, *value)
+        elif wire_type == _WIRE_VARINT and isinstance(value, int):
+            if field == 3:
+                seq = value & 0xFFFFFFFF
+            elif field == 4:
+                last = value != 0
+            elif field == 7:
+                mode = _signed(value & 0xFFFFFFFF, 32)
+            elif field == 8:
+                total_samples = value
+    empty = _TensorFields()
+    return LatentChunk(
+        node_id=node_id,
+        upload_id=upload_id,
+        seq=seq,
+        last=last,
+        latents=tensors.get(5, empty).wire(),
+        labels=tensors.get(6, empty).wire(),
+        mode=_mode_from_proto(mode),
+        total_samples=total_samples,
+    )
+
+
+class _TensorFields:
+    """A ``Tensor`` message as its fields arrive (several occurrences merge)."""
+
+    def __init__(self) -> None:
+        self.data: memoryview | bytes = b""
+        self.dtype = ""
+        self.shape: list[int] = []
+        self.scale = 0.0
+
+    def wire(self) -> WireTensor:
+        return WireTensor(self.data, self.dtype, tuple(self.shape), self.scale)
+
+
+def _merge_tensor(into: _TensorFields, data: bytes, view: memoryview, start: int, end: int) -> None:
+    for field, wire_type, value in _fields(data, start, end):
+        if field == 1 and isinstance(value, tuple):
+            into.data = view[value[0] : value[1]]
+        elif field == 2 and isinstance(value, tuple):
+            into.dtype = _utf8(view[value[0] : value[1]], "tensor dtype")
+        elif field == 3 and wire_type == _WIRE_LEN and isinstance(value, tuple):  # packed
+            pos, stop = value
+            while pos < stop:
+                dim, pos = _read_varint(data, pos, stop)
+                into.shape.append(_signed(dim, 64))
+        elif field == 3 and wire_type == _WIRE_VARINT and isinstance(value, int):
+            into.shape.append(_signed(value, 64))
+        elif field == 4 and wire_type == _WIRE_FIXED32 and isinstance(value, int):
+            (into.scale,) = struct.unpack("<f", value.to_bytes(4, "little"))
+
+
+def _fields(data: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int | tuple[int, int]]]:
+    """(field number, wire type, value) of each field in ``data[pos:end]``.
+
+    The value is an int for varint and fixed-width fields, (start, end) for length-delimited.
+    """
+    while pos < end:
+        key, pos = _read_varint(data, pos, end)
+        field, wire_type = key >> 3, key & 7
+        if field == 0:
+            raise CodecError("malformed message: field number 0")
+        value: int | tuple[int, int]
+        if wire_type == _WIRE_VARINT:
+            value, pos = _read_varint(data, pos, end)
+        elif wire_type in (_WIRE_FIXED64, _WIRE_FIXED32):
+            width = 8 if wire_type == _WIRE_FIXED64 else 4
+            if end - pos < width:
+                raise CodecError(f"malformed message: field {field} is truncated")
+            value = int.from_bytes(data[pos : pos + width], "little")
+            pos += width
+        elif wire_type == _WIRE_LEN:
+            size, pos = _read_varint(data, pos, end)
+            if size > end - pos:
+                raise CodecError(
+                    f"malformed message: field {field} declares {size} bytes, {end - pos} remain"
+                )
+            value = (pos, pos + size)
+            pos += size
+        else:
+            raise CodecError(f"malformed message: field {field} has wire type {wire_type}")
+        yield field, wire_type, value
+
+
+def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise CodecError("malformed message: truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result & _U64_MASK, pos
+        shift += 7
+        if shift >= 70:
+            raise CodecError("malformed message: varint longer than 10 bytes")
+
+
+def _signed(value: int, bits: int) -> int:
+    return value - (1 << bits) if value >= 1 << (bits - 1) else value
+
+
+def _utf8(raw: memoryview, what: str) -> str:
+    try:
+        return str(raw, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise CodecError(f"{what} is not valid UTF-8: {exc}") from exc
 
 
 def latent_chunk_from_proto(msg: uplink_pb2.LatentChunk) -> LatentChunk:

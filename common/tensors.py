@@ -39,8 +39,9 @@ FLOAT_ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8")
 class WireTensor:
     """A tensor as it travels: raw bytes + dtype name + shape (+ scale for int8)."""
 
-    data: bytes
-    """C-order little-endian bytes; ``len(data) == prod(shape) * itemsize``."""
+    data: bytes | memoryview
+    """C-order little-endian bytes; ``len(data) == prod(shape) * itemsize``. A read-only view
+    of the received message on the server's ingest path (nothing copied)."""
     dtype: str
     """One of :data:`WIRE_DTYPES`."""
     shape: tuple[int, ...]

@@ -11,7 +11,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.constants import MAX_MESSAGE_BYTES
-from common.errors import ConfigError
+from common.errors import CodecError, ConfigError
+from common.records import LatentChunk
+from common.serde import latent_chunk_from_bytes
 from common.tls import ServerTls
 from protos import uplink_pb2_grpc
 from server.limits import DEFAULT_MAX_CONCURRENT_RPCS
@@ -87,7 +89,7 @@ def create_server(
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         interceptors=chain or None,
     )
-    uplink_pb2_grpc.add_UplinkServicer_to_server(servicer, server)
+    _add_uplink(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -109,3 +111,47 @@ def create_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("listening on %s (port %d)", address, port)
     return server, port, health_servicer
+
+
+class _HandlerTable:
+    """Stands in for the server while the generated code registers the Uplink service."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """The generated code registers a generic handler too; the table is kept instead."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def _latent_chunk(data: bytes) -> LatentChunk | CodecError:
+    """PushLatents' request deserialiser: a chunk whose tensors are views of ``data``.
+
+    A malformed message comes back as its error, for the servicer to answer INVALID_ARGUMENT
+    naming it (a deserialiser that raises makes gRPC answer INTERNAL).
+    """
+    try:
+        return latent_chunk_from_bytes(data)
+    except CodecError as exc:
+        return exc
+
+
+def _add_uplink(servicer: UplinkServicer, server: grpc.Server) -> None:
+    """The generated Uplink service, with PushLatents parsed without copying its payload."""
+    table = _HandlerTable()
+    uplink_pb2_grpc.add_UplinkServicer_to_server(servicer, table)  # type: ignore[arg-type]
+    push = table.handlers["PushLatents"]
+    table.handlers["PushLatents"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PushLatents,
+        request_deserializer=_latent_chunk,
+        response_serializer=push.response_serializer,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(table.service, table.handlers),)
+    )
+    server.add_registered_method_handlers(table.service, table.handlers)  # type: ignore[attr-defined]

@@ -79,10 +79,15 @@ def _abort(context: grpc.ServicerContext, method: str, exc: LatentEdgeError) -> 
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-def _chunks_from(request_iterator: Iterator[uplink_pb2.LatentChunk]) -> Iterator[LatentChunk]:
+def _chunks_from(
+    request_iterator: Iterator[LatentChunk | CodecError | uplink_pb2.LatentChunk],
+) -> Iterator[LatentChunk]:
+    """The stream's chunks: parsed without copies (server/grpc_app.py), or from messages."""
     try:
-        for msg in request_iterator:
-            yield latent_chunk_from_proto(msg)
+        for index, msg in enumerate(request_iterator):
+            if isinstance(msg, CodecError):
+                raise InvalidRequestError(f"message {index} of the stream: {msg}") from msg
+            yield msg if isinstance(msg, LatentChunk) else latent_chunk_from_proto(msg)
     except grpc.RpcError as exc:  # the client cancelled or the connection dropped
         raise StreamAbortedError("the client ended the stream before its last chunk") from exc
 
@@ -198,7 +203,7 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
 
     def PushLatents(  # noqa: N802 (generated method name)
         self,
-        request_iterator: Iterator[uplink_pb2.LatentChunk],
+        request_iterator: Iterator[LatentChunk | CodecError | uplink_pb2.LatentChunk],
         context: grpc.ServicerContext,
     ) -> uplink_pb2.PushLatentsReply:
         """Durably store one streamed upload, then acknowledge it."""

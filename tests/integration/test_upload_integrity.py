@@ -138,3 +138,20 @@ def test_a_bug_answers_internal_with_an_incident_not_unknown_with_its_text(
             assert "secret" not in details
         # the server keeps serving
         stub.RegisterNode(uplink_pb2.RegisterNodeRequest(node_id="n1", latent_dim=4, num_classes=2))
+
+
+def test_a_malformed_message_mid_stream_is_invalid_argument_and_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    for server in running_server(tmp_path):
+        with UplinkClient(server.address) as client:
+            client.register(NodeRegistration(node_id="n0", latent_dim=4, num_classes=2))
+        push = server.channel.stream_unary("/latentedge.v1.Uplink/PushLatents")  # raw bytes
+        good = _chunk(6, "u1", 0, False).SerializeToString()
+        truncated = _chunk(6, "u1", 1, True).SerializeToString()[:-3]
+        with pytest.raises(grpc.RpcError) as caught:
+            push(iter([good, truncated]), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "message 1 of the stream: malformed message" in str(caught.value.details())
+        with UplinkClient(server.address) as client:
+            assert client.status().nodes[0].samples == 0
