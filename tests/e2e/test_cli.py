@@ -40,9 +40,32 @@ def test_version_and_help() -> None:
         assert command in helptext
 
 
-def test_demo_on_digits_meets_targets(tmp_path: Path) -> None:
-    proc = run_cli("demo", "--out", str(tmp_path), timeout=600)
+@pytest.fixture(scope="module")
+def digits_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One `latentedge demo` at its defaults, plus noise-aware encoders beside the plain ones.
+
+    The plain part is the default demo (the same nodes, epochs and seed); the two tests below
+    read one run (it takes a minute and a half), the output folder and stdout.
+    """
+    out = tmp_path_factory.mktemp("demo")
+    proc = run_cli(
+        "demo",
+        "--train-noise",
+        "awgn:snr_db=5",
+        "--analog-sweep",
+        "awgn:snr_db=0,30",
+        "--analog-draws",
+        "5",
+        "--out",
+        str(out),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stdout
+
+
+def test_demo_on_digits_meets_targets(digits_demo: tuple[Path, str]) -> None:
+    tmp_path, stdout = digits_demo
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in (
         "dataset",
@@ -63,7 +86,7 @@ def test_demo_on_digits_meets_targets(tmp_path: Path) -> None:
     assert summary["baseline_accuracy"] - summary["accuracy"] <= 0.03
     assert summary["uploaded_bytes"] < summary["raw_bytes"]
     assert (tmp_path / "summary.png").stat().st_size > 10_000
-    assert "accuracy" in proc.stdout and "compression ratio" in proc.stdout
+    assert "accuracy" in stdout and "compression ratio" in stdout
 
 
 def test_demo_on_mnist_tiny(tmp_path: Path) -> None:
@@ -341,22 +364,8 @@ def test_edge_refuses_a_bad_train_noise_spec_before_any_work() -> None:
     assert_one_line_error(proc, 3, "act on activations")
 
 
-def test_demo_with_noise_aware_encoders_beside_plain_ones(tmp_path: Path) -> None:
-    proc = run_cli(
-        "demo",
-        "--train-noise",
-        "awgn:snr_db=5",
-        "--epochs",
-        "60",
-        "--analog-sweep",
-        "awgn:snr_db=0,30",
-        "--analog-draws",
-        "5",
-        "--out",
-        str(tmp_path),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_demo_with_noise_aware_encoders_beside_plain_ones(digits_demo: tuple[Path, str]) -> None:
+    tmp_path, stdout = digits_demo
     summary = json.loads((tmp_path / "summary.json").read_text())
     aware = summary["noise_aware"]
     assert aware["train_noise"] == "awgn:snr_db=5"
@@ -365,4 +374,4 @@ def test_demo_with_noise_aware_encoders_beside_plain_ones(tmp_path: Path) -> Non
     plain_0db = summary["analog"]["accuracy_mean"][0]
     aware_0db = aware["analog"]["accuracy_mean"][0]
     assert aware_0db > plain_0db + 0.05  # trained under the noise, it tolerates it far better
-    assert "noise-aware" in proc.stdout
+    assert "noise-aware" in stdout
