@@ -29,7 +29,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from server.store import SCHEMA_VERSION, SqlStore, raise_store_errors
 
 try:
     import psycopg
-    from psycopg import conninfo
+    from psycopg import conninfo, pq
 except ImportError:  # pragma: no cover - the extra is part of the dev install
     psycopg = None  # type: ignore[assignment]
 
@@ -187,19 +187,41 @@ def _pg_sql(sql: str) -> str:
 
 
 class _Connection:
-    """A psycopg connection that takes the store's ``?`` placeholders."""
+    """A psycopg connection that takes the store's ``?`` placeholders and survives restarts.
 
-    def __init__(self, conn: Any) -> None:
-        self.raw = conn
+    A statement that finds the connection lost while it was idle (PostgreSQL restarted, or a
+    proxy dropped it) runs once more on a new connection: outside a transaction nothing was
+    done that the retry could repeat. Inside one, the error stands (the transaction is gone).
+    """
+
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        self._connect = connect
+        self.raw = connect()
+
+    def _run(self, statement: Callable[[Any], Any]) -> Any:
+        idle = self.raw.info.transaction_status == pq.TransactionStatus.IDLE
+        try:
+            return statement(self.raw)
+        except psycopg.OperationalError:
+            if not (idle and self.raw.broken):
+                raise
+            logger.warning("the connection to PostgreSQL was lost; reconnecting")
+            self.raw = self._connect()
+            return statement(self.raw)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.raw.execute(_pg_sql(sql), tuple(params))
+        query, args = _pg_sql(sql), tuple(params)
+        return self._run(lambda raw: raw.execute(query, args))
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        rows = [tuple(r) for r in rows]
-        if rows:
-            with self.raw.cursor() as cur:
-                cur.executemany(_pg_sql(sql), rows)
+        query, batch = _pg_sql(sql), [tuple(r) for r in rows]
+        if batch:
+            self._run(lambda raw: _executemany(raw, query, batch))
+
+
+def _executemany(raw: Any, query: str, batch: list[tuple[Any, ...]]) -> None:
+    with raw.cursor() as cur:
+        cur.executemany(query, batch)
 
 
 def describe_url(url: str) -> str:
@@ -241,7 +263,7 @@ class PostgresStore(SqlStore):
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._lease_lock = threading.Lock()
-        self._lease_conn: Any = None
+        self._lease_conn: _Connection | None = None
         self._owner_conn = self._connect()
         try:
             self._create_schema()
@@ -264,14 +286,18 @@ class PostgresStore(SqlStore):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StoreError(f"cannot connect to PostgreSQL {self._where}: {first}") from exc
 
+    def _tracked_connect(self) -> Any:
+        raw = self._connect()
+        with self._lock:
+            self._connections.append(raw)
+        return raw
+
     @override
     def _conn(self) -> _Connection:
         conn: _Connection | None = getattr(self._local, "conn", None)
-        if conn is None or conn.raw.closed:
-            conn = _Connection(self._connect())
+        if conn is None:
+            conn = _Connection(self._tracked_connect)
             self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn.raw)
         return conn
 
     def _create_schema(self) -> None:
@@ -300,11 +326,18 @@ class PostgresStore(SqlStore):
     @contextlib.contextmanager
     def _write(self, *, durable: bool = True) -> Iterator[_Connection]:
         conn = self._conn()
-        with self._write_lock, conn.raw.transaction():  # this process's writers queue here
-            conn.raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", _WRITE_LOCK)
-            if not durable:
-                conn.raw.execute("SET LOCAL synchronous_commit TO off")
-            yield conn
+        with self._write_lock:  # this process's writers queue here, not on the database
+            conn.execute("BEGIN")  # reconnects if the idle connection was lost
+            try:
+                conn.raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", _WRITE_LOCK)
+                if not durable:
+                    conn.raw.execute("SET LOCAL synchronous_commit TO off")
+                yield conn
+            except BaseException:
+                if not conn.raw.broken:
+                    conn.raw.execute("ROLLBACK")
+                raise
+            conn.raw.execute("COMMIT")
 
     @override
     def _dead_owners(self) -> list[int]:
@@ -341,11 +374,11 @@ class PostgresStore(SqlStore):
     @contextlib.contextmanager
     def upload_guard(self, upload_id: str, wait_s: float) -> Iterator[None]:
         # a session lock on this thread's connection: the thread receives the whole stream
-        raw = self._conn().raw
+        conn = self._conn()
         key = (_UPLOAD_LOCKS, upload_id)
         deadline = time.monotonic() + wait_s
         while True:
-            (got,) = raw.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", key).fetchone()
+            (got,) = conn.execute("SELECT pg_try_advisory_lock(?, hashtext(?))", key).fetchone()
             if got:
                 break
             if time.monotonic() >= deadline:
@@ -354,24 +387,27 @@ class PostgresStore(SqlStore):
                     "replica; retry shortly"
                 )
             time.sleep(UPLOAD_GUARD_POLL_S)
+        holder = conn.raw  # the session that holds the lock
         try:
             yield
         finally:
-            raw.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", key)
+            if holder is conn.raw and not holder.broken:  # else the lock went with it
+                holder.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", key)
 
     @override
     @contextlib.contextmanager
     def training_lease(self) -> Iterator[bool]:
         with self._lease_lock:
-            if self._lease_conn is None or self._lease_conn.closed:
-                self._lease_conn = self._connect()
+            if self._lease_conn is None:
+                self._lease_conn = _Connection(self._connect)
             conn = self._lease_conn
-            (got,) = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", _TRAINING_LOCK).fetchone()
+            (got,) = conn.execute("SELECT pg_try_advisory_lock(?, ?)", _TRAINING_LOCK).fetchone()
+            holder = conn.raw
             try:
                 yield bool(got)
             finally:
-                if got:
-                    conn.execute("SELECT pg_advisory_unlock(%s, %s)", _TRAINING_LOCK)
+                if got and holder is conn.raw and not holder.broken:
+                    holder.execute("SELECT pg_advisory_unlock(%s, %s)", _TRAINING_LOCK)
 
     # -- health and shutdown ------------------------------------------------------------------
 
@@ -379,8 +415,18 @@ class PostgresStore(SqlStore):
     def check(self) -> None:
         try:
             self._conn().execute("SELECT value FROM meta WHERE key = 'data_version'").fetchone()
+            try:
+                self._owner_conn.execute("SELECT 1")
+            except psycopg.OperationalError:  # PostgreSQL restarted: take the owner lock again
+                self._owner_conn.close()
+                self._owner_conn = self._connect()
+                self._owner_conn.execute(
+                    "SELECT pg_advisory_lock(%s, %s)", (_OWNER_LOCKS, self._owner)
+                )
+                logger.info("reconnected to PostgreSQL %s", self._where)
         except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL {self._where} cannot be read: {exc}") from exc
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreError(f"PostgreSQL {self._where} cannot be read: {first}") from exc
         if self._segments is not None:
             self._segments.check()
 
@@ -392,7 +438,7 @@ class PostgresStore(SqlStore):
                 conn.close()
             self._connections.clear()
         if self._lease_conn is not None:
-            self._lease_conn.close()
+            self._lease_conn.raw.close()
         self._owner_conn.close()  # frees the owner lock: this instance's open uploads are dead
         self._local = threading.local()
 

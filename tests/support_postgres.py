@@ -57,6 +57,8 @@ class PostgresServer:
     run_as: str | None
     """OS user the server runs as (None: this process's user)."""
     _names: Iterator[int]
+    options: str = ""
+    """The server's ``pg_ctl -o`` options."""
 
     def url(self, dbname: str = "postgres") -> str:
         """The ``postgresql://`` URL of database ``dbname``."""
@@ -88,6 +90,27 @@ class PostgresServer:
         name = f"t{next(self._names)}"
         self.psql(f"CREATE DATABASE {name}")
         return self.url(name)
+
+    def halt(self) -> None:
+        """Stop the server (immediate mode, as a crash), keeping its data for :meth:`resume`."""
+        _run(self, "pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start a halted server again on the same port and data."""
+        _run(
+            self,
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-o",
+            self.options,
+            "-l",
+            str(self.data_dir / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self) -> None:
         _run(self, "pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "stop", check=False)
@@ -144,6 +167,7 @@ def start_postgres(*, durable: bool = False) -> PostgresServer:
     )
     if not durable:
         options += " -c fsync=off -c full_page_writes=off"
+    server.options = options
     proc = _run(
         server,
         "pg_ctl",

@@ -10,13 +10,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.records import EnergyProfile, NodeRegistration, UploadMode
 from edge.uplink import UplinkClient
-from tests.conftest import ServerProcess, start_server_process
-from tests.support_postgres import PostgresServer
+from tests.conftest import (
+    ServerProcess,
+    assert_one_line_error,
+    run_cli,
+    start_server_process,
+)
+from tests.support_postgres import PostgresServer, start_postgres
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 CONFIG = """
 [server]
@@ -156,3 +166,49 @@ def _serve_as_one(
     assert b.schedule(nodes[0]).round == 2
     assert a.schedule(nodes[1]).round == 2
     assert postgres_server.psql("SELECT COUNT(*) FROM plans", dbname).strip() == "2"
+
+
+def test_bad_database_settings_are_one_line_errors_that_hide_the_password(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    unreachable = "postgresql://someone:s3cret-pw@127.0.0.1:1/nowhere"
+    proc = run_cli("server", "--listen", "127.0.0.1:0", "--db", unreachable, timeout=60)
+    assert_one_line_error(proc, 3, "cannot connect to PostgreSQL someone@127.0.0.1:1/nowhere")
+    assert "s3cret-pw" not in proc.stderr + proc.stdout
+    proc = run_cli("server", "--listen", "127.0.0.1:0", "--db", "mysql://a@b/c", timeout=60)
+    assert_one_line_error(proc, 3, "unsupported store URL scheme 'mysql'")
+    proc = run_cli(
+        "server", "--listen", "127.0.0.1:0", "--db", postgres_server.new_database(),
+        "--payload-dir", str(tmp_path / "missing"), timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(proc, 3, "payload directory")
+    issued = run_cli("token", "issue", "node-1", "--db", postgres_server.new_database())
+    assert issued.returncode == 0 and issued.stdout.strip(), issued.stderr
+
+
+def test_health_follows_postgresql_down_and_back() -> None:
+    server = start_postgres()  # its own: this test stops it
+    try:
+        replica = start_server_process(server.new_database())  # type: ignore[arg-type]
+        try:
+            with UplinkClient(replica.address) as client:
+                client.register(NodeRegistration("n", 4, 3))
+            assert _health(replica.address) == SERVING
+            server.halt()
+            _wait(lambda: _health(replica.address) == NOT_SERVING, "NOT_SERVING", 20)
+            server.resume()
+            _wait(lambda: _health(replica.address) == SERVING, "SERVING again", 30)
+            with UplinkClient(replica.address) as client:  # the store reconnected
+                x, y = _data(1, 30)
+                ack = client.push_latents("n", x, y, num_classes=3)
+                assert ack.stored_samples == 30
+        finally:
+            replica.stop()
+    finally:
+        server.stop()
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
