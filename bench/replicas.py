@@ -80,24 +80,21 @@ def verify(addresses: list[str], clients: int, args: dict[str, int]) -> None:
     # client 0 uploaded through replica 0 with an id the client chose; re-send it through the
     # last replica under an explicit id: first stored, then deduplicated there and everywhere
     latents, labels = make_payload(64, args["latent_dim"], seed=99)
-    with UplinkClient(addresses[-1]) as client:
-        first = client.push_latents(
-            "bench-0",
-            latents,
-            labels,
-            num_classes=NUM_CLASSES,
-            mode=UploadMode.APPEND,
-            upload_id="bench-resend",
-        )
+    acks = []
+    for address in (addresses[-1], addresses[0]):
+        with UplinkClient(address) as client:
+            acks.append(
+                client.push_latents(
+                    "bench-0",
+                    latents,
+                    labels,
+                    num_classes=NUM_CLASSES,
+                    mode=UploadMode.APPEND,
+                    upload_id="bench-resend",
+                )
+            )
+    first, again = acks
     with UplinkClient(addresses[0]) as client:
-        again = client.push_latents(
-            "bench-0",
-            latents,
-            labels,
-            num_classes=NUM_CLASSES,
-            mode=UploadMode.APPEND,
-            upload_id="bench-resend",
-        )
         stored = {n.node_id: n.samples for n in client.status().nodes}["bench-0"]
     if first.deduplicated or not again.deduplicated or stored != expected_samples + 64:
         raise AssertionError(f"re-sent upload: first {first}, again {again}, stored {stored}")

@@ -1474,11 +1474,15 @@ class SqlStore(Store):
         )
         return [self._token_row(r) for r in rows]
 
-    def _close_writers(self) -> None:
+    def _close_writers_and(self, connections: list[Any]) -> None:
+        """Close every open segment writer, then ``connections`` (and forget them)."""
         with self._writers_lock:
             for writer in self._writers.values():
                 writer.close()
             self._writers.clear()
+        for conn in connections:
+            conn.close()
+        connections.clear()
 
 
 class SqliteStore(SqlStore):
@@ -1589,11 +1593,8 @@ class SqliteStore(SqlStore):
 
     @override
     def close(self) -> None:
-        self._close_writers()
         with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+            self._close_writers_and(self._connections)
         self._local = threading.local()
 
 

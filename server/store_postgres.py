@@ -432,11 +432,8 @@ class PostgresStore(SqlStore):
 
     @override
     def close(self) -> None:
-        self._close_writers()
         with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+            self._close_writers_and(self._connections)
         if self._lease_conn is not None:
             self._lease_conn.raw.close()
         self._owner_conn.close()  # frees the owner lock: this instance's open uploads are dead
