@@ -599,6 +599,11 @@ class SplitLearningServer:
                     f"samples must be in 1..{MAX_DELTA_SAMPLES} (the training samples behind "
                     f"the delta), got {first.samples}"
                 )
+            if not first.trainable.isprintable():
+                raise InvalidRequestError(
+                    f"trainable must be printable text (the fine-tuned subset, e.g. 'head'), "
+                    f"got {first.trainable[:64]!r}"
+                )
             base = self._hub.check_base(first.base_version, first.base_hash)
             self._store.begin_delta(
                 first.upload_id,

@@ -116,6 +116,7 @@ def _push(
     base_version: int = 1,
     base_hash: str | None = None,
     chunk_bytes: int = 4 * 1024 * 1024,
+    trainable: str = "test",
 ) -> tuple[DeltaAck, int]:
     return client.push_delta(
         node,
@@ -123,7 +124,7 @@ def _push(
         base_version=base_version,
         base_hash=hub.base_hash if base_hash is None else base_hash,
         samples=samples,
-        trainable="test",
+        trainable=trainable,
         upload_id=upload_id,
         chunk_bytes=chunk_bytes,
     )
@@ -525,6 +526,7 @@ def test_bad_delta_is_invalid_argument_and_the_server_keeps_serving(hub: Hub, ca
         ({"base_version": 0}, "INVALID_ARGUMENT", "base_version must be >= 1"),
         ({"samples": 0}, "INVALID_ARGUMENT", "samples must be in 1.."),
         ({"node": "ghost"}, "NOT_FOUND", "ghost"),
+        ({"trainable": "head\x00; drop"}, "INVALID_ARGUMENT", "trainable must be printable"),
     ],
 )
 def test_delta_refused_on_base_node_and_samples(
@@ -542,6 +544,7 @@ def test_delta_refused_on_base_node_and_samples(
                 base_version=int(str(fields.get("base_version", 1))),
                 base_hash=None if "base_hash" not in fields else str(fields["base_hash"]),
                 samples=int(str(fields.get("samples", 20))),
+                trainable=str(fields.get("trainable", "test")),
             )
         assert info.value.code == code
         assert needle in str(info.value)
