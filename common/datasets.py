@@ -122,6 +122,15 @@ class Dataset:
         return (c, h, w)
 
 
+def check_dataset_spec(spec: str) -> None:
+    """Raise DataError unless ``spec`` is a built-in name or an existing path (reads nothing)."""
+    if spec not in BUILTIN_DATASETS and not Path(spec).exists():
+        raise DataError(
+            f"dataset {spec!r} is neither a built-in name {list(BUILTIN_DATASETS)} "
+            "nor an existing file or directory"
+        )
+
+
 def load_dataset(spec: str) -> Dataset:
     """Load a dataset by name (``"digits"``) or from a path.
 
@@ -138,12 +147,8 @@ def load_dataset(spec: str) -> Dataset:
     """
     if spec in BUILTIN_DATASETS:
         return _load_digits()
+    check_dataset_spec(spec)
     path = Path(spec)
-    if not path.exists():
-        raise DataError(
-            f"dataset {spec!r} is neither a built-in name {list(BUILTIN_DATASETS)} "
-            "nor an existing file or directory"
-        )
     if path.is_dir():
         ds = _load_idx_dir(path) if _idx_images_in(path) else _load_image_folder(path)
     elif path.suffix == ".npz":

@@ -21,89 +21,19 @@ carries its spec and anyone can rebuild the network without code of their own.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from common.errors import ConfigError
-
-MODEL_NAMES: tuple[str, ...] = (
-    "mlp",
-    "lenet",
-    "resnet8",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "vgg11",
-    "vgg16",
-)
-"""Networks :func:`build_model` knows."""
-
-NORMS: tuple[str, ...] = ("none", "bn", "l1", "topk")
-"""Normalisation layers a network can use (``""`` = the network's own default)."""
-
-_DEFAULT_NORM = {"mlp": "none", "lenet": "none"}
-"""Networks whose default is not ``bn``."""
+from common.zoo_spec import ModelSpec as ModelSpec  # noqa: PLC0414 - re-exported for the zoo's users
 
 HEAD_PREFIX = "head."
 """State-dict prefix of the classifier head in every zoo network."""
 
 LAST_BLOCK_PREFIX = "last_block."
 """State-dict prefix of the last feature block in every zoo network."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What it takes to rebuild a zoo network: its name and the data's geometry."""
-
-    name: str
-    """One of :data:`MODEL_NAMES`."""
-    in_channels: int
-    """Channels of an input image."""
-    height: int
-    """Input height (pixels)."""
-    width: int
-    """Input width (pixels)."""
-    num_classes: int
-    """Outputs of the head."""
-    norm: str = ""
-    """Normalisation after each convolution: ``none``, ``bn``, ``l1`` or ``topk``
-    (``common.norms``); empty = the network's default (``bn`` for ResNets and VGGs, ``none``
-    for ``mlp`` and ``lenet``)."""
-
-    def __post_init__(self) -> None:
-        if self.name not in MODEL_NAMES:
-            raise ConfigError(f"model must be one of {list(MODEL_NAMES)}, got {self.name!r}")
-        if self.norm and self.norm not in NORMS:
-            raise ConfigError(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
-        if self.name == "mlp" and self.norm not in ("", "none"):
-            raise ConfigError("the mlp has no convolutions to normalise; use norm none")
-        for key in ("in_channels", "height", "width"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
-        if self.num_classes < 2:
-            raise ConfigError(f"model.num_classes must be >= 2, got {self.num_classes}")
-
-    def to_json(self) -> str:
-        """Canonical JSON (sorted keys) of the spec."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
-        """Parse :meth:`to_json` output; ConfigError on anything else."""
-        try:
-            doc = json.loads(text)
-            return cls(**doc)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"not a model spec: {text[:200]!r} ({exc})") from exc
-
-    @property
-    def norm_kind(self) -> str:
-        """The normalisation in effect (the default resolved)."""
-        return self.norm or _DEFAULT_NORM.get(self.name, "bn")
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:

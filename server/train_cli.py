@@ -44,7 +44,7 @@ class TrainJob:
     classes: str = ""
     """Comma-separated class filter (empty = all); the model keeps every class's output."""
     model: str = "lenet"
-    """Zoo network (``common.zoo.MODEL_NAMES``)."""
+    """Zoo network (``common.zoo_spec.MODEL_NAMES``)."""
     norm: str = ""
     """``none``, ``bn``, ``l1``, ``topk``; empty = the network's default."""
     epochs: int = 30
@@ -248,16 +248,23 @@ def _stored_input(net: nn.Module, scale: float) -> nn.Module:
 
 def run(args: argparse.Namespace) -> int:
     """Train, export, report."""
+    from common.datasets import check_dataset_spec
+    from common.zoo_spec import check_model_name
+
+    # the flags first, before torch and onnx are imported: a typo fails at once
+    out: Path = args.out
+    if out.suffix != ".onnx":
+        raise ConfigError(f"--out must name an .onnx file, got {str(out)!r}")
+    job = job_from_args(args)
+    check_model_name(job.model, job.norm)
+    check_dataset_spec(job.data)
+
     import numpy as np
 
     from common.datasets import stored_scale
     from common.export import export_network
     from common.zoo import parameter_count
 
-    out: Path = args.out
-    if out.suffix != ".onnx":
-        raise ConfigError(f"--out must name an .onnx file, got {str(out)!r}")
-    job = job_from_args(args)
     in_memory: dict[str, Any] = {}
     if getattr(args, "in_memory", ""):
         from server.inmemory_cli import config_from_args, in_memory_job, report_section

@@ -26,13 +26,13 @@ from common.finetune import (
 from common.modelfile import ModelFile, from_torch
 from common.noise_aware import inject_weight_noise
 from common.zoo import (
-    MODEL_NAMES,
     ModelSpec,
     build_model,
     flops_per_sample,
     model_state,
     parameter_count,
 )
+from common.zoo_spec import MODEL_NAMES
 
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 FAST = TrainSettings(epochs=2, batch_size=16, learning_rate=1e-2, seed=0)
