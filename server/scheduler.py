@@ -99,10 +99,10 @@ class RoundScheduler:
             )
         with self._lock:
             state = self._store.round_state()
+            if state is not None and state.round != self._round:
+                self._load()  # another replica (or an earlier run) made this round's plan
             if state is None or self._due(state, node_id):
                 self._new_round(self._cell, 0 if state is None else state.round)
-            elif state.round != self._round:
-                self._load()
             decision = self._decisions.get(node_id)
             if decision is None:
                 return Schedule(
@@ -116,9 +116,7 @@ class RoundScheduler:
             return decision
 
     def _due(self, state: RoundState, node_id: str) -> bool:
-        """Whether the stored round is over for a request of ``node_id``."""
-        if state.round != self._round:
-            self._load()
+        """Whether the stored (and cached) round is over for a request of ``node_id``."""
         if self._selected and not state.waiting:
             return True  # every selected uploader committed
         expired = time.time() - state.created_at > self._round_timeout_s
