@@ -37,13 +37,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.noise_aware import perturb, training_spec
 from experiments.robustness import (
     DEFAULT_LR,
     PCM_CLIP,
     PCM_TIMES_S,
     _accuracy,
-    _analog_weights,
     folded,
     noisy_accuracies,
     prepare_cifar,
@@ -59,39 +57,34 @@ def adabs_accuracies(
 ) -> list[float]:
     """Accuracy of ``draws`` PCM draws on the Conv/Linear weights, BN re-estimated each time.
 
-    ``level`` None: no noise, BN re-estimated on the clean weights (the reference for AdaBS).
+    ``level`` None: no noise, BN re-estimated once on the clean weights (the reference for
+    AdaBS; ``draws`` is then ignored).
     """
-    weights = _analog_weights(net)
-    clean = [w.detach().clone() for w in weights]
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in norms]
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    spec = training_spec(level) if level is not None else None
-    out = []
+
+    def recalibrate() -> None:  # cumulative averages over the calibration images
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for start in range(0, len(calib), 256):
+            net(calib[start : start + 256])
+        for m in norms:
+            m.eval()
+
     try:
-        for _ in range(draws):
+        if level is None:
             with torch.no_grad():
-                for w, c in zip(weights, clean, strict=True):
-                    if spec is not None:
-                        w.copy_(perturb(c, spec, gen))
-                for m in norms:  # cumulative average over the calibration images
-                    m.reset_running_stats()
-                    m.momentum = None
-                    m.train()
-                for start in range(0, len(calib), 256):
-                    net(calib[start : start + 256])
-                for m in norms:
-                    m.eval()
-            out.append(_accuracy(net, x, y))
+                recalibrate()
+            return [_accuracy(net, x, y)]
+        return noisy_accuracies(net, x, y, "tensor", level, draws, seed, after_draw=recalibrate)
     finally:
         with torch.no_grad():
-            for w, c in zip(weights, clean, strict=True):
-                w.copy_(c)
             for m, (mean, var, momentum) in zip(norms, saved, strict=True):
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.momentum = momentum
-    return out
 
 
 def run_seed(task: tuple[int, str, dict[str, Any]]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import multiprocessing
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -197,9 +198,18 @@ def _accuracy(net: Any, x: Any, y: Any) -> float:
 
 
 def noisy_accuracies(
-    net: Any, x: Any, y: Any, how: str, level: str, draws: int, seed: int
+    net: Any,
+    x: Any,
+    y: Any,
+    how: str,
+    level: str,
+    draws: int,
+    seed: int,
+    after_draw: Callable[[], None] | None = None,
 ) -> list[float]:
     """Accuracy of ``draws`` noise draws on ``net``'s Conv/Linear weights.
+
+    ``after_draw`` runs (without gradients) between a draw and its scoring (e.g. AdaBS).
 
     ``how`` is ``tensor`` (``device_sim``'s spec ``level`` via ``noise_aware.perturb``),
     ``channel`` or ``global`` (AWGN at ``level`` dB with σ_W per output channel / over all
@@ -226,6 +236,8 @@ def noisy_accuracies(
                         std = global_std
                     noise = torch.randn(c.shape, generator=gen, device=c.device, dtype=c.dtype)
                     w.copy_(c + std / math.sqrt(snr) * noise)
+                if after_draw is not None:
+                    after_draw()
             out.append(_accuracy(net, x, y))
     finally:
         with torch.no_grad():
