@@ -96,8 +96,8 @@ class PostgresServer:
         _run(self, "pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
 
     def resume(self) -> None:
-        """Start a halted server again on the same port and data."""
-        _run(
+        """Start the (new or halted) server on its port and data; fail with its log if it won't."""
+        proc = _run(
             self,
             "pg_ctl",
             "-D",
@@ -110,7 +110,12 @@ class PostgresServer:
             "-t",
             "60",
             "start",
+            check=False,
         )
+        if proc.returncode != 0:
+            log = self.data_dir / "server.log"
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise AssertionError(f"PostgreSQL did not start:\n{proc.stdout}{proc.stderr}\n{tail}")
 
     def stop(self) -> None:
         _run(self, "pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "stop", check=False)
@@ -168,26 +173,11 @@ def start_postgres(*, durable: bool = False) -> PostgresServer:
     if not durable:
         options += " -c fsync=off -c full_page_writes=off"
     server.options = options
-    proc = _run(
-        server,
-        "pg_ctl",
-        "-D",
-        str(data_dir),
-        "-o",
-        options,
-        "-l",
-        str(data_dir / "server.log"),
-        "-w",
-        "-t",
-        "60",
-        "start",
-        check=False,
-    )
-    if proc.returncode != 0:
-        log = data_dir / "server.log"
-        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    try:
+        server.resume()
+    except AssertionError:
         server.stop()
-        raise AssertionError(f"PostgreSQL did not start:\n{proc.stdout}{proc.stderr}\n{tail}")
+        raise
     deadline = time.monotonic() + 30
     while True:
         try:
