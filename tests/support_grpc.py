@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 
 from common.models import ClassifierConfig
+from common.records import EnergyProfile
 from common.tls import ServerTls
 from server.allocation import Cell
 from server.auth import Authenticator
@@ -56,3 +57,19 @@ def running_server(
     server.stop(grace=None).wait()
     core.stop()
     store.close()
+
+
+def energy_profile(gain: float, finetune_energy_j: float = 1.5) -> EnergyProfile:
+    """A node's energy profile for scheduling tests: only the channel gain (and the cost of
+    fine-tuning locally) vary."""
+    return EnergyProfile(
+        upload_bits=4e6,
+        cycles_per_sample=1e6,
+        cpu_hz=1.5e9,
+        kappa=1e-28,
+        tx_power_w=0.2,
+        channel_gain=gain,
+        energy_budget_j=20.0,
+        finetune_energy_j=finetune_energy_j,
+        finetune_latency_s=6.0,
+    )

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.records import EnergyProfile, NodeRegistration, UploadMode
+from common.records import NodeRegistration, UploadMode
 from edge.uplink import UplinkClient
 from tests.conftest import (
     ServerProcess,
@@ -23,6 +23,7 @@ from tests.conftest import (
     run_cli,
     start_server_process,
 )
+from tests.support_grpc import energy_profile
 from tests.support_postgres import PostgresServer, start_postgres
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -39,20 +40,6 @@ min_samples = 1000
 weight_energy = 1.0
 weight_latency = 0.5
 """
-
-
-def _profile(gain: float) -> EnergyProfile:
-    return EnergyProfile(
-        upload_bits=4e6,
-        cycles_per_sample=1e6,
-        cpu_hz=1.5e9,
-        kappa=1e-28,
-        tx_power_w=0.2,
-        channel_gain=gain,
-        energy_budget_j=20.0,
-        finetune_energy_j=1.5,
-        finetune_latency_s=6.0,
-    )
 
 
 @pytest.fixture
@@ -107,7 +94,7 @@ def _serve_as_one(
     nodes = [f"n{i}" for i in range(4)]
     for i, node in enumerate(nodes):
         (a if i % 2 else b).register(
-            NodeRegistration(node, 4, 3, samples=600, profile=_profile(10.0 ** -(9 + i / 2)))
+            NodeRegistration(node, 4, 3, samples=600, profile=energy_profile(10.0 ** -(9 + i / 2)))
         )
     # uploads through both replicas at once, two streams each
     errors: list[BaseException] = []

@@ -15,7 +15,7 @@ from common.errors import UplinkError
 from common.records import EnergyProfile, NodeRegistration
 from edge.uplink import UplinkClient
 from server.allocation import Cell
-from tests.support_grpc import RunningServer, running_server
+from tests.support_grpc import RunningServer, energy_profile, running_server
 
 CELL = Cell(
     bandwidth_hz=2e6,
@@ -35,20 +35,6 @@ IDLE = Cell(
 """Nothing must be covered and latency is free: fine-tuning locally wins, nobody uploads."""
 
 
-def _profile(gain: float, finetune_energy_j: float = 1.5) -> EnergyProfile:
-    return EnergyProfile(
-        upload_bits=4e6,
-        cycles_per_sample=1e6,
-        cpu_hz=1.5e9,
-        kappa=1e-28,
-        tx_power_w=0.2,
-        channel_gain=gain,
-        energy_budget_j=20.0,
-        finetune_energy_j=finetune_energy_j,
-        finetune_latency_s=6.0,
-    )
-
-
 @pytest.fixture
 def scheduling_server(tmp_path: Path) -> Iterator[RunningServer]:
     yield from running_server(tmp_path, cell=CELL)
@@ -58,7 +44,11 @@ def _register_fleet(client: UplinkClient) -> None:
     for i, gain in enumerate(GAINS):
         client.register(
             NodeRegistration(
-                node_id=f"n{i}", latent_dim=4, num_classes=10, samples=600, profile=_profile(gain)
+                node_id=f"n{i}",
+                latent_dim=4,
+                num_classes=10,
+                samples=600,
+                profile=energy_profile(gain),
             )
         )
 
@@ -90,7 +80,7 @@ def test_every_node_gets_a_consistent_decision(scheduling_server: RunningServer)
     # the reported energy/latency and the plan's objective follow the model's equations
     energy = latency = 0.0
     for i, s in enumerate(schedules):
-        e, t = _device_cost(s.upload, s.bandwidth_hz, _profile(GAINS[i]), 600)
+        e, t = _device_cost(s.upload, s.bandwidth_hz, energy_profile(GAINS[i]), 600)
         assert s.energy_j == pytest.approx(e, rel=1e-6)
         assert s.latency_s == pytest.approx(t, rel=1e-6)
         energy, latency = energy + e, max(latency, t)
@@ -128,7 +118,11 @@ def test_scheduling_errors(scheduling_server: RunningServer, tmp_path: Path) -> 
         # one node with 600 samples cannot cover min_samples=1000
         client.register(
             NodeRegistration(
-                node_id="n0", latent_dim=4, num_classes=10, samples=600, profile=_profile(1e-9)
+                node_id="n0",
+                latent_dim=4,
+                num_classes=10,
+                samples=600,
+                profile=energy_profile(1e-9),
             )
         )
         with pytest.raises(UplinkError, match=r"FAILED_PRECONDITION.*infeasible"):
@@ -140,7 +134,11 @@ def test_scheduling_off_without_cell(tmp_path: Path) -> None:
         with UplinkClient(server.address) as client:
             client.register(
                 NodeRegistration(
-                    node_id="n0", latent_dim=4, num_classes=10, samples=5, profile=_profile(1e-9)
+                    node_id="n0",
+                    latent_dim=4,
+                    num_classes=10,
+                    samples=5,
+                    profile=energy_profile(1e-9),
                 )
             )
             with pytest.raises(UplinkError, match=r"FAILED_PRECONDITION.*scheduling is off"):
@@ -156,7 +154,7 @@ def test_plan_is_stable_for_late_joiners_and_idle_rounds(tmp_path: Path) -> None
                     latent_dim=4,
                     num_classes=10,
                     samples=600,
-                    profile=_profile(1e-9, 1e-3),
+                    profile=energy_profile(1e-9, 1e-3),
                 )
             )
             first = client.schedule("n0")
@@ -168,7 +166,7 @@ def test_plan_is_stable_for_late_joiners_and_idle_rounds(tmp_path: Path) -> None
                     latent_dim=4,
                     num_classes=10,
                     samples=600,
-                    profile=_profile(1e-9, 1e-3),
+                    profile=energy_profile(1e-9, 1e-3),
                 )
             )
             # nothing to wait for in an idle round: a late joiner opens the next round, whose
@@ -185,7 +183,7 @@ def test_an_idle_round_closes_after_its_timeout(tmp_path: Path) -> None:
     for server in running_server(tmp_path, cell=IDLE, round_timeout_s=0.3):
         with UplinkClient(server.address) as client:
             client.register(
-                NodeRegistration("n0", 4, 10, samples=600, profile=_profile(1e-9, 1e-3))
+                NodeRegistration("n0", 4, 10, samples=600, profile=energy_profile(1e-9, 1e-3))
             )
             first = client.schedule("n0")
             assert not first.upload and client.schedule("n0").round == first.round
