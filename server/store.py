@@ -1496,9 +1496,6 @@ class SqliteStore(SqlStore):
         self._path = Path(path)
         if self._path.parent and not self._path.parent.exists():
             raise StoreError(f"database directory {str(self._path.parent)!r} does not exist")
-        super().__init__(
-            SegmentDir(Path(payload_dir) if payload_dir else segment_dir_for(self._path))
-        )
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -1511,6 +1508,10 @@ class SqliteStore(SqlStore):
             self._identity = (stat.st_dev, stat.st_ino)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{str(self._path)!r} is not a usable SQLite database: {exc}") from exc
+        # the segment directory is created only once the database is known to be usable
+        super().__init__(
+            SegmentDir(Path(payload_dir) if payload_dir else segment_dir_for(self._path))
+        )
         swept = self._sweep_open_uploads()
         if swept:
             logger.info("discarded %d unfinished upload(s) left by an earlier run", swept)
