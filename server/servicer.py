@@ -32,7 +32,6 @@ from common.records import DeltaChunk, LatentChunk, ServerStatus
 from common.serde import (
     delta_ack_to_proto,
     delta_chunk_from_proto,
-    latent_chunk_from_proto,
     model_version_to_proto,
     prediction_to_proto,
     registration_from_proto,
@@ -79,15 +78,13 @@ def _abort(context: grpc.ServicerContext, method: str, exc: LatentEdgeError) -> 
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-def _chunks_from(
-    request_iterator: Iterator[LatentChunk | CodecError | uplink_pb2.LatentChunk],
-) -> Iterator[LatentChunk]:
-    """The stream's chunks: parsed without copies (server/grpc_app.py), or from messages."""
+def _chunks_from(request_iterator: Iterator[LatentChunk | CodecError]) -> Iterator[LatentChunk]:
+    """The stream's chunks, as ``server.grpc_app`` parses them (without copies) or their errors."""
     try:
         for index, msg in enumerate(request_iterator):
             if isinstance(msg, CodecError):
                 raise InvalidRequestError(f"message {index} of the stream: {msg}") from msg
-            yield msg if isinstance(msg, LatentChunk) else latent_chunk_from_proto(msg)
+            yield msg
     except grpc.RpcError as exc:  # the client cancelled or the connection dropped
         raise StreamAbortedError("the client ended the stream before its last chunk") from exc
 
@@ -203,7 +200,8 @@ class UplinkServicer(uplink_pb2_grpc.UplinkServicer):
 
     def PushLatents(  # noqa: N802 (generated method name)
         self,
-        request_iterator: Iterator[LatentChunk | CodecError | uplink_pb2.LatentChunk],
+        # not the generated message: server.grpc_app registers its own deserialiser for it
+        request_iterator: Iterator[LatentChunk | CodecError],  # type: ignore[override]
         context: grpc.ServicerContext,
     ) -> uplink_pb2.PushLatentsReply:
         """Durably store one streamed upload, then acknowledge it."""
