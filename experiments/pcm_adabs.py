@@ -20,12 +20,22 @@ clean reference also has its BN statistics re-estimated from the calibration ima
     # on the device machine (CIFAR zips in .cache/cifar; three seeds in parallel)
     PYTHONPATH=. python3 experiments/pcm_adabs.py --cifar-dir .cache/cifar --device cuda \\
         --epochs 40 --draws 10 --out docs/robustness_pcm_adabs.json
+
+Longer runs (one device call is limited to 600 s): ``--lr`` sets the peak learning rate,
+``--save-dir DIR`` stores each seed's trained weights (``seedN.pt``, ``seedN.json``),
+``--train-only`` stops there, and ``--load-dir DIR`` evaluates stored weights without training:
+
+    PYTHONPATH=. python3 experiments/pcm_adabs.py --cifar-dir .cache/cifar --device cuda \\
+        --epochs 100 --lr 0.02 --draws 8 --log --save-dir $OUT/models --out $OUT/result.json
+    PYTHONPATH=. python3 experiments/pcm_adabs.py --cifar-dir .cache/cifar --device cuda \\
+        --draws 24 --load-dir .cache/pcm_long/lr0.02 --out docs/robustness_pcm_long_lr0.02.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import statistics
 import sys
@@ -37,6 +47,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.zoo import build_model
 from experiments.robustness import (
     DEFAULT_LR,
     PCM_CLIP,
@@ -46,7 +57,7 @@ from experiments.robustness import (
     noisy_accuracies,
     prepare_cifar,
 )
-from server.train_cli import TrainJob, train_job
+from server.train_cli import TrainJob, load_job_data, train_job
 
 RECIPE = "pcm:t=31536000,compensate=true"
 """The training noise of the study's best recipe (with the weight clip PCM_CLIP)."""
@@ -87,34 +98,69 @@ def adabs_accuracies(
                 m.momentum = momentum
 
 
+def _job(seed: int, data: str, settings: dict[str, Any]) -> TrainJob:
+    return TrainJob(
+        data=data,
+        model="resnet20",
+        norm="bn",
+        epochs=settings["epochs"],
+        batch_size=512,
+        learning_rate=settings["lr"],
+        weight_decay=0.05,
+        augment="shift+flip",
+        train_noise=RECIPE,
+        weight_clip=PCM_CLIP,
+        seed=seed,
+        device=settings["device"],
+        threads=1,
+    )
+
+
+def _trained(seed: int, data: str, settings: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """The seed's network (eval mode, CPU), its dataset, and facts about its training.
+
+    Trains it, or with ``load_dir`` loads what ``--save-dir`` stored; with ``save_dir`` stores
+    the trained weights (``seed<N>.pt``) and those facts (``seed<N>.json``) there.
+    """
+    job = _job(seed, data, settings)
+    if settings.get("log"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if settings.get("load_dir"):
+        folder = Path(settings["load_dir"])
+        facts = json.loads((folder / f"seed{seed}.json").read_text())
+        dataset, spec = load_job_data(job)
+        model = build_model(spec, seed=seed)
+        model.load_state_dict(torch.load(folder / f"seed{seed}.pt", map_location="cpu"))
+        return model.eval(), dataset, facts
+    trained = train_job(job, what=f"adabs-s{seed}")
+    facts = {
+        "train_seconds": trained.seconds,
+        "final_loss": trained.result.final_loss,
+        "test_accuracy": trained.test_accuracy,
+        "epochs": settings["epochs"],
+        "lr": settings["lr"],
+    }
+    if settings.get("save_dir"):
+        folder = Path(settings["save_dir"])
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(trained.model.state_dict(), folder / f"seed{seed}.pt")
+        (folder / f"seed{seed}.json").write_text(json.dumps(facts, indent=1) + "\n")
+    return trained.model, trained.data, facts
+
+
 def run_seed(task: tuple[int, str, dict[str, Any]]) -> dict[str, Any]:
     seed, data, settings = task
     device = settings["device"]
-    trained = train_job(
-        TrainJob(
-            data=data,
-            model="resnet20",
-            norm="bn",
-            epochs=settings["epochs"],
-            batch_size=512,
-            learning_rate=DEFAULT_LR,
-            weight_decay=0.05,
-            augment="shift+flip",
-            train_noise=RECIPE,
-            weight_clip=PCM_CLIP,
-            seed=seed,
-            device=device,
-            threads=1,
-        ),
-        what=f"adabs-s{seed}",
-    )
+    model, dataset, facts = _trained(seed, data, settings)
+    if settings.get("train_only"):
+        return {"seed": seed, **facts}
     started = time.perf_counter()
-    x = torch.from_numpy(trained.data.x_test).to(device)
-    y = torch.from_numpy(trained.data.y_test).to(device)
+    x = torch.from_numpy(dataset.x_test).to(device)
+    y = torch.from_numpy(dataset.y_test).to(device)
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(trained.data.x_train), generator=g)[: settings["calib"]]
-    calib = torch.from_numpy(trained.data.x_train[pick.numpy()]).to(device)
-    plain = trained.model.to(device).eval()
+    pick = torch.randperm(len(dataset.x_train), generator=g)[: settings["calib"]]
+    calib = torch.from_numpy(dataset.x_train[pick.numpy()]).to(device)
+    plain = model.to(device).eval()
     fold = folded(plain, x[:64])
     clean = {
         "folded": _accuracy(fold, x, y),
@@ -134,7 +180,8 @@ def run_seed(task: tuple[int, str, dict[str, Any]]) -> dict[str, Any]:
         "seed": seed,
         "clean": clean,
         "pcm": results,
-        "train_seconds": trained.seconds,
+        "train_seconds": facts["train_seconds"],
+        "training": facts,
         "eval_seconds": time.perf_counter() - started,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -176,14 +223,32 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=1024, help="AdaBS calibration images")
     p.add_argument("--device", default="cuda")
     p.add_argument("--data", default="cifar", help="cifar, or digits for a quick smoke test")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate")
+    p.add_argument("--save-dir", type=Path, help="store each seed's trained weights here")
+    p.add_argument(
+        "--load-dir", type=Path, help="skip training: evaluate the weights --save-dir stored"
+    )
+    p.add_argument("--train-only", action="store_true", help="train (and save), no evaluation")
+    p.add_argument("--log", action="store_true", help="log training progress")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    if args.train_only and not args.save_dir:
+        p.error("--train-only needs --save-dir")
     data = "digits" if args.data == "digits" else str(prepare_cifar(args.cifar_dir, args.cache))
     settings = {"epochs": args.epochs, "draws": args.draws, "calib": args.calib}
     settings["device"] = args.device
-    tasks = [(s, data, settings) for s in args.seeds]
+    if args.lr != DEFAULT_LR:
+        settings["lr"] = args.lr
+    for key in ("save_dir", "load_dir"):
+        if getattr(args, key):
+            settings[key] = str(getattr(args, key))
+    settings.update({k: True for k in ("train_only", "log") if getattr(args, k)})
+    tasks = [(s, data, {"lr": args.lr, **settings}) for s in args.seeds]
     with multiprocessing.get_context("spawn").Pool(len(tasks)) as pool:
         runs = pool.map(run_seed, tasks)
+    if args.train_only:
+        args.out.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
+        return
     table = summarise(runs)
     args.out.write_text(
         json.dumps({"settings": settings, "normalised": table, "runs": runs}, indent=1) + "\n"
