@@ -290,7 +290,8 @@ class NoiseInput:
     scale: float
     """Std of the values to feed (output noise std in ADC steps)."""
     stream: tuple[int, ...]
-    """Key of its random stream after ``(seed, draw, 1)``: ``(j,)`` for layer ``j``'s ADC (pass 0
+    """Key of the stream after ``(seed, draw, 1)`` that places its window in the run's noise bank
+    (``runner.adc_noise_offset``): ``(j,)`` for layer ``j``'s ADC (pass 0
     of ``bm=iterative``), ``(j, k)`` for pass k ≥ 1 of ``bm=iterative``."""
 
 
@@ -789,9 +790,36 @@ def adc_scale_name(node_name: str) -> str:
     return f"{node_name}/io/adc_scale"
 
 
+@dataclass(frozen=True)
+class IoGraph:
+    """A model rewritten by :func:`add_io_quantization`."""
+
+    model: onnx.ModelProto
+    noise_inputs: list[NoiseInput]
+    """The noise inputs it expects (the runner feeds them)."""
+    weight_gain: dict[str, float]
+    """Graph name → the factor each analog weight is stored times (1 where absent): the
+    rewritten layer reads W · gain, so a runner writing a drawn weight writes it times this."""
+
+
+def adc_weight_gain(weight: np.ndarray, dac: DacConfig | None, adc: AdcConfig | None) -> float:
+    """The factor :func:`add_io_quantization` stores a layer's weight times (1 if none).
+
+    With an ADC (``bm=clip``) the layer computes y / (max|W| · step) directly, where step is the
+    ADC's step: 1/(max|W| · step); with a DAC as well it reads the integer input codes
+    round(x · L/s), so the factor also holds the DAC's 1/L (L = 2^(bits−1) − 1). This saves one
+    or two full-size multiplications per layer (``docs/benchmarks.md``).
+    """
+    if adc is None or adc.bm_passes(None if dac is None else dac.bits) > 1:
+        return 1.0
+    w_max = float(np.max(np.abs(weight))) or 1.0
+    gain = float(2**adc.bits - 2) / (2.0 * adc.bound * w_max)
+    return gain if dac is None else gain / (2 ** (dac.bits - 1) - 1)
+
+
 def add_io_quantization(
     prepared: PreparedGraph, dac: DacConfig | None, adc: AdcConfig | None
-) -> tuple[onnx.ModelProto, list[NoiseInput]]:
+) -> IoGraph:
     """Wrap each analog layer with input (DAC) and output (ADC) quantisation and output noise.
 
     Per layer: s = max|x| over each input vector (per sample over C·H·W for Conv); the DAC rounds
@@ -805,8 +833,11 @@ def add_io_quantization(
     exceeds ±bound (a Gemm/MatMul row, the C_out outputs of one Conv position), else the last
     pass, clipped (:func:`_bm_nodes`).
 
+    The ADC's normalisation by max|W| (and the DAC's by its levels) is stored in the weight
+    initializers (:func:`adc_weight_gain`).
+
     Returns:
-        The rewritten model and the noise inputs it expects (the runner feeds them).
+        The rewritten model, its noise inputs and weight gains.
 
     Raises:
         NoiseInjectionError: a layer whose weight is its left operand (no per-vector input range).
@@ -817,6 +848,7 @@ def add_io_quantization(
     opset = _opset(model)
     by_name = {n.name: n for n in graph.node}
     noise_inputs: list[NoiseInput] = []
+    gains: dict[str, float] = {}
     for layer, tensor in enumerate(prepared.analog):
         node = by_name[tensor.node]
         if tensor.weight_input != 1 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
@@ -834,7 +866,17 @@ def add_io_quantization(
         position = list(graph.node).index(node)
         for offset, extra in enumerate(new_nodes):
             graph.node.insert(position + 1 + offset, extra)
-    return model, noise_inputs
+        gain = adc_weight_gain(w, dac, adc)
+        if gain != 1.0 and tensor.graph_name not in gains:
+            gains[tensor.graph_name] = gain
+            slot = next(t for t in graph.initializer if t.name == tensor.graph_name)
+            slot.CopyFrom(numpy_helper.from_array(scale_weight(w, gain), tensor.graph_name))
+    return IoGraph(model, noise_inputs, gains)
+
+
+def scale_weight(weight: np.ndarray, gain: float) -> np.ndarray:
+    """``weight`` times ``gain`` in its own dtype (the array itself when the gain is 1)."""
+    return weight if gain == 1.0 else (weight * gain).astype(weight.dtype)
 
 
 def _io_nodes(  # one straight-line list of nodes, in formula order
@@ -863,29 +905,29 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
 
     x, out = node.input[0], node.output[0]
     axes = list(range(1, weight.ndim)) if node.op_type == "Conv" else [-1]
-    pre = [helper.make_node("Abs", [x], [p + "abs"])]
-    if opset >= 18:
-        axes_name = p + "axes"
-        graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
-        pre.append(helper.make_node("ReduceMax", [p + "abs", axes_name], [p + "smax"], keepdims=1))
-    else:
-        pre.append(helper.make_node("ReduceMax", [p + "abs"], [p + "smax"], axes=axes, keepdims=1))
-    pre.append(helper.make_node("Max", [p + "smax", const("tiny", _TINY)], [p + "s"]))
+    pre = _abs_max_nodes(x, p + "s", axes=axes, opset=opset, graph=graph, const=const)
+    iterative = adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1
     if dac is not None:
-        # x_q = round(x · L/s) · s/L: the per-sample factors are tiny tensors, 3 full-size ops
+        # x_q = round(x · L/s) · s/L: the per-sample factors are tiny tensors, 2-3 full-size ops
         levels = float(2 ** (dac.bits - 1) - 1)
         pre += [
             helper.make_node("Div", [const("dac_levels", levels), p + "s"], [p + "to_int"]),
-            helper.make_node("Div", [p + "s", const("dac_levels", levels)], [p + "to_x"]),
             helper.make_node("Mul", [x, p + "to_int"], [p + "xl"]),
             helper.make_node("Round", [p + "xl"], [p + "xr"]),
-            helper.make_node("Mul", [p + "xr", p + "to_x"], [p + "x"]),
         ]
-        node.input[0] = p + "x"
+        if adc is None or iterative:
+            pre += [
+                helper.make_node("Div", [p + "s", const("dac_levels", levels)], [p + "to_x"]),
+                helper.make_node("Mul", [p + "xr", p + "to_x"], [p + "x"]),
+            ]
+            node.input[0] = p + "x"
+        else:  # the layer reads the integer codes; s/L is part of the ADC's normalisation
+            node.input[0] = p + "xr"
     position = list(graph.node).index(node)
     for offset, extra in enumerate(pre):
         graph.node.insert(position + offset, extra)
-    if adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1:
+    if iterative:
+        assert adc is not None
         return _bm_nodes(
             node, weight, x=x, opset=opset, dac=dac, adc=adc, graph=graph, layer=layer, const=const
         )
@@ -900,13 +942,19 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
     if adc is not None:
         w_max = float(np.max(np.abs(weight))) or 1.0
         step = 2.0 * adc.bound / (2**adc.bits - 2)
-        # in ADC steps: y / (s·max|W|·step), + noise/step, clip to ±bound/step, round, scale back
-        post += [
-            helper.make_node("Mul", [p + "s", const("w_max_step", w_max * step)], [p + "unit"]),
-            helper.make_node("Reciprocal", [p + "unit"], [p + "per_unit"]),
-            helper.make_node("Mul", [y, p + "per_unit"], [p + "yn"]),
-        ]
-        yn = p + "yn"
+        # in ADC steps: y / (s·max|W|·step), + noise/step, clip to ±bound/step, round, scale back;
+        # 1/(max|W|·step) (and the DAC's s/L) are in the weights (adc_weight_gain), so the layer
+        # already computes y / (max|W|·step) (with a DAC, the normalised output itself)
+        post.append(
+            helper.make_node("Mul", [p + "s", const("w_max_step", w_max * step)], [p + "unit"])
+        )
+        yn = y
+        if dac is None:
+            post += [
+                helper.make_node("Reciprocal", [p + "s"], [p + "per_s"]),
+                helper.make_node("Mul", [y, p + "per_s"], [p + "yn"]),
+            ]
+            yn = p + "yn"
         if adc.noise > 0:
             noise.append(
                 NoiseInput(
@@ -1036,7 +1084,8 @@ def _bm_nodes(
             post += [
                 helper.make_node("Round", [yn], [q + "yr"]),
                 helper.make_node("Abs", [q + "yr"], [q + "yabs"]),
-                _reduce_max(
+                _reduce(
+                    "ReduceMax",
                     q + "yabs",
                     q + "ymax",
                     axes=bm_axes,
@@ -1115,15 +1164,61 @@ def _bm_products(
     return products
 
 
-def _reduce_max(
-    x: str, out: str, *, axes: list[int], opset: int, axes_name: str, graph: onnx.GraphProto
+def _abs_max_nodes(
+    x: str,
+    out: str,
+    *,
+    axes: list[int],
+    opset: int,
+    graph: onnx.GraphProto,
+    const: Callable[[str, float | np.ndarray], str],
+) -> list[onnx.NodeProto]:
+    """Nodes computing the input range s = max(max|x| over ``axes`` (kept), tiny) per vector.
+
+    max|x| = max(max x, −min x): two reductions and no full-size |x| tensor; after a Relu, max x.
+    """
+    axes_name = f"{out}_axes"
+    if any(n.op_type == "Relu" and x in n.output for n in graph.node):
+        return [
+            _reduce(
+                "ReduceMax",
+                x,
+                out + "_max",
+                axes=axes,
+                opset=opset,
+                axes_name=axes_name,
+                graph=graph,
+            ),
+            helper.make_node("Max", [out + "_max", const("tiny", _TINY)], [out]),
+        ]
+    return [
+        _reduce(
+            "ReduceMax", x, out + "_max", axes=axes, opset=opset, axes_name=axes_name, graph=graph
+        ),
+        _reduce(
+            "ReduceMin", x, out + "_min", axes=axes, opset=opset, axes_name=axes_name, graph=graph
+        ),
+        helper.make_node("Neg", [out + "_min"], [out + "_negmin"]),
+        helper.make_node("Max", [out + "_max", out + "_negmin", const("tiny", _TINY)], [out]),
+    ]
+
+
+def _reduce(
+    op: str,
+    x: str,
+    out: str,
+    *,
+    axes: list[int],
+    opset: int,
+    axes_name: str,
+    graph: onnx.GraphProto,
 ) -> onnx.NodeProto:
-    """ReduceMax with keepdims over ``axes`` (an initializer ``axes_name`` from opset 18 on)."""
+    """``op`` (ReduceMax/ReduceMin) with keepdims over ``axes`` (an initializer from opset 18)."""
     if opset < 18:
-        return helper.make_node("ReduceMax", [x], [out], axes=axes, keepdims=1)
+        return helper.make_node(op, [x], [out], axes=axes, keepdims=1)
     if not any(t.name == axes_name for t in graph.initializer):
         graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
-    return helper.make_node("ReduceMax", [x, axes_name], [out], keepdims=1)
+    return helper.make_node(op, [x, axes_name], [out], keepdims=1)
 
 
 def replicate(

@@ -1,14 +1,14 @@
 """Monte-Carlo evaluation of a prepared graph with onnxruntime.
 
 Draw ``d`` of a run with seed ``s`` takes the noise of analog tensor ``i`` from the stream
-``default_rng([s, d, 0, i])`` and the ADC output noise of layer ``j`` from
-``default_rng([s, d, 1, j])`` (its raw 64-bit words, 16 bits per element: :func:`adc_noise`),
-and with ``adc:bm=iterative`` pass k ≥ 1 of layer j from ``default_rng([s, d, 1, j, k])``
-(:attr:`NoiseInput.stream`), each consumed in sample order; so a draw does not depend on the batch
-size, the thread count, how draws are grouped into sessions, or which other tensors are noisy.
-Several draws share one onnxruntime session: the graph is replicated ``draws_per_session`` times
-and each copy's weights are written into the serialized graph (the fastest correct option
-measured in ``bench/device_sim_throughput.py``).
+``default_rng([s, d, 0, i])`` and the ADC output noise of layer ``j`` from the run's noise bank
+(:func:`adc_noise_bank`) at an offset from ``default_rng([s, d, 1, j])``, and with
+``adc:bm=iterative`` pass k ≥ 1 of layer j at an offset from ``default_rng([s, d, 1, j, k])``
+(:attr:`NoiseInput.stream`), read in sample order (:func:`adc_noise_window`); so a draw does not
+depend on the batch size, the thread count, how draws are grouped into sessions, or which other
+tensors are noisy. Several draws share one onnxruntime session: the graph is replicated
+``draws_per_session`` times and each copy's weights are written into the serialized graph (the
+fastest correct option measured in ``bench/device_sim_throughput.py``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import abc
 import functools
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from device_sim.graph import (
     load_model,
     prepare,
     replicate,
+    scale_weight,
     with_outputs,
 )
 from device_sim.noise import NoiseSpec, parse_noise_spec, parse_sweep
@@ -94,6 +93,7 @@ class _Template:
     model: onnx.ModelProto
     slots: dict[str, int]
     noise_inputs: list[NoiseInput]
+    weight_gain: dict[str, float]
 
 
 class Simulator:
@@ -127,6 +127,7 @@ class Simulator:
         self._batch_checked = not self.prepared.batch_was_fixed
         self._templates: dict[tuple[str, int], _Template] = {}
         self._noise_shapes: dict[str, tuple[int, ...]] = {}
+        self._bank: tuple[tuple[int, float, str], np.ndarray] | None = None
 
     def recipe(self) -> SimulatorRecipe:
         """What rebuilds this simulator in another process (e.g. a Ray worker)."""
@@ -248,9 +249,10 @@ class Simulator:
         key = (f"{spec.dac}|{spec.adc}", copies)
         if key not in self._templates:
             if spec.dac is None and spec.adc is None:
-                base, noise = self.prepared.model, list[NoiseInput]()
+                base, noise, gain = self.prepared.model, list[NoiseInput](), dict[str, float]()
             else:
-                base, noise = add_io_quantization(self.prepared, spec.dac, spec.adc)
+                io = add_io_quantization(self.prepared, spec.dac, spec.adc)
+                base, noise, gain = io.model, io.noise_inputs, io.weight_gain
             per_copy = list(self.prepared.weights) + [n.name for n in noise]
             if spec.adc is not None:
                 per_copy += [adc_scale_name(t.node) for t in self.prepared.analog]
@@ -260,8 +262,16 @@ class Simulator:
                 else replicate(base, self.prepared.input_name, per_copy, copies)
             )
             slots = {t.name: i for i, t in enumerate(model.graph.initializer)}
-            self._templates[key] = _Template(model, slots, noise)
+            self._templates[key] = _Template(model, slots, noise, gain)
         return self._templates[key]
+
+    def _noise_bank(self, seed: int, scale: float, dtype: np.dtype) -> np.ndarray:
+        """:func:`adc_noise_bank` of ``seed`` (the last one is kept: 64 MiB in float32)."""
+        key = (seed, scale, np.dtype(dtype).str)
+        if self._bank is None or self._bank[0] != key:
+            self._bank = None  # free the old bank first
+            self._bank = key, adc_noise_bank(seed, scale, dtype)
+        return self._bank[1]
 
     def _noise_shape(self, noise: NoiseInput, x: np.ndarray) -> tuple[int, ...]:
         if noise.layer_output not in self._noise_shapes:
@@ -318,7 +328,8 @@ class Simulator:
             scaled = self.draw_scaled_weights(spec, seed, draw, tensors)
             for graph_name, (value, _) in scaled.items():
                 slot = template.slots[name(k, graph_name)]
-                initializers[slot].CopyFrom(numpy_helper.from_array(value, name(k, graph_name)))
+                stored = scale_weight(value, template.weight_gain.get(graph_name, 1.0))
+                initializers[slot].CopyFrom(numpy_helper.from_array(stored, name(k, graph_name)))
             for tensor in self.prepared.analog:
                 value, scale = scaled[tensor.graph_name]
                 scale_name = name(k, adc_scale_name(tensor.node))
@@ -327,42 +338,34 @@ class Simulator:
                 )
         session = self._session(template.model.SerializeToString())
         outputs = [name(k, self.prepared.output_name) for k in range(len(draws))]
-        streams = {
-            (k, j): np.random.default_rng(
-                [seed, draw, _ADC_STREAM, *noise_inputs[j].stream]
-            ).bit_generator
-            for k, draw in enumerate(draws)
-            for j in range(len(noise_inputs))
-        }
-        shapes = [self._noise_shape(n, x) for n in noise_inputs]
         dtype = self.prepared.input_dtype
-        tables = [adc_noise_table(n.scale, dtype) for n in noise_inputs]
-        step = max(1, self._batch_size // len(draws))
-        buffers = {
-            (k, j): np.empty((min(step, x.shape[0]), math.prod(shapes[j])), dtype)
-            for (k, j) in streams
-        }
+        windows = [
+            (
+                name(k, n.name),
+                self._noise_bank(seed, n.scale, dtype),
+                adc_noise_offset(seed, draw, n.stream),
+                self._noise_shape(n, x),
+            )
+            for k, draw in enumerate(draws)
+            for n in noise_inputs
+        ]
         results: list[list[np.ndarray]] = [[] for _ in draws]
-        # the streams are independent and numpy releases the GIL while filling: one thread each
-        workers = max(1, min(len(streams), self.config.threads or os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers) as pool:
-            for batch in self._batches(x, len(draws)):
-                feed: dict[str, np.ndarray] = {self.prepared.input_name: batch}
-                n = batch.shape[0]
-
-                def fill(key: tuple[int, int], n: int = n) -> np.ndarray:
-                    j = key[1]
-                    out = adc_noise(streams[key], tables[j], buffers[key][:n])
-                    return out.reshape(n, *shapes[j])
-
-                for (k, j), noise in zip(streams, pool.map(fill, streams), strict=True):
-                    feed[name(k, noise_inputs[j].name)] = noise
-                for k, value in enumerate(session.run(outputs, feed)):
-                    results[k].append(value)
+        first = 0
+        for batch in self._batches(x, len(draws)):
+            feed: dict[str, np.ndarray] = {self.prepared.input_name: batch}
+            for input_name, bank, offset, shape in windows:
+                feed[input_name] = adc_noise_window(bank, offset, first, len(batch), shape)
+            for k, value in enumerate(session.run(outputs, feed)):
+                results[k].append(value)
+            first += len(batch)
         return [np.concatenate(r) for r in results]
 
 
 _NOISE_BITS = 16
+
+ADC_NOISE_BANK = 1 << 24
+"""ADC output noise values drawn per run (64 MiB in float32): each draw and layer reads its
+noise as consecutive stretches of this bank from a random offset (:func:`adc_noise_window`)."""
 
 
 @dataclass(frozen=True)
@@ -459,26 +462,46 @@ def _normal_quantiles() -> np.ndarray:
     return np.array([inv_cdf((i + 0.5) / levels) for i in range(levels)], dtype=np.float64)
 
 
-def adc_noise_table(scale: float, dtype: np.dtype) -> np.ndarray:
-    """The 2^16 equiprobable levels of the ADC output noise N(0, scale²), in ``dtype``."""
-    return (_normal_quantiles() * scale).astype(dtype)
+def adc_noise_bank(
+    seed: int, scale: float, dtype: np.dtype, size: int = ADC_NOISE_BANK
+) -> np.ndarray:
+    """The ``size`` pre-drawn ADC output noise values of a run with ``seed``: N(0, scale²) each.
 
-
-def adc_noise(bits: np.random.BitGenerator, table: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Fill ``out`` (samples, size) with ADC output noise: one independent level per element.
-
-    Each element is ``table[u]`` for a uniform 16-bit ``u`` (a Gaussian discretised to 2^16
-    equiprobable levels, the outermost at ±4.32 σ). Sample ``i`` takes the
-    raw 64-bit words ``i · ceil(size/4)`` onwards from ``bits``, so a sample's noise does not
-    depend on how samples are batched. About 3× faster than ``Generator.standard_normal`` (which
-    made output noise cost 10–15 clean passes of ResNet8; docs/benchmarks.md).
+    Each value is one of 2^16 equiprobable levels of the Gaussian (the outermost at ±4.32 σ),
+    picked by 16 random bits of ``default_rng([seed, 1])``'s raw words; the values are
+    independent. :func:`adc_noise_window` reads a draw's noise from it.
     """
-    samples, size = out.shape
-    words = -(-size // 4)
-    raw = bits.random_raw(samples * words)
-    index = np.asarray(raw).view(np.uint16).reshape(samples, 4 * words)[:, :size]
-    np.take(table, index, out=out, mode="clip")  # in range; "raise" would buffer ``out``
-    return out
+    table = (_normal_quantiles() * scale).astype(dtype)
+    raw = np.random.default_rng([seed, _ADC_STREAM]).bit_generator.random_raw(-(-size // 4))
+    index = np.asarray(raw).view(np.uint16)[:size]
+    return np.take(table, index)
+
+
+def adc_noise_offset(seed: int, draw: int, stream: tuple[int, ...]) -> int:
+    """Where in the bank the noise input with ``stream`` starts in ``draw``.
+
+    Uniform over the bank, from ``default_rng([seed, draw, 1, *stream])``.
+    """
+    return int(np.random.default_rng([seed, draw, _ADC_STREAM, *stream]).integers(ADC_NOISE_BANK))
+
+
+def adc_noise_window(
+    bank: np.ndarray, offset: int, first: int, samples: int, shape: tuple[int, ...]
+) -> np.ndarray:
+    """The noise of samples ``first`` … ``first + samples − 1``, shaped ``(samples, *shape)``.
+
+    Sample i reads the ``prod(shape)`` consecutive values from (offset + i · prod(shape)) mod
+    len(bank), so its noise does not depend on the batching; consecutive samples read
+    consecutive stretches. A view of ``bank`` (no copy) unless the window wraps around its end.
+    """
+    size = math.prod(shape)
+    start = (offset + first * size) % len(bank)
+    stop = start + samples * size
+    if stop <= len(bank):
+        flat = bank[start:stop]
+    else:
+        flat = np.take(bank, np.arange(start, stop) % len(bank))
+    return flat.reshape(samples, *shape)
 
 
 def predicted_classes(outputs: np.ndarray, name: str = "output", listing: str = "") -> np.ndarray:

@@ -1,21 +1,23 @@
-"""The ADC output noise generator: a Gaussian on 2^16 levels, independent of the batching."""
+"""The ADC output noise: a bank of Gaussian values on 2^16 levels, read in per-sample windows."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from device_sim.runner import adc_noise, adc_noise_table
+from device_sim.runner import (
+    ADC_NOISE_BANK,
+    adc_noise_bank,
+    adc_noise_offset,
+    adc_noise_window,
+)
+
+F32 = np.dtype(np.float32)
 
 
-def _noise(seed: int, shape: tuple[int, int], scale: float = 0.5) -> np.ndarray:
-    bits = np.random.default_rng([seed, 0, 1, 0]).bit_generator
-    table = adc_noise_table(scale, np.dtype(np.float32))
-    return adc_noise(bits, table, np.empty(shape, np.float32))
-
-
-def test_noise_is_gaussian_with_the_given_std() -> None:
-    values = _noise(0, (1000, 1001)).astype(np.float64) / 0.5
+def test_bank_values_are_gaussian_with_the_given_std() -> None:
+    values = adc_noise_bank(0, 0.5, F32, size=1_001_000).astype(np.float64) / 0.5
+    assert values.dtype == np.float64 and len(values) == 1_001_000
     assert abs(values.mean()) < 0.003
     assert values.std() == pytest.approx(1.0, abs=0.003)
     assert np.mean(np.abs(values) < 1) == pytest.approx(0.6827, abs=0.002)
@@ -25,17 +27,47 @@ def test_noise_is_gaussian_with_the_given_std() -> None:
     assert len(np.unique(values)) > 60_000
 
 
-def test_neighbouring_elements_and_samples_are_uncorrelated() -> None:
-    values = _noise(1, (2000, 500)).astype(np.float64)
-    along = np.corrcoef(values[:, :-1].ravel(), values[:, 1:].ravel())[0, 1]
-    across = np.corrcoef(values[:-1].ravel(), values[1:].ravel())[0, 1]
-    assert abs(along) < 0.005 and abs(across) < 0.005
+def test_bank_depends_on_the_seed_and_scale_only() -> None:
+    a = adc_noise_bank(3, 0.25, F32, size=4099)
+    np.testing.assert_array_equal(a, adc_noise_bank(3, 0.25, F32, size=4099))
+    np.testing.assert_array_equal(a * 2, adc_noise_bank(3, 0.5, F32, size=4099))
+    assert not np.array_equal(a, adc_noise_bank(4, 0.25, F32, size=4099))
+    assert adc_noise_bank(3, 0.25, np.dtype(np.float64), size=10).dtype == np.float64
+
+
+def test_neighbouring_values_are_uncorrelated() -> None:
+    values = adc_noise_bank(1, 1.0, F32, size=1_000_000).astype(np.float64)
+    for lag in (1, 2, 3, 4, 5):
+        assert abs(np.corrcoef(values[:-lag], values[lag:])[0, 1]) < 0.005
+
+
+def test_windows_are_consecutive_stretches_from_the_offset_modulo_the_bank() -> None:
+    bank = np.arange(100, dtype=np.float32)
+    window = adc_noise_window(bank, 90, 1, 3, (2, 2))
+    # sample 1 starts at 90 + 1·4 = 94; the third sample wraps around the end of the bank
+    expected = np.array([94, 95, 96, 97, 98, 99, 0, 1, 2, 3, 4, 5], np.float32).reshape(3, 2, 2)
+    np.testing.assert_array_equal(window, expected)
+    inside = adc_noise_window(bank, 10, 2, 2, (3,))
+    np.testing.assert_array_equal(inside, [[16, 17, 18], [19, 20, 21]])
+    assert np.shares_memory(inside, bank)  # fed to onnxruntime without a copy
 
 
 @pytest.mark.parametrize("size", [7, 8, 13])
 def test_a_sample_gets_the_same_noise_whatever_the_batching(size: int) -> None:
-    whole = _noise(2, (10, size))
-    bits = np.random.default_rng([2, 0, 1, 0]).bit_generator
-    table = adc_noise_table(0.5, np.dtype(np.float32))
-    parts = [adc_noise(bits, table, np.empty((n, size), np.float32)).copy() for n in (3, 1, 6)]
+    bank = adc_noise_bank(2, 0.5, F32, size=97)  # small: the windows wrap
+    whole = adc_noise_window(bank, 41, 0, 10, (size,))
+    parts, first = [], 0
+    for n in (3, 1, 6):
+        parts.append(adc_noise_window(bank, 41, first, n, (size,)))
+        first += n
     np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_offsets_are_uniform_and_differ_between_draws_and_streams() -> None:
+    offsets = [adc_noise_offset(0, draw, (0,)) for draw in range(2000)]
+    assert min(offsets) >= 0 and max(offsets) < ADC_NOISE_BANK
+    assert np.mean(offsets) / ADC_NOISE_BANK == pytest.approx(0.5, abs=0.02)
+    assert len(set(offsets)) == 2000
+    assert adc_noise_offset(0, 5, (1,)) != adc_noise_offset(0, 5, (2,))
+    assert adc_noise_offset(0, 5, (1,)) != adc_noise_offset(0, 5, (1, 1))
+    assert adc_noise_offset(0, 5, (1,)) == adc_noise_offset(0, 5, (1,))

@@ -12,7 +12,7 @@ from common.errors import NoiseInjectionError
 from device_sim import RunnerConfig, Simulator, parse_noise_spec
 from device_sim.graph import add_io_quantization
 from device_sim.noise import AdcConfig
-from device_sim.runner import adc_noise, adc_noise_table
+from device_sim.runner import adc_noise_bank, adc_noise_offset, adc_noise_window
 from tests.unit.device_sim.conftest import make_model
 
 # an ADC of 8 bits over ±0.5: 254 steps, codes in [-127, 127]
@@ -173,13 +173,17 @@ def test_conv_selects_per_output_position() -> None:
 
 def _runner_noise(seed: int, draw: int, layer: int, std: float) -> Noise:
     """The runner's ADC noise of pass k (documented streams), in ADC steps."""
-    table = adc_noise_table(std / STEP, np.dtype(np.float32))
+    bank = adc_noise_bank(seed, std / STEP, np.dtype(np.float32))
 
     def noise(k: int, shape: tuple[int, ...]) -> np.ndarray:
-        key = [seed, draw, 1, layer] + ([k] if k else [])
-        bits = np.random.default_rng(key).bit_generator
-        flat = adc_noise(bits, table, np.empty((shape[0], int(np.prod(shape[1:]))), np.float32))
-        return flat.reshape(shape).astype(np.float64)
+        offset = adc_noise_offset(seed, draw, (layer, k) if k else (layer,))
+        size = int(np.prod(shape[1:]))
+        # sample i reads bank[offset + i·size …], modulo the bank
+        index = (offset + np.arange(shape[0] * size)) % len(bank)
+        np.testing.assert_array_equal(
+            adc_noise_window(bank, offset, 0, shape[0], shape[1:]).ravel(), bank[index]
+        )
+        return bank[index].reshape(shape).astype(np.float64)
 
     return noise
 
@@ -213,7 +217,8 @@ def test_passes_share_the_weight_initializer_and_clip_is_the_default() -> None:
     w, b, _ = _gemm()
     sim = _gemm_sim(w, b)
     spec = parse_noise_spec("dac:bits=8+adc:bits=8,noise=0.06,bm=iterative")
-    model, noise = add_io_quantization(sim.prepared, spec.dac, spec.adc)
+    io = add_io_quantization(sim.prepared, spec.dac, spec.adc)
+    model, noise = io.model, io.noise_inputs
     gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
     assert len(gemms) == PASSES[8]
     assert {n.input[1] for n in gemms} == {sim.prepared.analog[0].graph_name}
@@ -221,8 +226,8 @@ def test_passes_share_the_weight_initializer_and_clip_is_the_default() -> None:
     default = parse_noise_spec("dac:bits=8+adc:bits=8,noise=0.06")
     clip = parse_noise_spec("dac:bits=8+adc:bits=8,noise=0.06,bm=clip")
     assert default.adc == clip.adc == AdcConfig(bits=8, noise=0.06)
-    a, _ = add_io_quantization(sim.prepared, default.dac, default.adc)
-    c, _ = add_io_quantization(sim.prepared, clip.dac, clip.adc)
+    a = add_io_quantization(sim.prepared, default.dac, default.adc).model
+    c = add_io_quantization(sim.prepared, clip.dac, clip.adc).model
     assert a.SerializeToString() == c.SerializeToString()
 
 

@@ -15,6 +15,7 @@ from scipy import stats
 
 from common.errors import NoiseInjectionError
 from device_sim import RunnerConfig, Simulator, parse_noise_spec, simulate, simulate_per_layer
+from device_sim.graph import add_io_quantization
 from device_sim.noise import NoiseSpec
 from tests.unit.device_sim.conftest import make_model, rand
 
@@ -111,6 +112,40 @@ def test_dac_adc_match_numpy_oracle(dac: int, adc: int, bound: float) -> None:
     # float32 rounding may move a value that sits on a rounding boundary by one ADC step
     assert close.mean() > 0.99
     assert np.all(np.abs(out - expected) <= step * 1.001 + 1e-4)
+
+
+def test_dac_adc_after_a_relu_match_numpy_oracle() -> None:
+    # after a Relu the input range is max x (one reduction); the oracle takes max|x| of relu(x)
+    model = make_model(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Gemm", ["r", "w", "b"], ["y"]),
+        ],
+        {"w": W, "b": B},
+        ["N", 16],
+    )
+    sim = Simulator(model)
+    x = rand(200, 16, seed=7)
+    x[0] = -np.abs(x[0])  # a sample that is all zero after the Relu
+    out = _draws(sim, x, "dac:bits=6+adc:bits=8,bound=4", 1)[0]
+    relu = np.maximum(x[1:], 0)
+    expected = _io_oracle(relu, 6, 8, 4.0)
+    step = 8 / 254 * np.abs(relu).max(axis=1, keepdims=True) * np.abs(W).max()
+    assert np.mean(np.abs(out[1:] - expected) <= 1e-4 * (1 + np.abs(expected))) > 0.99
+    assert np.all(np.abs(out[1:] - expected) <= step * 1.001 + 1e-4)
+    np.testing.assert_allclose(out[0], B, rtol=1e-6, atol=1e-6)
+
+
+def test_dac_adc_weights_are_stored_with_the_adc_gain() -> None:
+    sim = _linear()
+    spec = parse_noise_spec("dac:bits=6+adc:bits=8,bound=4")
+    io = add_io_quantization(sim.prepared, spec.dac, spec.adc)
+    gain = 254 / (2 * 4 * np.abs(W).max()) / 31
+    assert io.weight_gain == {"w": pytest.approx(gain)}
+    stored = next(t for t in io.model.graph.initializer if t.name == "w")
+    np.testing.assert_allclose(onnx.numpy_helper.to_array(stored), W * gain, rtol=1e-6)
+    iterative = parse_noise_spec("dac:bits=6+adc:bits=8,bound=4,bm=iterative")
+    assert add_io_quantization(sim.prepared, iterative.dac, iterative.adc).weight_gain == {}
 
 
 def test_adc_output_noise_has_the_given_std_in_normalised_units() -> None:
