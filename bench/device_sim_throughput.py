@@ -12,7 +12,8 @@ CPU ratio is the robust one when other jobs share the machine):
   weights_as_input weights become graph inputs, one session for all draws
   copies=K         device_sim's runner: K graph copies per session (K draws per session)
 and the runner with DAC/ADC, clipping or with iterative bound management (copies=8; --io-only
-times only these, with the clean pass). Memory:
+times only these, with the clean pass; --no-iterative leaves out the slow bm=iterative cases).
+Memory:
 --memory runs a 10,000-image resnet8 simulation and prints peak RSS growth against the input size.
 """
 
@@ -53,7 +54,13 @@ def _options() -> ort.SessionOptions:
 
 
 def bench_model(
-    name: str, path, x: np.ndarray, repeats: int, batch: int, io_only: bool = False
+    name: str,
+    path,
+    x: np.ndarray,
+    repeats: int,
+    batch: int,
+    io_only: bool = False,
+    iterative: bool = True,
 ) -> list[tuple[str, float, float]]:
     sim = Simulator(path, config=RunnerConfig(batch_size=batch))
     prepared = sim.prepared
@@ -129,7 +136,7 @@ def bench_model(
         "pcm:t=3600+dac:bits=8+adc:bits=8,noise=0.06",
         "pcm:t=3600+dac:bits=8+adc:bits=8,bm=iterative",
         "pcm:t=3600+dac:bits=8+adc:bits=8,noise=0.06,bm=iterative",
-    ):
+    )[: None if iterative else 2]:
         io_spec = parse_noise_spec(spec_text)
         io_runner = Simulator(path, config=RunnerConfig(batch_size=batch, draws_per_session=8))
 
@@ -214,6 +221,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="only the 10,000-image memory check")
     parser.add_argument(
+        "--no-iterative", action="store_true", help="leave out the two bm=iterative cases (slow)"
+    )
+    parser.add_argument(
         "--io-only", action="store_true", help="only the DAC/ADC cases (with and without noise)"
     )
     args = parser.parse_args()
@@ -224,8 +234,9 @@ def main() -> int:
     if not args.io_only:
         check_add_initializer_is_ignored_for_conv()
     cifar, mnist = load_cifar10_test(2000)[0], load_mnist_test()[0]
-    bench_model("resnet8 (CIFAR-10)", RESNET8, cifar, args.repeats, 250, args.io_only)
-    bench_model("mnist-12 (MNIST)", MNIST12, mnist, args.repeats, 1000, args.io_only)
+    iterative = not args.no_iterative
+    bench_model("resnet8 (CIFAR-10)", RESNET8, cifar, args.repeats, 250, args.io_only, iterative)
+    bench_model("mnist-12 (MNIST)", MNIST12, mnist, args.repeats, 1000, args.io_only, iterative)
     return 0
 
 
