@@ -273,7 +273,7 @@ def train_network(
         if masks is None:
             _set_modes(model, trainable)
         order = torch.from_numpy(rng.permutation(len(x))).to(device)
-        total = 0.0
+        total = torch.zeros((), device=device)
         seen = 0
         for start in range(0, len(x), settings.batch_size):
             idx = order[start : start + settings.batch_size]
@@ -284,12 +284,12 @@ def train_network(
             loss = loss_fn(stepped(batch), labels[idx])
             loss.backward()
             _step(optimiser, scheduler, model, settings.weight_clip_sigma)
-            total += float(loss.detach()) * len(idx)
+            total += loss.detach() * len(idx)  # summed on the device: no host sync per step
             seen += len(idx)
             steps += 1
             if steps >= total_steps:
                 break
-        mean_loss = total / max(seen, 1)
+        mean_loss = float(total) / max(seen, 1)
         if on_epoch is not None:
             on_epoch(epoch, mean_loss)
         if steps >= total_steps:

@@ -112,16 +112,16 @@ def _readout(w: torch.Tensor) -> torch.Tensor:
 
 
 def _pcm(m: PcmNoise, w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # an all-zero tensor stays zero; decided on the device (no host sync per layer and step),
+    # with a finite scale in the branch not taken so that its gradient stays finite too
     w_max = w.abs().max()
-    if float(w_max) == 0.0:
-        return w.clone()
-    scale = m.g_max / w_max
+    scale = m.g_max / torch.where(w_max > 0, w_max, torch.ones_like(w_max))
     plus_prog, plus_now = _pcm_device(m, torch.clamp(w * scale, 0.0, m.g_max), gen)
     minus_prog, minus_now = _pcm_device(m, torch.clamp(-w * scale, 0.0, m.g_max), gen)
     w_now = (plus_now - minus_now) / scale
     if m.compensate:
         w_now = w_now * (_readout((plus_prog - minus_prog) / scale) / _readout(w_now))
-    return w_now
+    return torch.where(w_max > 0, w_now, w)
 
 
 _Apply = Callable[[NoiseModel, torch.Tensor, torch.Generator], torch.Tensor]

@@ -124,6 +124,22 @@ def test_noise_in_training_mode_only_and_gradients_pass_straight_through() -> No
     torch.testing.assert_close(net(x), clean)  # removal keeps the clean weights
 
 
+@pytest.mark.parametrize("spec", ["pcm:t=86400", "pcm:t=0,compensate=false"])
+def test_pcm_keeps_an_all_zero_tensor_zero_with_finite_gradients(spec: str) -> None:
+    parsed = training_spec(spec)
+    gen = torch.Generator().manual_seed(0)
+    zero = torch.zeros(6, 5, requires_grad=True)
+    out = perturb(zero, parsed, gen)
+    assert torch.equal(out, torch.zeros(6, 5))
+    out.sum().backward()
+    assert zero.grad is not None and torch.isfinite(zero.grad).all()
+    w = torch.from_numpy(_weights()).requires_grad_(True)
+    noisy = perturb(w, parsed, gen)
+    assert not torch.equal(noisy, w)  # a nonzero tensor does get the device's noise
+    noisy.pow(2).sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
 def test_draws_are_reproducible_from_the_seed() -> None:
     x = torch.rand(2, 1, 8, 8)
     outs = []
