@@ -653,6 +653,7 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
         for g in graphs:
             for n in g.node:
                 names.update(n.input)
+                names.update(_subgraph_inputs(n))
     return names
 
 
@@ -720,7 +721,8 @@ def prepare(
         for layer in layers:
             while rewriter.fold_next(layer, {output_name}):
                 pass
-    uses = Counter(i for n in graph.node for i in n.input)
+    # a weight also read inside an If/Loop body is copied, so the analog one can change freely
+    uses = Counter(i for n in graph.node for i in (*n.input, *_subgraph_inputs(n)))
     analog: list[AnalogTensor] = []
     weights: dict[str, np.ndarray] = {}
     for layer in layers:
@@ -805,16 +807,22 @@ class IoGraph:
 def adc_weight_gain(weight: np.ndarray, dac: DacConfig | None, adc: AdcConfig | None) -> float:
     """The factor :func:`add_io_quantization` stores a layer's weight times (1 if none).
 
-    With an ADC (``bm=clip``) the layer computes y / (max|W| · step) directly, where step is the
-    ADC's step: 1/(max|W| · step); with a DAC as well it reads the integer input codes
-    round(x · L/s), so the factor also holds the DAC's 1/L (L = 2^(bits−1) − 1). This saves one
-    or two full-size multiplications per layer (``docs/benchmarks.md``).
+    With a DAC and an ADC (``bm=clip``) the layer reads the integer input codes round(x · L/s)
+    (L = 2^(bits−1) − 1) and its weight times 1/(L · max|W| · step), step being the ADC's step, so
+    it outputs y / (s · max|W| · step), the ADC's input in steps, directly: two full-size
+    multiplications fewer per layer (``docs/benchmarks.md``). Not for float16 weights (the
+    product can overflow), and 1 otherwise.
     """
-    if adc is None or adc.bm_passes(None if dac is None else dac.bits) > 1:
+    if (
+        dac is None
+        or adc is None
+        or adc.bm_passes(dac.bits) > 1
+        or weight.dtype not in (np.float32, np.float64)
+    ):
         return 1.0
     w_max = float(np.max(np.abs(weight))) or 1.0
-    gain = float(2**adc.bits - 2) / (2.0 * adc.bound * w_max)
-    return gain if dac is None else gain / (2 ** (dac.bits - 1) - 1)
+    levels = float(2 ** (dac.bits - 1) - 1)
+    return float(2**adc.bits - 2) / (2.0 * adc.bound * w_max * levels)
 
 
 def add_io_quantization(
@@ -833,8 +841,8 @@ def add_io_quantization(
     exceeds ±bound (a Gemm/MatMul row, the C_out outputs of one Conv position), else the last
     pass, clipped (:func:`_bm_nodes`).
 
-    The ADC's normalisation by max|W| (and the DAC's by its levels) is stored in the weight
-    initializers (:func:`adc_weight_gain`).
+    With a DAC and ``bm=clip``, the ADC's normalisation by max|W| and the DAC's by its levels are
+    stored in the weight initializers instead of computed per sample (:func:`adc_weight_gain`).
 
     Returns:
         The rewritten model, its noise inputs and weight gains.
@@ -867,7 +875,7 @@ def add_io_quantization(
         for offset, extra in enumerate(new_nodes):
             graph.node.insert(position + 1 + offset, extra)
         gain = adc_weight_gain(w, dac, adc)
-        if gain != 1.0 and tensor.graph_name not in gains:
+        if gain != 1.0:  # every analog layer has its own weight initializer (prepare)
             gains[tensor.graph_name] = gain
             slot = next(t for t in graph.initializer if t.name == tensor.graph_name)
             slot.CopyFrom(numpy_helper.from_array(scale_weight(w, gain), tensor.graph_name))
@@ -907,22 +915,10 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
     axes = list(range(1, weight.ndim)) if node.op_type == "Conv" else [-1]
     pre = _abs_max_nodes(x, p + "s", axes=axes, opset=opset, graph=graph, const=const)
     iterative = adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1
+    gained = adc_weight_gain(weight, dac, adc) != 1.0
     if dac is not None:
-        # x_q = round(x · L/s) · s/L: the per-sample factors are tiny tensors, 2-3 full-size ops
-        levels = float(2 ** (dac.bits - 1) - 1)
-        pre += [
-            helper.make_node("Div", [const("dac_levels", levels), p + "s"], [p + "to_int"]),
-            helper.make_node("Mul", [x, p + "to_int"], [p + "xl"]),
-            helper.make_node("Round", [p + "xl"], [p + "xr"]),
-        ]
-        if adc is None or iterative:
-            pre += [
-                helper.make_node("Div", [p + "s", const("dac_levels", levels)], [p + "to_x"]),
-                helper.make_node("Mul", [p + "xr", p + "to_x"], [p + "x"]),
-            ]
-            node.input[0] = p + "x"
-        else:  # the layer reads the integer codes; s/L is part of the ADC's normalisation
-            node.input[0] = p + "xr"
+        pre += _dac_nodes(x, p, dac, codes=gained, const=const)
+        node.input[0] = pre[-1].output[0]
     position = list(graph.node).index(node)
     for offset, extra in enumerate(pre):
         graph.node.insert(position + offset, extra)
@@ -943,16 +939,15 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
         w_max = float(np.max(np.abs(weight))) or 1.0
         step = 2.0 * adc.bound / (2**adc.bits - 2)
         # in ADC steps: y / (s·max|W|·step), + noise/step, clip to ±bound/step, round, scale back;
-        # 1/(max|W|·step) (and the DAC's s/L) are in the weights (adc_weight_gain), so the layer
-        # already computes y / (max|W|·step) (with a DAC, the normalised output itself)
+        # with the weight gain (adc_weight_gain) the layer already outputs y / (s·max|W|·step)
         post.append(
             helper.make_node("Mul", [p + "s", const("w_max_step", w_max * step)], [p + "unit"])
         )
         yn = y
-        if dac is None:
+        if not gained:
             post += [
-                helper.make_node("Reciprocal", [p + "s"], [p + "per_s"]),
-                helper.make_node("Mul", [y, p + "per_s"], [p + "yn"]),
+                helper.make_node("Reciprocal", [p + "unit"], [p + "per_unit"]),
+                helper.make_node("Mul", [y, p + "per_unit"], [p + "yn"]),
             ]
             yn = p + "yn"
         if adc.noise > 0:
@@ -981,6 +976,35 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
         y = p + "yd"
     post.append(_bias_node(node, weight, bias=bias, y=y, out=out, graph=graph, const=const))
     return post, noise
+
+
+def _dac_nodes(
+    x: str,
+    p: str,
+    dac: DacConfig,
+    *,
+    codes: bool,
+    const: Callable[[str, float | np.ndarray], str],
+) -> list[onnx.NodeProto]:
+    """The DAC's nodes: x_q = round(x · L/s) · s/L, after the range nodes (``p + "s"``).
+
+    The last node's output is the layer's new input: x_q, or with ``codes`` the integer codes
+    round(x · L/s) (the weight gain then holds 1/L, :func:`adc_weight_gain`). The per-sample
+    factors are tiny tensors.
+    """
+    levels = float(2 ** (dac.bits - 1) - 1)
+    nodes = [
+        helper.make_node("Div", [const("dac_levels", levels), p + "s"], [p + "to_int"]),
+        helper.make_node("Mul", [x, p + "to_int"], [p + "xl"]),
+        helper.make_node("Round", [p + "xl"], [p + "xr"]),
+    ]
+    if codes:
+        return nodes
+    return [
+        *nodes,
+        helper.make_node("Div", [p + "s", const("dac_levels", levels)], [p + "to_x"]),
+        helper.make_node("Mul", [p + "xr", p + "to_x"], [p + "x"]),
+    ]
 
 
 def _bias_node(
@@ -1178,7 +1202,9 @@ def _abs_max_nodes(
     max|x| = max(max x, −min x): two reductions and no full-size |x| tensor; after a Relu, max x.
     """
     axes_name = f"{out}_axes"
-    if any(n.op_type == "Relu" and x in n.output for n in graph.node):
+    if any(
+        n.op_type == "Relu" and n.domain in ("", "ai.onnx") and x in n.output for n in graph.node
+    ):
         return [
             _reduce(
                 "ReduceMax",

@@ -59,8 +59,7 @@ class RunnerConfig:
     draws_per_session: int = 8
     """Draws evaluated by one session (graph copies); 1 rebuilds the session for every draw."""
     threads: int = 0
-    """onnxruntime intra-op threads (and ADC-noise fill threads); 0: onnxruntime's choice (one
-    noise thread per core)."""
+    """onnxruntime intra-op threads; 0: onnxruntime's choice (one per core)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -127,7 +126,7 @@ class Simulator:
         self._batch_checked = not self.prepared.batch_was_fixed
         self._templates: dict[tuple[str, int], _Template] = {}
         self._noise_shapes: dict[str, tuple[int, ...]] = {}
-        self._bank: tuple[tuple[int, float, str], np.ndarray] | None = None
+        self._banks: dict[tuple[int, float, str, int], np.ndarray] = {}
 
     def recipe(self) -> SimulatorRecipe:
         """What rebuilds this simulator in another process (e.g. a Ray worker)."""
@@ -265,13 +264,14 @@ class Simulator:
             self._templates[key] = _Template(model, slots, noise, gain)
         return self._templates[key]
 
-    def _noise_bank(self, seed: int, scale: float, dtype: np.dtype) -> np.ndarray:
-        """:func:`adc_noise_bank` of ``seed`` (the last one is kept: 64 MiB in float32)."""
-        key = (seed, scale, np.dtype(dtype).str)
-        if self._bank is None or self._bank[0] != key:
-            self._bank = None  # free the old bank first
-            self._bank = key, adc_noise_bank(seed, scale, dtype)
-        return self._bank[1]
+    def _noise_bank(self, seed: int, scale: float, dtype: np.dtype, size: int) -> np.ndarray:
+        """:func:`adc_noise_bank` (the last few are kept: 64 MiB each in float32)."""
+        key = (seed, scale, np.dtype(dtype).str, size)
+        if key not in self._banks:
+            while len(self._banks) >= _BANKS_KEPT:
+                del self._banks[next(iter(self._banks))]  # the oldest
+            self._banks[key] = adc_noise_bank(seed, scale, dtype, size)
+        return self._banks[key]
 
     def _noise_shape(self, noise: NoiseInput, x: np.ndarray) -> tuple[int, ...]:
         if noise.layer_output not in self._noise_shapes:
@@ -339,15 +339,17 @@ class Simulator:
         session = self._session(template.model.SerializeToString())
         outputs = [name(k, self.prepared.output_name) for k in range(len(draws))]
         dtype = self.prepared.input_dtype
+        shapes = [self._noise_shape(n, x) for n in noise_inputs]
+        size = adc_noise_bank_size(max((math.prod(shape) for shape in shapes), default=1))
         windows = [
             (
                 name(k, n.name),
-                self._noise_bank(seed, n.scale, dtype),
-                adc_noise_offset(seed, draw, n.stream),
-                self._noise_shape(n, x),
+                self._noise_bank(seed, n.scale, dtype, size),
+                adc_noise_offset(seed, draw, n.stream, size),
+                shape,
             )
             for k, draw in enumerate(draws)
-            for n in noise_inputs
+            for n, shape in zip(noise_inputs, shapes, strict=True)
         ]
         results: list[list[np.ndarray]] = [[] for _ in draws]
         first = 0
@@ -364,8 +366,13 @@ class Simulator:
 _NOISE_BITS = 16
 
 ADC_NOISE_BANK = 1 << 24
-"""ADC output noise values drawn per run (64 MiB in float32): each draw and layer reads its
-noise as consecutive stretches of this bank from a random offset (:func:`adc_noise_window`)."""
+"""ADC output noise values drawn per run (64 MiB in float32; more for layers with more outputs
+per sample, :func:`adc_noise_bank_size`): each draw and layer reads its noise as consecutive
+stretches of this bank from a random offset (:func:`adc_noise_window`)."""
+_BANK_STREAM = 2
+_BANKS_KEPT = 3
+"""Noise banks a :class:`Simulator` keeps (a sweep over ADC settings needs one per scale)."""
+"""Third key of the bank's stream ``[seed, 0, 2]`` (weights use 0, ADC offsets 1)."""
 
 
 @dataclass(frozen=True)
@@ -462,27 +469,39 @@ def _normal_quantiles() -> np.ndarray:
     return np.array([inv_cdf((i + 0.5) / levels) for i in range(levels)], dtype=np.float64)
 
 
+def adc_noise_bank_size(largest: int) -> int:
+    """The bank size for noise inputs of at most ``largest`` values per sample.
+
+    :data:`ADC_NOISE_BANK`, or the next power of two ≥ ``largest`` when a layer has more outputs
+    per sample, so that every element of a sample gets its own value.
+    """
+    return max(ADC_NOISE_BANK, 1 << max(largest - 1, 0).bit_length())
+
+
 def adc_noise_bank(
     seed: int, scale: float, dtype: np.dtype, size: int = ADC_NOISE_BANK
 ) -> np.ndarray:
     """The ``size`` pre-drawn ADC output noise values of a run with ``seed``: N(0, scale²) each.
 
     Each value is one of 2^16 equiprobable levels of the Gaussian (the outermost at ±4.32 σ),
-    picked by 16 random bits of ``default_rng([seed, 1])``'s raw words; the values are
-    independent. :func:`adc_noise_window` reads a draw's noise from it.
+    picked by 16 random bits of ``default_rng([seed, 0, 2])``'s raw words (a stream no weight
+    stream ``[seed, d, 0, i]`` or offset stream ``[seed, d, 1, …]`` can coincide with); the
+    values are independent, and a larger bank extends a smaller one. Read-only;
+    :func:`adc_noise_window` reads a draw's noise from it.
     """
     table = (_normal_quantiles() * scale).astype(dtype)
-    raw = np.random.default_rng([seed, _ADC_STREAM]).bit_generator.random_raw(-(-size // 4))
-    index = np.asarray(raw).view(np.uint16)[:size]
-    return np.take(table, index)
+    raw = np.random.default_rng([seed, 0, _BANK_STREAM]).bit_generator.random_raw(-(-size // 4))
+    bank = np.take(table, np.asarray(raw).view(np.uint16)[:size])
+    bank.flags.writeable = False
+    return bank
 
 
-def adc_noise_offset(seed: int, draw: int, stream: tuple[int, ...]) -> int:
-    """Where in the bank the noise input with ``stream`` starts in ``draw``.
+def adc_noise_offset(seed: int, draw: int, stream: tuple[int, ...], bank_size: int) -> int:
+    """Where in a bank of ``bank_size`` values the noise input with ``stream`` starts in ``draw``.
 
     Uniform over the bank, from ``default_rng([seed, draw, 1, *stream])``.
     """
-    return int(np.random.default_rng([seed, draw, _ADC_STREAM, *stream]).integers(ADC_NOISE_BANK))
+    return int(np.random.default_rng([seed, draw, _ADC_STREAM, *stream]).integers(bank_size))
 
 
 def adc_noise_window(
@@ -495,12 +514,14 @@ def adc_noise_window(
     consecutive stretches. A view of ``bank`` (no copy) unless the window wraps around its end.
     """
     size = math.prod(shape)
-    start = (offset + first * size) % len(bank)
+    total = len(bank)
+    start = (offset + first * size) % total
     stop = start + samples * size
-    if stop <= len(bank):
+    if stop <= total:
         flat = bank[start:stop]
-    else:
-        flat = np.take(bank, np.arange(start, stop) % len(bank))
+    else:  # the tail, whole laps of the bank, the head
+        laps, head = divmod(stop - total, total)
+        flat = np.concatenate([bank[start:], *([bank] * laps), bank[:head]])
     return flat.reshape(samples, *shape)
 
 

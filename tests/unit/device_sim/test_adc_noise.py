@@ -8,6 +8,7 @@ import pytest
 from device_sim.runner import (
     ADC_NOISE_BANK,
     adc_noise_bank,
+    adc_noise_bank_size,
     adc_noise_offset,
     adc_noise_window,
 )
@@ -64,10 +65,39 @@ def test_a_sample_gets_the_same_noise_whatever_the_batching(size: int) -> None:
 
 
 def test_offsets_are_uniform_and_differ_between_draws_and_streams() -> None:
-    offsets = [adc_noise_offset(0, draw, (0,)) for draw in range(2000)]
+    offsets = [adc_noise_offset(0, draw, (0,), ADC_NOISE_BANK) for draw in range(2000)]
     assert min(offsets) >= 0 and max(offsets) < ADC_NOISE_BANK
     assert np.mean(offsets) / ADC_NOISE_BANK == pytest.approx(0.5, abs=0.02)
     assert len(set(offsets)) == 2000
-    assert adc_noise_offset(0, 5, (1,)) != adc_noise_offset(0, 5, (2,))
-    assert adc_noise_offset(0, 5, (1,)) != adc_noise_offset(0, 5, (1, 1))
-    assert adc_noise_offset(0, 5, (1,)) == adc_noise_offset(0, 5, (1,))
+    n = ADC_NOISE_BANK
+    assert adc_noise_offset(0, 5, (1,), n) != adc_noise_offset(0, 5, (2,), n)
+    assert adc_noise_offset(0, 5, (1,), n) != adc_noise_offset(0, 5, (1, 1), n)
+    assert adc_noise_offset(0, 5, (1,), n) == adc_noise_offset(0, 5, (1,), n)
+    assert adc_noise_offset(0, 5, (1,), 7) < 7
+
+
+def test_the_bank_stream_is_none_of_the_weight_or_offset_streams() -> None:
+    # numpy pads a seed list with zeros: [S, 1] would be draw 1's stream of analog tensor 0
+    raw = np.random.default_rng([4, 0, 2]).bit_generator.random_raw(8)
+    for draw in range(4):
+        for key in ([4, draw, 0, 0], [4, draw, 0], [4, draw, 1, 0], [4, draw, 1], [4, draw]):
+            assert not np.array_equal(raw, np.random.default_rng(key).bit_generator.random_raw(8))
+    bank = adc_noise_bank(4, 1.0, F32, size=32)
+    table_index = raw.view(np.uint16)[:32]
+    assert len(np.unique(bank)) == len(np.unique(table_index))  # the bank is made of these words
+
+
+def test_bank_is_read_only_and_grows_for_layers_larger_than_it() -> None:
+    bank = adc_noise_bank(0, 1.0, F32, size=64)
+    with pytest.raises(ValueError, match="read-only"):
+        bank[0] = 1.0
+    assert adc_noise_bank_size(10) == ADC_NOISE_BANK
+    assert adc_noise_bank_size(ADC_NOISE_BANK) == ADC_NOISE_BANK
+    assert adc_noise_bank_size(ADC_NOISE_BANK + 1) == 2 * ADC_NOISE_BANK
+    np.testing.assert_array_equal(adc_noise_bank(0, 1.0, F32, size=128)[:64], bank)
+
+
+def test_windows_longer_than_the_bank_go_round_it_again() -> None:
+    bank = np.arange(10, dtype=np.float32)
+    window = adc_noise_window(bank, 7, 0, 4, (6,))  # 24 values from 7: three laps in all
+    np.testing.assert_array_equal(window.ravel(), (7 + np.arange(24)) % 10)

@@ -12,7 +12,12 @@ from common.errors import NoiseInjectionError
 from device_sim import RunnerConfig, Simulator, parse_noise_spec
 from device_sim.graph import add_io_quantization
 from device_sim.noise import AdcConfig
-from device_sim.runner import adc_noise_bank, adc_noise_offset, adc_noise_window
+from device_sim.runner import (
+    ADC_NOISE_BANK,
+    adc_noise_bank,
+    adc_noise_offset,
+    adc_noise_window,
+)
 from tests.unit.device_sim.conftest import make_model
 
 # an ADC of 8 bits over ±0.5: 254 steps, codes in [-127, 127]
@@ -176,7 +181,7 @@ def _runner_noise(seed: int, draw: int, layer: int, std: float) -> Noise:
     bank = adc_noise_bank(seed, std / STEP, np.dtype(np.float32))
 
     def noise(k: int, shape: tuple[int, ...]) -> np.ndarray:
-        offset = adc_noise_offset(seed, draw, (layer, k) if k else (layer,))
+        offset = adc_noise_offset(seed, draw, (layer, k) if k else (layer,), ADC_NOISE_BANK)
         size = int(np.prod(shape[1:]))
         # sample i reads bank[offset + i·size …], modulo the bank
         index = (offset + np.arange(shape[0] * size)) % len(bank)

@@ -15,8 +15,8 @@ from scipy import stats
 
 from common.errors import NoiseInjectionError
 from device_sim import RunnerConfig, Simulator, parse_noise_spec, simulate, simulate_per_layer
-from device_sim.graph import add_io_quantization
-from device_sim.noise import NoiseSpec
+from device_sim.graph import adc_weight_gain, add_io_quantization
+from device_sim.noise import AdcConfig, DacConfig, NoiseSpec
 from tests.unit.device_sim.conftest import make_model, rand
 
 W = rand(16, 5)
@@ -144,8 +144,48 @@ def test_dac_adc_weights_are_stored_with_the_adc_gain() -> None:
     assert io.weight_gain == {"w": pytest.approx(gain)}
     stored = next(t for t in io.model.graph.initializer if t.name == "w")
     np.testing.assert_allclose(onnx.numpy_helper.to_array(stored), W * gain, rtol=1e-6)
-    iterative = parse_noise_spec("dac:bits=6+adc:bits=8,bound=4,bm=iterative")
-    assert add_io_quantization(sim.prepared, iterative.dac, iterative.adc).weight_gain == {}
+    for text in ("dac:bits=6+adc:bits=8,bound=4,bm=iterative", "adc:bits=8", "dac:bits=6"):
+        other = parse_noise_spec(text)
+        assert add_io_quantization(sim.prepared, other.dac, other.adc).weight_gain == {}
+
+
+def _gemm_plus_if_reading(name: str) -> onnx.ModelProto:
+    """y = Gemm(x, w, b) + ΣW', W' read by an If branch through outer scope (``name``)."""
+
+    def branch(tag: str) -> onnx.GraphProto:
+        out = helper.make_tensor_value_info(f"{tag}_w", onnx.TensorProto.FLOAT, None)
+        return helper.make_graph(
+            [helper.make_node("Identity", [name], [f"{tag}_w"])], tag, [], [out]
+        )
+
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["g"]),
+        helper.make_node(
+            "If", ["cond"], ["picked"], then_branch=branch("then"), else_branch=branch("other")
+        ),
+        helper.make_node("ReduceSum", ["picked"], ["total"], keepdims=0),
+        helper.make_node("Add", ["g", "total"], ["y"]),
+    ]
+    inits = {"w": W, "b": B, "w_copy": W.copy(), "cond": np.array(True)}
+    return make_model(nodes, inits, ["N", 16])
+
+
+def test_a_weight_also_read_in_a_subgraph_keeps_its_value_there() -> None:
+    # the analog layer gets its own copy of the weight (noise and the ADC gain go there), so the
+    # If branch reading the same initializer sees the clean weight, as with a separate copy
+    x = rand(50, 16, seed=8)
+    spec = "dac:bits=8+adc:bits=8,bound=4"
+    shared = _draws(Simulator(_gemm_plus_if_reading("w")), x, spec, 1)[0]
+    separate = _draws(Simulator(_gemm_plus_if_reading("w_copy")), x, spec, 1)[0]
+    np.testing.assert_allclose(shared, separate, rtol=1e-6, atol=1e-5)
+    assert Simulator(_gemm_plus_if_reading("w")).prepared.analog[0].graph_name != "w"
+
+
+def test_float16_layers_keep_the_unscaled_path() -> None:
+    w16 = W.astype(np.float16)
+    assert adc_weight_gain(w16, DacConfig(bits=2), AdcConfig(bits=16, bound=0.5)) == 1.0
+    assert adc_weight_gain(W, None, AdcConfig(bits=8)) == 1.0  # nothing to save without a DAC
+    assert adc_weight_gain(W, DacConfig(bits=8), AdcConfig(bits=8)) != 1.0
 
 
 def test_adc_output_noise_has_the_given_std_in_normalised_units() -> None:
