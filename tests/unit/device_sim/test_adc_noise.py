@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 
@@ -82,9 +84,10 @@ def test_the_bank_stream_is_none_of_the_weight_or_offset_streams() -> None:
     for draw in range(4):
         for key in ([4, draw, 0, 0], [4, draw, 0], [4, draw, 1, 0], [4, draw, 1], [4, draw]):
             assert not np.array_equal(raw, np.random.default_rng(key).bit_generator.random_raw(8))
+    # the bank is made of exactly these words: 16 bits each, a level of the quantile table
     bank = adc_noise_bank(4, 1.0, F32, size=32)
-    table_index = raw.view(np.uint16)[:32]
-    assert len(np.unique(bank)) == len(np.unique(table_index))  # the bank is made of these words
+    levels = np.array([statistics.NormalDist().inv_cdf((u + 0.5) / 65536) for u in range(65536)])
+    np.testing.assert_allclose(bank, levels[raw.view(np.uint16)[:32]], rtol=1e-6)
 
 
 def test_bank_is_read_only_and_grows_for_layers_larger_than_it() -> None:
