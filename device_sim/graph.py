@@ -867,14 +867,14 @@ def add_io_quantization(
         if node.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0:
             raise NoiseInjectionError(f"dac/adc: Gemm {node.name!r} has alpha != 1")
         w = prepared.weights[tensor.graph_name]
+        gain = adc_weight_gain(w, dac, adc)
         new_nodes, noise = _io_nodes(
-            node, w, opset=opset, dac=dac, adc=adc, graph=graph, layer=layer
+            node, w, opset=opset, dac=dac, adc=adc, gained=gain != 1.0, graph=graph, layer=layer
         )
         noise_inputs += noise
         position = list(graph.node).index(node)
         for offset, extra in enumerate(new_nodes):
             graph.node.insert(position + 1 + offset, extra)
-        gain = adc_weight_gain(w, dac, adc)
         if gain != 1.0:  # every analog layer has its own weight initializer (prepare)
             gains[tensor.graph_name] = gain
             slot = next(t for t in graph.initializer if t.name == tensor.graph_name)
@@ -894,10 +894,14 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
     opset: int,
     dac: DacConfig | None,
     adc: AdcConfig | None,
+    gained: bool,
     graph: onnx.GraphProto,
     layer: int,
 ) -> tuple[list[onnx.NodeProto], list[NoiseInput]]:
-    """Insert the pre-layer nodes before ``node`` and return the post-layer ones."""
+    """Insert the pre-layer nodes before ``node`` and return the post-layer ones.
+
+    ``gained``: the weight is stored times :func:`adc_weight_gain` (not 1).
+    """
     p = f"{node.name}/io/"
     dtype = weight.dtype
 
@@ -915,7 +919,6 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
     axes = list(range(1, weight.ndim)) if node.op_type == "Conv" else [-1]
     pre = _abs_max_nodes(x, p + "s", axes=axes, opset=opset, graph=graph, const=const)
     iterative = adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1
-    gained = adc_weight_gain(weight, dac, adc) != 1.0
     if dac is not None:
         pre += _dac_nodes(x, p, dac, codes=gained, const=const)
         node.input[0] = pre[-1].output[0]
@@ -1202,31 +1205,29 @@ def _abs_max_nodes(
     max|x| = max(max x, −min x): two reductions and no full-size |x| tensor; after a Relu, max x.
     """
     axes_name = f"{out}_axes"
-    if any(
+    nodes = [
+        _reduce(
+            "ReduceMax", x, out + "_max", axes=axes, opset=opset, axes_name=axes_name, graph=graph
+        )
+    ]
+    largest = [out + "_max"]
+    if not any(
         n.op_type == "Relu" and n.domain in ("", "ai.onnx") and x in n.output for n in graph.node
     ):
-        return [
+        nodes += [
             _reduce(
-                "ReduceMax",
+                "ReduceMin",
                 x,
-                out + "_max",
+                out + "_min",
                 axes=axes,
                 opset=opset,
                 axes_name=axes_name,
                 graph=graph,
             ),
-            helper.make_node("Max", [out + "_max", const("tiny", _TINY)], [out]),
+            helper.make_node("Neg", [out + "_min"], [out + "_negmin"]),
         ]
-    return [
-        _reduce(
-            "ReduceMax", x, out + "_max", axes=axes, opset=opset, axes_name=axes_name, graph=graph
-        ),
-        _reduce(
-            "ReduceMin", x, out + "_min", axes=axes, opset=opset, axes_name=axes_name, graph=graph
-        ),
-        helper.make_node("Neg", [out + "_min"], [out + "_negmin"]),
-        helper.make_node("Max", [out + "_max", out + "_negmin", const("tiny", _TINY)], [out]),
-    ]
+        largest.append(out + "_negmin")
+    return [*nodes, helper.make_node("Max", [*largest, const("tiny", _TINY)], [out])]
 
 
 def _reduce(

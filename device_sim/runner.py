@@ -370,9 +370,9 @@ ADC_NOISE_BANK = 1 << 24
 per sample, :func:`adc_noise_bank_size`): each draw and layer reads its noise as consecutive
 stretches of this bank from a random offset (:func:`adc_noise_window`)."""
 _BANK_STREAM = 2
+"""Third key of the bank's stream ``[seed, 0, 2]`` (weights use 0, ADC offsets 1)."""
 _BANKS_KEPT = 3
 """Noise banks a :class:`Simulator` keeps (a sweep over ADC settings needs one per scale)."""
-"""Third key of the bank's stream ``[seed, 0, 2]`` (weights use 0, ADC offsets 1)."""
 
 
 @dataclass(frozen=True)
