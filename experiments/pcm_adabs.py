@@ -236,14 +236,12 @@ def main() -> None:
         p.error("--train-only needs --save-dir")
     data = "digits" if args.data == "digits" else str(prepare_cifar(args.cifar_dir, args.cache))
     settings = {"epochs": args.epochs, "draws": args.draws, "calib": args.calib}
-    settings["device"] = args.device
-    if args.lr != DEFAULT_LR:
-        settings["lr"] = args.lr
+    settings.update(device=args.device, lr=args.lr)
     for key in ("save_dir", "load_dir"):
         if getattr(args, key):
             settings[key] = str(getattr(args, key))
     settings.update({k: True for k in ("train_only", "log") if getattr(args, k)})
-    tasks = [(s, data, {"lr": args.lr, **settings}) for s in args.seeds]
+    tasks = [(s, data, settings) for s in args.seeds]
     with multiprocessing.get_context("spawn").Pool(len(tasks)) as pool:
         runs = pool.map(run_seed, tasks)
     if args.train_only:
