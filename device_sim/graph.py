@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from common.errors import NoiseInjectionError
+from device_sim.kernels import DOMAIN as KERNEL_DOMAIN
 from device_sim.noise import AdcConfig, DacConfig
 
 logger = logging.getLogger(__name__)
@@ -293,6 +294,14 @@ class NoiseInput:
     """Key of the stream after ``(seed, draw, 1)`` that places its window in the run's noise bank
     (``runner.adc_noise_offset``): ``(j,)`` for layer ``j``'s ADC (pass 0
     of ``bm=iterative``), ``(j, k)`` for pass k ≥ 1 of ``bm=iterative``."""
+    fused: bool = False
+    """Read by a fused ``AdcOutput`` node: fed the whole bank, and the bank index of the batch's
+    first value as the int64 input :func:`noise_start_name` (instead of the window itself)."""
+
+
+def noise_start_name(noise_name: str) -> str:
+    """The int64 input that places a fused noise input's batch in the bank."""
+    return f"{noise_name}/start"
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -826,7 +835,12 @@ def adc_weight_gain(weight: np.ndarray, dac: DacConfig | None, adc: AdcConfig | 
 
 
 def add_io_quantization(
-    prepared: PreparedGraph, dac: DacConfig | None, adc: AdcConfig | None
+    prepared: PreparedGraph,
+    dac: DacConfig | None,
+    adc: AdcConfig | None,
+    *,
+    fused: bool = False,
+    threads: int = 0,
 ) -> IoGraph:
     """Wrap each analog layer with input (DAC) and output (ADC) quantisation and output noise.
 
@@ -843,6 +857,12 @@ def add_io_quantization(
 
     With a DAC and ``bm=clip``, the ADC's normalisation by max|W| and the DAC's by its levels are
     stored in the weight initializers instead of computed per sample (:func:`adc_weight_gain`).
+
+    With ``fused`` (the library of :mod:`device_sim.kernels` is loaded into the session), float32
+    layers with ``bm=clip`` get one ``DacCodes`` node for the DAC's scale and round and one
+    ``AdcOutput`` node for everything after the layer's product (same operations, same order,
+    same outputs; ``threads`` is their thread count, 0 = one per core); their noise inputs are
+    marked :attr:`NoiseInput.fused`.
 
     Returns:
         The rewritten model, its noise inputs and weight gains.
@@ -868,8 +888,17 @@ def add_io_quantization(
             raise NoiseInjectionError(f"dac/adc: Gemm {node.name!r} has alpha != 1")
         w = prepared.weights[tensor.graph_name]
         gain = adc_weight_gain(w, dac, adc)
+        iterative = adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1
         new_nodes, noise = _io_nodes(
-            node, w, opset=opset, dac=dac, adc=adc, gained=gain != 1.0, graph=graph, layer=layer
+            node,
+            w,
+            opset=opset,
+            dac=dac,
+            adc=adc,
+            gained=gain != 1.0,
+            fused=_FusedOps(threads) if fused and w.dtype == np.float32 and not iterative else None,
+            graph=graph,
+            layer=layer,
         )
         noise_inputs += noise
         position = list(graph.node).index(node)
@@ -879,6 +908,8 @@ def add_io_quantization(
             gains[tensor.graph_name] = gain
             slot = next(t for t in graph.initializer if t.name == tensor.graph_name)
             slot.CopyFrom(numpy_helper.from_array(scale_weight(w, gain), tensor.graph_name))
+    if fused and any(n.domain == KERNEL_DOMAIN for n in graph.node):
+        model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
     return IoGraph(model, noise_inputs, gains)
 
 
@@ -895,12 +926,14 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
     dac: DacConfig | None,
     adc: AdcConfig | None,
     gained: bool,
+    fused: _FusedOps | None,
     graph: onnx.GraphProto,
     layer: int,
 ) -> tuple[list[onnx.NodeProto], list[NoiseInput]]:
     """Insert the pre-layer nodes before ``node`` and return the post-layer ones.
 
-    ``gained``: the weight is stored times :func:`adc_weight_gain` (not 1).
+    ``gained``: the weight is stored times :func:`adc_weight_gain` (not 1). ``fused``: write the
+    DAC's scale and round and the ADC's chain as the custom ops of :mod:`device_sim.kernels`.
     """
     p = f"{node.name}/io/"
     dtype = weight.dtype
@@ -917,10 +950,16 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
 
     x, out = node.input[0], node.output[0]
     axes = list(range(1, weight.ndim)) if node.op_type == "Conv" else [-1]
-    pre = _abs_max_nodes(x, p + "s", axes=axes, opset=opset, graph=graph, const=const)
     iterative = adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1
+    if dac is not None and fused is not None:  # one node: the range s and the codes
+        levels = float(2 ** (dac.bits - 1) - 1)
+        layout = 0 if node.op_type == "Conv" else 1
+        pre = [fused.dac_node(x, p + ("xr" if gained else "x"), p + "s", levels, layout, gained)]
+    else:
+        pre = _abs_max_nodes(x, p + "s", axes=axes, opset=opset, graph=graph, const=const)
+        if dac is not None:
+            pre += _dac_nodes(x, p, dac, codes=gained, const=const)
     if dac is not None:
-        pre += _dac_nodes(x, p, dac, codes=gained, const=const)
         node.input[0] = pre[-1].output[0]
     position = list(graph.node).index(node)
     for offset, extra in enumerate(pre):
@@ -939,46 +978,149 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
     node.output[0] = y
     noise: list[NoiseInput] = []
     if adc is not None:
-        w_max = float(np.max(np.abs(weight))) or 1.0
-        step = 2.0 * adc.bound / (2**adc.bits - 2)
-        # in ADC steps: y / (s·max|W|·step), + noise/step, clip to ±bound/step, round, scale back;
-        # with the weight gain (adc_weight_gain) the layer already outputs y / (s·max|W|·step)
-        post.append(
-            helper.make_node("Mul", [p + "s", const("w_max_step", w_max * step)], [p + "unit"])
+        post, noise, after = _adc_nodes(
+            node,
+            weight,
+            y=y,
+            out=out,
+            bias=bias,
+            adc=adc,
+            gained=gained,
+            fused=fused,
+            graph=graph,
+            layer=layer,
+            const=const,
         )
-        yn = y
-        if not gained:
-            post += [
-                helper.make_node("Reciprocal", [p + "unit"], [p + "per_unit"]),
-                helper.make_node("Mul", [y, p + "per_unit"], [p + "yn"]),
-            ]
-            yn = p + "yn"
-        if adc.noise > 0:
-            noise.append(
-                NoiseInput(
-                    name=p + "adc_noise", layer_output=out, scale=adc.noise / step, stream=(layer,)
-                )
-            )
-            graph.input.append(
-                helper.make_tensor_value_info(
-                    noise[0].name, helper.np_dtype_to_tensor_dtype(dtype), None
-                )
-            )
-            post.append(helper.make_node("Add", [yn, noise[0].name], [p + "ynz"]))
-            yn = p + "ynz"
-        limit = adc.bound / step
-        # the digital output scale (drift compensation) multiplies after the ADC, as aihwkit's
-        # post_forward does; 1 unless the runner writes a draw's factor into this initializer
-        scale_name = const(adc_scale_name(node.name)[len(p) :], 1.0)
-        post += [
-            helper.make_node("Clip", [yn, const("lo", -limit), const("hi", limit)], [p + "yc"]),
-            helper.make_node("Round", [p + "yc"], [p + "yr"]),
-            helper.make_node("Mul", [p + "unit", scale_name], [p + "unit_out"]),
-            helper.make_node("Mul", [p + "yr", p + "unit_out"], [p + "yd"]),
-        ]
-        y = p + "yd"
+        if after is None:
+            return post, noise
+        y = after
     post.append(_bias_node(node, weight, bias=bias, y=y, out=out, graph=graph, const=const))
     return post, noise
+
+
+def _adc_nodes(
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    *,
+    y: str,
+    out: str,
+    bias: str | None,
+    adc: AdcConfig,
+    gained: bool,
+    fused: _FusedOps | None,
+    graph: onnx.GraphProto,
+    layer: int,
+    const: Callable[[str, float | np.ndarray], str],
+) -> tuple[list[onnx.NodeProto], list[NoiseInput], str | None]:
+    """The ADC's nodes after the layer's product ``y`` (``bm=clip``).
+
+    Returns the nodes, the noise inputs, and the digital output still without the bias, or None
+    when the fused node already wrote the layer's output with its bias.
+    """
+    p = f"{node.name}/io/"
+    dtype = weight.dtype
+    post: list[onnx.NodeProto] = []
+    noise: list[NoiseInput] = []
+    w_max = float(np.max(np.abs(weight))) or 1.0
+    step = 2.0 * adc.bound / (2**adc.bits - 2)
+    # in ADC steps: y / (s·max|W|·step), + noise/step, clip to ±bound/step, round, scale back;
+    # with the weight gain (adc_weight_gain) the layer already outputs y / (s·max|W|·step)
+    post.append(helper.make_node("Mul", [p + "s", const("w_max_step", w_max * step)], [p + "unit"]))
+    if not gained:
+        post.append(helper.make_node("Reciprocal", [p + "unit"], [p + "per_unit"]))
+    if adc.noise > 0:
+        noise.append(
+            _noise_input(
+                graph,
+                p + "adc_noise",
+                layer_output=out,
+                scale=adc.noise / step,
+                stream=(layer,),
+                dtype=dtype,
+                fused=fused is not None,
+            )
+        )
+    limit = adc.bound / step
+    # the digital output scale (drift compensation) multiplies after the ADC, as aihwkit's
+    # post_forward does; 1 unless the runner writes a draw's factor into this initializer
+    scale_name = const(adc_scale_name(node.name)[len(p) :], 1.0)
+    post.append(helper.make_node("Mul", [p + "unit", scale_name], [p + "unit_out"]))
+    if fused is not None:
+        b = _channel_bias(node, weight, bias=bias, graph=graph)
+        done = b is not None or bias is None  # the node adds the bias (if any) itself
+        relu = _sole_relu(graph, out) if done else None
+        if relu is not None:  # the node applies it too, and writes its output
+            out = relu.output[0]
+            graph.node.remove(relu)
+        post.append(
+            fused.adc_node(
+                y,
+                p + "unit_out",
+                bias=const("bias_channels", b) if b is not None else "",
+                noise=noise[0].name if noise else "",
+                per_unit="" if gained else p + "per_unit",
+                out=out if done else p + "yd",
+                limit=limit,
+                layout=0 if node.op_type == "Conv" else 1,
+                relu=relu is not None,
+            )
+        )
+        return post, noise, None if done else p + "yd"
+    yn = y
+    if not gained:
+        post.append(helper.make_node("Mul", [y, p + "per_unit"], [p + "yn"]))
+        yn = p + "yn"
+    if noise:
+        post.append(helper.make_node("Add", [yn, noise[0].name], [p + "ynz"]))
+        yn = p + "ynz"
+    post += [
+        helper.make_node("Clip", [yn, const("lo", -limit), const("hi", limit)], [p + "yc"]),
+        helper.make_node("Round", [p + "yc"], [p + "yr"]),
+        helper.make_node("Mul", [p + "yr", p + "unit_out"], [p + "yd"]),
+    ]
+    return post, noise, p + "yd"
+
+
+def _sole_relu(graph: onnx.GraphProto, value: str) -> onnx.NodeProto | None:
+    """The standard Relu that is the only reader of ``value`` (not a graph output), or None."""
+    if any(o.name == value for o in graph.output):
+        return None
+    readers = [n for n in graph.node if value in n.input or value in _subgraph_inputs(n)]
+    if len(readers) == 1 and _is_relu(readers[0]):
+        return readers[0]
+    return None
+
+
+def _is_relu(node: onnx.NodeProto) -> bool:
+    """A standard Relu, or a fused ``AdcOutput`` that applies one (its output is ≥ 0)."""
+    if node.op_type == "Relu" and node.domain in ("", "ai.onnx"):
+        return True
+    return (
+        node.op_type == "AdcOutput"
+        and node.domain == KERNEL_DOMAIN
+        and any(a.name == "relu" and a.i == 1 for a in node.attribute)
+    )
+
+
+def _noise_input(
+    graph: onnx.GraphProto,
+    name: str,
+    *,
+    layer_output: str,
+    scale: float,
+    stream: tuple[int, ...],
+    dtype: np.dtype,
+    fused: bool,
+) -> NoiseInput:
+    """Declare the graph input(s) of one ADC noise input (a fused one also has its start)."""
+    graph.input.append(
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
+    )
+    if fused:
+        graph.input.append(
+            helper.make_tensor_value_info(noise_start_name(name), onnx.TensorProto.INT64, [1])
+        )
+    return NoiseInput(name, layer_output, scale, stream, fused)
 
 
 def _dac_nodes(
@@ -996,18 +1138,90 @@ def _dac_nodes(
     factors are tiny tensors.
     """
     levels = float(2 ** (dac.bits - 1) - 1)
-    nodes = [
-        helper.make_node("Div", [const("dac_levels", levels), p + "s"], [p + "to_int"]),
+    nodes = [helper.make_node("Div", [const("dac_levels", levels), p + "s"], [p + "to_int"])]
+    if not codes:
+        nodes.append(helper.make_node("Div", [p + "s", const("dac_levels", levels)], [p + "to_x"]))
+    nodes += [
         helper.make_node("Mul", [x, p + "to_int"], [p + "xl"]),
         helper.make_node("Round", [p + "xl"], [p + "xr"]),
     ]
     if codes:
         return nodes
-    return [
-        *nodes,
-        helper.make_node("Div", [p + "s", const("dac_levels", levels)], [p + "to_x"]),
-        helper.make_node("Mul", [p + "xr", p + "to_x"], [p + "x"]),
-    ]
+    return [*nodes, helper.make_node("Mul", [p + "xr", p + "to_x"], [p + "x"])]
+
+
+@dataclass(frozen=True)
+class _FusedOps:
+    """Writes the custom-op nodes of :mod:`device_sim.kernels` (``threads``: 0 = one per core)."""
+
+    threads: int
+
+    def dac_node(  # noqa: PLR0917  # the op's outputs and attributes, in order
+        self, x: str, out: str, s: str, levels: float, layout: int, codes: bool
+    ) -> onnx.NodeProto:
+        """``DacCodes``: rint(x · L/s) (· s/L unless ``codes``), and the ranges s.
+
+        s = max(max|x|, tiny) of each input vector: a sample, or with ``layout`` 1 a row of the
+        last axis.
+        """
+        return helper.make_node(
+            "DacCodes",
+            [x],
+            [out, s],
+            domain=KERNEL_DOMAIN,
+            levels=levels,
+            layout=layout,
+            tiny=_TINY,
+            codes=int(codes),
+            threads=self.threads,
+        )
+
+    def adc_node(  # the op's inputs and attributes, by name
+        self,
+        y: str,
+        unit_out: str,
+        *,
+        bias: str,
+        noise: str,
+        per_unit: str,
+        out: str,
+        limit: float,
+        layout: int,
+        relu: bool,
+    ) -> onnx.NodeProto:
+        """``AdcOutput``: rint(clip(y · per_unit + noise, ±limit)) · unit_out + bias (, Relu)."""
+        inputs = [y, unit_out, bias, noise, noise_start_name(noise) if noise else "", per_unit]
+        while not inputs[-1]:
+            inputs.pop()
+        return helper.make_node(
+            "AdcOutput",
+            inputs,
+            [out],
+            domain=KERNEL_DOMAIN,
+            limit=float(limit),
+            layout=layout,
+            relu=int(relu),
+            threads=self.threads,
+        )
+
+
+def _channel_bias(
+    node: onnx.NodeProto, weight: np.ndarray, *, bias: str | None, graph: onnx.GraphProto
+) -> np.ndarray | None:
+    """The layer's bias as one value per output channel, or None.
+
+    None: no bias, or a Gemm bias that varies along the batch (added by its own node then).
+    """
+    if bias is None:
+        return None
+    b = numpy_helper.to_array(next(t for t in graph.initializer if t.name == bias))
+    if node.op_type == "Conv":
+        return b.reshape(-1)
+    channels = weight.shape[0] if _attr(node, "transB", 0) else weight.shape[-1]
+    b = b * float(_attr(node, "beta", 1.0))
+    if b.size == channels and b.ndim <= 2 and (b.ndim < 2 or b.shape[0] == 1):
+        return b.reshape(-1)
+    return None
 
 
 def _bias_node(
@@ -1086,18 +1300,15 @@ def _bm_nodes(
         ]
         yn = q + "yn"
         if adc.noise > 0:
-            stream = (layer,) if k == 0 else (layer, k)
             noise.append(
-                NoiseInput(
-                    name=p + f"adc_noise{suffix}",
+                _noise_input(
+                    graph,
+                    p + f"adc_noise{suffix}",
                     layer_output=out,
                     scale=adc.noise / step,
-                    stream=stream,
-                )
-            )
-            graph.input.append(
-                helper.make_tensor_value_info(
-                    noise[-1].name, helper.np_dtype_to_tensor_dtype(dtype), None
+                    stream=(layer,) if k == 0 else (layer, k),
+                    dtype=dtype,
+                    fused=False,
                 )
             )
             post.append(helper.make_node("Add", [yn, noise[-1].name], [q + "ynz"]))
@@ -1211,9 +1422,7 @@ def _abs_max_nodes(
         )
     ]
     largest = [out + "_max"]
-    if not any(
-        n.op_type == "Relu" and n.domain in ("", "ai.onnx") and x in n.output for n in graph.node
-    ):
+    if not any(_is_relu(n) and x in n.output for n in graph.node):
         nodes += [
             _reduce(
                 "ReduceMin",

@@ -36,11 +36,14 @@ from device_sim.graph import (
     add_io_quantization,
     has_subgraphs,
     load_model,
+    noise_start_name,
     prepare,
     replicate,
     scale_weight,
     with_outputs,
 )
+from device_sim.kernels import DOMAIN as KERNEL_DOMAIN
+from device_sim.kernels import io_kernels_library
 from device_sim.noise import NoiseSpec, parse_noise_spec, parse_sweep
 from device_sim.report import LayerResult, PerLayerReport, SimulationReport, SweepReport
 
@@ -60,6 +63,9 @@ class RunnerConfig:
     """Draws evaluated by one session (graph copies); 1 rebuilds the session for every draw."""
     threads: int = 0
     """onnxruntime intra-op threads; 0: onnxruntime's choice (one per core)."""
+    fused_io: bool = True
+    """DAC/ADC layers as the compiled kernels of :mod:`device_sim.kernels` where they build here
+    (same results, fewer passes over memory); False: plain onnxruntime nodes only."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -72,11 +78,16 @@ class RunnerConfig:
             raise NoiseInjectionError(f"threads must be >= 0, got {self.threads}")
 
 
-def _session_options(threads: int) -> ort.SessionOptions:
+def _session_options(threads: int, kernels: Path | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # unused-initializer warnings are expected after rewriting
     if threads:
         options.intra_op_num_threads = threads
+    if kernels is not None:
+        options.register_custom_ops_library(str(kernels))
+        # the fused kernels run their own threads: onnxruntime's idle workers must not spin on
+        # the cores they need (measured: a DAC/ADC layer 1.6x slower with spinning on 2 cores)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -93,6 +104,8 @@ class _Template:
     slots: dict[str, int]
     noise_inputs: list[NoiseInput]
     weight_gain: dict[str, float]
+    kernels: Path | None
+    """The custom-op library its fused DAC/ADC nodes need (None: it has none)."""
 
 
 class Simulator:
@@ -145,8 +158,8 @@ class Simulator:
         """Original initializer names of the analog tensors."""
         return tuple(t.name for t in self.prepared.analog)
 
-    def _session(self, model: bytes) -> ort.InferenceSession:
-        options = _session_options(self.config.threads)
+    def _session(self, model: bytes, kernels: Path | None = None) -> ort.InferenceSession:
+        options = _session_options(self.config.threads, kernels)
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def check_data(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
@@ -247,11 +260,21 @@ class Simulator:
     def _template(self, spec: NoiseSpec, copies: int) -> _Template:
         key = (f"{spec.dac}|{spec.adc}", copies)
         if key not in self._templates:
+            kernels = None
             if spec.dac is None and spec.adc is None:
                 base, noise, gain = self.prepared.model, list[NoiseInput](), dict[str, float]()
             else:
-                io = add_io_quantization(self.prepared, spec.dac, spec.adc)
+                kernels = io_kernels_library() if self.config.fused_io else None
+                io = add_io_quantization(
+                    self.prepared,
+                    spec.dac,
+                    spec.adc,
+                    fused=kernels is not None,
+                    threads=self.config.threads,
+                )
                 base, noise, gain = io.model, io.noise_inputs, io.weight_gain
+                if not any(n.domain == KERNEL_DOMAIN for n in base.graph.node):
+                    kernels = None
             per_copy = list(self.prepared.weights) + [n.name for n in noise]
             if spec.adc is not None:
                 per_copy += [adc_scale_name(t.node) for t in self.prepared.analog]
@@ -261,7 +284,7 @@ class Simulator:
                 else replicate(base, self.prepared.input_name, per_copy, copies)
             )
             slots = {t.name: i for i, t in enumerate(model.graph.initializer)}
-            self._templates[key] = _Template(model, slots, noise, gain)
+            self._templates[key] = _Template(model, slots, noise, gain, kernels)
         return self._templates[key]
 
     def _noise_bank(self, seed: int, scale: float, dtype: np.dtype, size: int) -> np.ndarray:
@@ -336,13 +359,14 @@ class Simulator:
                 initializers[template.slots[scale_name]].CopyFrom(
                     numpy_helper.from_array(np.asarray(scale, dtype=value.dtype), scale_name)
                 )
-        session = self._session(template.model.SerializeToString())
+        session = self._session(template.model.SerializeToString(), template.kernels)
         outputs = [name(k, self.prepared.output_name) for k in range(len(draws))]
         dtype = self.prepared.input_dtype
         shapes = [self._noise_shape(n, x) for n in noise_inputs]
         size = adc_noise_bank_size(max((math.prod(shape) for shape in shapes), default=1))
         windows = [
             (
+                n,
                 name(k, n.name),
                 self._noise_bank(seed, n.scale, dtype, size),
                 adc_noise_offset(seed, draw, n.stream, size),
@@ -355,7 +379,12 @@ class Simulator:
         first = 0
         for batch in self._batches(x, len(draws)):
             feed: dict[str, np.ndarray] = {self.prepared.input_name: batch}
-            for input_name, bank, offset, shape in windows:
+            for noise, input_name, bank, offset, shape in windows:
+                if noise.fused:  # the node reads the window from the bank itself
+                    feed[input_name] = bank
+                    start = (offset + first * math.prod(shape)) % len(bank)
+                    feed[noise_start_name(input_name)] = np.array([start], dtype=np.int64)
+                    continue
                 feed[input_name] = adc_noise_window(bank, offset, first, len(batch), shape)
             for k, value in enumerate(session.run(outputs, feed)):
                 results[k].append(value)

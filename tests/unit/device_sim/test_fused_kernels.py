@@ -1,0 +1,201 @@
+"""The fused DAC/ADC kernels (device_sim/kernels.py): built here, equal to the onnxruntime nodes.
+
+Every comparison is exact: the kernels do the same float32 operations in the same order as the
+node chains they replace, so a fused run and an unfused run give the same bits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from device_sim import RunnerConfig, Simulator, parse_noise_spec
+from device_sim.graph import add_io_quantization
+from device_sim.kernels import DOMAIN, io_kernels_library
+from tests.unit.device_sim.conftest import make_model, rand
+
+SPECS = [
+    "pcm:t=3600+dac:bits=8+adc:bits=8,noise=0.06",  # codes in, bias and noise in the ADC node
+    "dac:bits=5+adc:bits=6,bound=2",  # no output noise
+    "adc:bits=7,bound=3,noise=0.1",  # no DAC: the ADC node normalises by 1/(s·max|W|) itself
+    "dac:bits=4",  # DAC only: the DAC node returns x quantised, not codes
+]
+
+
+@pytest.fixture
+def library() -> Path:
+    path = io_kernels_library()
+    assert path is not None, "the kernels must build on a machine with a C compiler"
+    return path
+
+
+def _predictions(model: onnx.ModelProto, x: np.ndarray, spec: str, *, fused: bool, **kw: int):
+    sim = Simulator(model, config=RunnerConfig(fused_io=fused, **kw))
+    return np.stack([out for _, out in sim.predictions(x, parse_noise_spec(spec), range(3), 7)])
+
+
+def _fused_ops(model: onnx.ModelProto, spec: str) -> list[str]:
+    parsed = parse_noise_spec(spec)
+    io = add_io_quantization(Simulator(model).prepared, parsed.dac, parsed.adc, fused=True)
+    return [n.op_type for n in io.model.graph.node if n.domain == DOMAIN]
+
+
+def _conv_block() -> onnx.ModelProto:
+    """Conv → Relu → Conv (+ the block input) → Relu → Gemm: biases, a Relu to fuse, a residual."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "x"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r2"]),
+        helper.make_node("Flatten", ["r2"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, beta=0.5),
+    ]
+    inits = {
+        "w1": rand(4, 4, 3, 3, seed=1),
+        "b1": rand(4, seed=2),
+        "w2": rand(4, 4, 3, 3, seed=3),
+        "b2": rand(4, seed=4),
+        "w3": rand(5, 64, seed=5),
+        "b3": rand(1, 5, seed=6),
+    }
+    return make_model(nodes, inits, ["N", 4, 4, 4])
+
+
+def _matmul_3d() -> onnx.ModelProto:
+    """A 3-D MatMul (rows of the last axis) and a Gemm whose scalar bias the node cannot take."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m"]),
+        helper.make_node("Flatten", ["m"], ["f"]),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["y"]),
+    ]
+    inits = {"w1": rand(6, 3, seed=7), "w2": rand(12, 4, seed=8), "b2": rand(1, seed=9)}
+    return make_model(nodes, inits, ["N", 4, 6])
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize(
+    ("build", "shape"), [(_conv_block, (40, 4, 4, 4)), (_matmul_3d, (40, 4, 6))], ids=["conv", "3d"]
+)
+def test_fused_draws_equal_the_onnxruntime_nodes(library, spec, build, shape) -> None:
+    model = build()
+    assert _fused_ops(model, spec), "the fused path must be taken"
+    x = rand(*shape, seed=10) * 3
+    fused = _predictions(model, x, spec, fused=True)
+    plain = _predictions(model, x, spec, fused=False)
+    assert np.array_equal(fused, plain)
+    assert not np.array_equal(fused[0], fused[1]) or ("pcm" not in spec and "noise" not in spec)
+
+
+def test_a_relu_after_a_layer_is_done_by_its_adc_node(library) -> None:
+    spec = "dac:bits=8+adc:bits=8"
+    parsed = parse_noise_spec(spec)
+    io = add_io_quantization(Simulator(_conv_block()).prepared, parsed.dac, parsed.adc, fused=True)
+    relus = [n for n in io.model.graph.node if n.op_type == "Relu"]
+    adc = [n for n in io.model.graph.node if n.op_type == "AdcOutput"]
+    fused_relu = [n for n in adc if any(a.name == "relu" and a.i == 1 for a in n.attribute)]
+    assert len(fused_relu) == 1 and fused_relu[0].output == ["r1"]
+    assert len(relus) == 1  # the one after the residual Add stays
+
+
+def test_draws_do_not_depend_on_threads_or_batch(library) -> None:
+    model, spec = _conv_block(), SPECS[0]
+    x = rand(40, 4, 4, 4, seed=11)
+    base = _predictions(model, x, spec, fused=True)
+    for kw in ({"threads": 1}, {"batch_size": 7}, {"draws_per_session": 1}):
+        assert np.array_equal(_predictions(model, x, spec, fused=True, **kw), base), kw
+
+
+def _run_ops(library, nodes, feeds: dict[str, np.ndarray], outputs: list[str]) -> list:
+    def info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(value.dtype), None
+        )
+
+    graph = helper.make_graph(
+        nodes,
+        "ops",
+        [info(k, v) for k, v in feeds.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)]
+    )
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(outputs, feeds)
+
+
+def test_adc_node_reads_the_bank_across_its_end_per_row_layout(library) -> None:
+    y = rand(5, 3, 6, seed=12) * 4
+    bank = rand(11, seed=13)
+    feeds = {
+        "y": y,
+        "unit": np.abs(rand(15, seed=17)),  # one per row of the last axis
+        "bias": rand(6, seed=14),
+        "bank": bank,
+        "start": np.array([9], np.int64),
+        "per_unit": np.full(15, 0.5, np.float32),
+    }
+    node = helper.make_node(
+        "AdcOutput",
+        list(feeds),
+        ["out"],
+        domain=DOMAIN,
+        limit=3.0,
+        layout=1,
+        relu=1,
+    )
+    (out,) = _run_ops(library, [node], feeds, ["out"])
+    noise = bank[(9 + np.arange(y.size)) % 11].reshape(y.shape)
+    rows = feeds["unit"].reshape(5, 3, 1)
+    v = np.clip(y * np.float32(0.5) + noise, -3, 3)
+    want = np.maximum(np.rint(v) * rows + feeds["bias"], 0)
+    assert np.array_equal(out, want.astype(np.float32))
+
+
+def test_dac_node_range_is_per_sample_and_nan_spreads_over_its_vector(library) -> None:
+    x = rand(3, 2, 5, seed=15) * 5
+    x[1, 0, 2] = np.nan
+    node = helper.make_node(
+        "DacCodes", ["x"], ["q", "s"], domain=DOMAIN, levels=15.0, tiny=1e-20, layout=0, codes=0
+    )
+    q, s = _run_ops(library, [node], {"x": x}, ["q", "s"])
+    want_s = np.abs(x).reshape(3, -1).max(axis=1).reshape(3, 1, 1)
+    assert s.shape == (3, 1, 1) and np.isnan(s[1]).all()
+    ok = [0, 2]
+    np.testing.assert_array_equal(s[ok], want_s[ok])
+    want_q = np.rint(x[ok] * (np.float32(15) / want_s[ok])) * (want_s[ok] / np.float32(15))
+    assert np.array_equal(q[ok], want_q.astype(np.float32))
+    assert np.isnan(q[1]).all()
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path) -> Iterator[None]:
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("LATENTEDGE_CACHE_DIR", str(tmp_path))
+    io_kernels_library.cache_clear()
+    yield
+    io_kernels_library.cache_clear()
+
+
+def test_without_a_compiler_the_plain_nodes_give_the_same_draws(no_compiler, caplog) -> None:
+    model, spec = _conv_block(), SPECS[0]
+    x = rand(20, 4, 4, 4, seed=16)
+    with caplog.at_level(logging.WARNING, logger="device_sim.kernels"):
+        assert io_kernels_library() is None
+    assert "false" in caplog.text and "plain onnxruntime nodes" in caplog.text
+    fallback = _predictions(model, x, spec, fused=True)
+    io_kernels_library.cache_clear()
+    plain = _predictions(model, x, spec, fused=False)
+    assert np.array_equal(fallback, plain)
