@@ -877,6 +877,7 @@ def add_io_quantization(
     by_name = {n.name: n for n in graph.node}
     noise_inputs: list[NoiseInput] = []
     gains: dict[str, float] = {}
+    ops = _FusedOps(threads, _known_shapes(prepared.model) if fused else {})
     for layer, tensor in enumerate(prepared.analog):
         node = by_name[tensor.node]
         if tensor.weight_input != 1 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
@@ -896,7 +897,7 @@ def add_io_quantization(
             dac=dac,
             adc=adc,
             gained=gain != 1.0,
-            fused=_FusedOps(threads) if fused and w.dtype == np.float32 and not iterative else None,
+            fused=ops if fused and w.dtype == np.float32 and not iterative else None,
             graph=graph,
             layer=layer,
         )
@@ -1018,16 +1019,10 @@ def _adc_nodes(
     when the fused node already wrote the layer's output with its bias.
     """
     p = f"{node.name}/io/"
-    dtype = weight.dtype
     post: list[onnx.NodeProto] = []
     noise: list[NoiseInput] = []
     w_max = float(np.max(np.abs(weight))) or 1.0
     step = 2.0 * adc.bound / (2**adc.bits - 2)
-    # in ADC steps: y / (s·max|W|·step), + noise/step, clip to ±bound/step, round, scale back;
-    # with the weight gain (adc_weight_gain) the layer already outputs y / (s·max|W|·step)
-    post.append(helper.make_node("Mul", [p + "s", const("w_max_step", w_max * step)], [p + "unit"]))
-    if not gained:
-        post.append(helper.make_node("Reciprocal", [p + "unit"], [p + "per_unit"]))
     if adc.noise > 0:
         noise.append(
             _noise_input(
@@ -1036,39 +1031,43 @@ def _adc_nodes(
                 layer_output=out,
                 scale=adc.noise / step,
                 stream=(layer,),
-                dtype=dtype,
+                dtype=weight.dtype,
                 fused=fused is not None,
             )
         )
     limit = adc.bound / step
+    w_max_step = const("w_max_step", w_max * step)
     # the digital output scale (drift compensation) multiplies after the ADC, as aihwkit's
     # post_forward does; 1 unless the runner writes a draw's factor into this initializer
     scale_name = const(adc_scale_name(node.name)[len(p) :], 1.0)
-    post.append(helper.make_node("Mul", [p + "unit", scale_name], [p + "unit_out"]))
     if fused is not None:
-        b = _channel_bias(node, weight, bias=bias, graph=graph)
-        done = b is not None or bias is None  # the node adds the bias (if any) itself
-        relu = _sole_relu(graph, out) if done else None
-        if relu is not None:  # the node applies it too, and writes its output
-            out = relu.output[0]
-            graph.node.remove(relu)
-        post.append(
-            fused.adc_node(
-                y,
-                p + "unit_out",
-                bias=const("bias_channels", b) if b is not None else "",
-                noise=noise[0].name if noise else "",
-                per_unit="" if gained else p + "per_unit",
-                out=out if done else p + "yd",
-                limit=limit,
-                layout=0 if node.op_type == "Conv" else 1,
-                relu=relu is not None,
-            )
+        return _fused_adc(
+            node,
+            weight,
+            fused,
+            y=y,
+            out=out,
+            bias=bias,
+            noise=noise,
+            w_max_step=w_max_step,
+            scale=scale_name,
+            limit=limit,
+            gained=gained,
+            graph=graph,
+            const=const,
         )
-        return post, noise, None if done else p + "yd"
+    # in ADC steps: y / (s·max|W|·step), + noise/step, clip to ±bound/step, round, scale back;
+    # with the weight gain (adc_weight_gain) the layer already outputs y / (s·max|W|·step)
+    post += [
+        helper.make_node("Mul", [p + "s", w_max_step], [p + "unit"]),
+        helper.make_node("Mul", [p + "unit", scale_name], [p + "unit_out"]),
+    ]
     yn = y
     if not gained:
-        post.append(helper.make_node("Mul", [y, p + "per_unit"], [p + "yn"]))
+        post += [
+            helper.make_node("Reciprocal", [p + "unit"], [p + "per_unit"]),
+            helper.make_node("Mul", [y, p + "per_unit"], [p + "yn"]),
+        ]
         yn = p + "yn"
     if noise:
         post.append(helper.make_node("Add", [yn, noise[0].name], [p + "ynz"]))
@@ -1079,6 +1078,75 @@ def _adc_nodes(
         helper.make_node("Mul", [p + "yr", p + "unit_out"], [p + "yd"]),
     ]
     return post, noise, p + "yd"
+
+
+def _fused_adc(
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    fused: _FusedOps,
+    *,
+    y: str,
+    out: str,
+    bias: str | None,
+    noise: list[NoiseInput],
+    w_max_step: str,
+    scale: str,
+    limit: float,
+    gained: bool,
+    graph: onnx.GraphProto,
+    const: Callable[[str, float | np.ndarray], str],
+) -> tuple[list[onnx.NodeProto], list[NoiseInput], str | None]:
+    """:func:`_adc_nodes` as one ``AdcOutput`` node.
+
+    The node also takes the layer's bias when it has one value per channel, then a residual Add
+    that only it feeds (standing in that Add's place), then a Relu that only it (or that Add)
+    feeds.
+    """
+    p = f"{node.name}/io/"
+    b = _channel_bias(node, weight, bias=bias, graph=graph)
+    done = b is not None or bias is None  # the node adds the bias (if any) itself
+    add = fused.residual_add(graph, out) if done else None
+    final = out if add is None else add.output[0]
+    relu = _sole_relu(graph, final) if done else None
+    if relu is not None:
+        final = relu.output[0]
+        graph.node.remove(relu)
+    adc_node = fused.adc_node(
+        [y, p + "s", w_max_step, scale],
+        bias=const("bias_channels", b) if b is not None else "",
+        noise=noise[0].name if noise else "",
+        residual="" if add is None else next(i for i in add.input if i != out),
+        out=final if done else p + "yd",
+        limit=limit,
+        layout=0 if node.op_type == "Conv" else 1,
+        relu=relu is not None,
+        gained=gained,
+    )
+    if add is not None:  # in the Add's place, where its other input has been computed
+        add.CopyFrom(adc_node)
+        return [], noise, None
+    return [adc_node], noise, None if done else p + "yd"
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str, ...]]:
+    """Value name → shape, for the values whose every dimension shape inference knows.
+
+    A dimension is known as a size or as a symbol (the same symbol: the same size).
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        return {}
+    shapes: dict[str, tuple[int | str, ...]] = {}
+    graph = inferred.graph
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+        if all(d != "" for d in dims):
+            shapes[value.name] = tuple(dims)
+    return shapes
 
 
 def _sole_relu(graph: onnx.GraphProto, value: str) -> onnx.NodeProto | None:
@@ -1155,6 +1223,26 @@ class _FusedOps:
     """Writes the custom-op nodes of :mod:`device_sim.kernels` (``threads``: 0 = one per core)."""
 
     threads: int
+    shapes: dict[str, tuple[int | str, ...]]
+    """Inferred shapes of the prepared graph's values (those fully known)."""
+
+    def residual_add(self, graph: onnx.GraphProto, value: str) -> onnx.NodeProto | None:
+        """The standard two-input Add that is ``value``'s only reader, or None.
+
+        Only when its other input has ``value``'s shape (the node does not broadcast).
+        """
+        if any(o.name == value for o in graph.output):
+            return None
+        readers = [n for n in graph.node if value in n.input or value in _subgraph_inputs(n)]
+        if len(readers) != 1:
+            return None
+        add = readers[0]
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+            return None
+        other = [i for i in add.input if i != value]
+        if len(other) != 1 or value not in self.shapes:
+            return None
+        return add if self.shapes.get(other[0]) == self.shapes[value] else None
 
     def dac_node(  # noqa: PLR0917  # the op's outputs and attributes, in order
         self, x: str, out: str, s: str, levels: float, layout: int, codes: bool
@@ -1178,19 +1266,20 @@ class _FusedOps:
 
     def adc_node(  # the op's inputs and attributes, by name
         self,
-        y: str,
-        unit_out: str,
+        head: list[str],
         *,
         bias: str,
         noise: str,
-        per_unit: str,
+        residual: str,
         out: str,
         limit: float,
         layout: int,
         relu: bool,
+        gained: bool,
     ) -> onnx.NodeProto:
-        """``AdcOutput``: rint(clip(y · per_unit + noise, ±limit)) · unit_out + bias (, Relu)."""
-        inputs = [y, unit_out, bias, noise, noise_start_name(noise) if noise else "", per_unit]
+        """``AdcOutput`` on ``head`` = (y, s, max|W|·step, digital scale); see ``io_kernels.c``."""
+        start = noise_start_name(noise) if noise else ""
+        inputs = [*head, bias, noise, start, residual]
         while not inputs[-1]:
             inputs.pop()
         return helper.make_node(
@@ -1201,6 +1290,7 @@ class _FusedOps:
             limit=float(limit),
             layout=layout,
             relu=int(relu),
+            gained=int(gained),
             threads=self.threads,
         )
 

@@ -105,7 +105,8 @@ def _self_test(library: Path) -> str | None:
     """Run both ops on a small case against numpy; what differs, or None."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((3, 2, 5)) * 4).astype(np.float32)
-    unit = np.array([0.5, 2.0, 1.0], np.float32)
+    w_max_step = np.array(0.75, np.float32)
+    scale = np.array(1.25, np.float32)
     bias = np.array([0.25, -1.0], np.float32)
     bank = (rng.standard_normal(7) * 2).astype(np.float32)
     start = np.array([5], np.int64)
@@ -117,7 +118,7 @@ def _self_test(library: Path) -> str | None:
         helper.make_node("DacCodes", ["x"], ["codes", "s"], domain=DOMAIN, levels=7.0, tiny=1e-30),
         helper.make_node(
             "AdcOutput",
-            ["codes", "unit", "bias", "bank", "start"],
+            ["codes", "s", "w_max_step", "scale", "bias", "bank", "start"],
             ["out"],
             domain=DOMAIN,
             limit=6.0,
@@ -128,7 +129,8 @@ def _self_test(library: Path) -> str | None:
     graph = helper.make_graph(
         nodes,
         "self_test",
-        [f("x"), f("unit"), f("bias"), f("bank"), f("start", TensorProto.INT64)],
+        [f(n) for n in ("x", "w_max_step", "scale", "bias", "bank")]
+        + [f("start", TensorProto.INT64)],
         [f("codes"), f("s"), f("out")],
     )
     model = helper.make_model(
@@ -141,15 +143,14 @@ def _self_test(library: Path) -> str | None:
         session = ort.InferenceSession(
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
-        codes, s, out = session.run(
-            None, {"x": x, "unit": unit, "bias": bias, "bank": bank, "start": start}
-        )
+        feed = {"x": x, "w_max_step": w_max_step, "scale": scale, "bias": bias, "bank": bank}
+        codes, s, out = session.run(None, {**feed, "start": start})
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         return f"onnxruntime could not run the ops: {exc}"
     want_s = np.abs(x).reshape(3, -1).max(axis=1).reshape(3, 1, 1)
     want_codes = np.rint(x * (np.float32(7.0) / want_s))
     noise = bank[(start[0] + np.arange(x.size)) % bank.size].reshape(x.shape)
-    adc = np.rint(np.clip(want_codes + noise, -6.0, 6.0)) * unit[:, None, None]
+    adc = np.rint(np.clip(want_codes + noise, -6.0, 6.0)) * (want_s * w_max_step * scale)
     want_out = np.maximum(adc + bias[None, :, None], 0.0)
     if not all(
         np.array_equal(a, b) for a, b in ((s, want_s), (codes, want_codes), (out, want_out))

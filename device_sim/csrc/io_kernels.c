@@ -3,16 +3,17 @@
  * DacCodes(x) -> rint(x * (levels / s[r])) [* (s[r] / levels) with codes=0], s
  *     s[r] = max(max |x| over vector r, tiny): a vector is a sample (layout=0, Conv) or a row of
  *     the last axis (layout=1); a NaN in it makes s[r] NaN
- * AdcOutput(y, unit_out[, bias, bank, start, per_unit]) ->
- *     rint(clip(y [* per_unit[r]] [+ bank[(start + i) mod len(bank)]], -limit, limit)) * unit_out[r]
- *     [+ bias[c]], then max(., 0) with relu=1
+ * AdcOutput(y, s, w_max_step, scale[, bias, bank, start, residual]) ->
+ *     rint(clip(y [* per_unit] [+ bank[(start + i) mod len(bank)]], -limit, limit)) * unit_out
+ *     [+ bias[c]] [+ residual[i]], then max(., 0) with relu=1; per vector r, unit = s[r] * w_max_step,
+ *     unit_out = unit * scale, and with gained=0 per_unit = 1 / unit (else y is in ADC steps)
  *
  * Each replaces the chain of onnxruntime nodes that device_sim/graph.py otherwise writes
  * (ReduceMax, ReduceMin, Max, Div, Mul, Round[, Mul]; [Mul,] Add, Clip, Round, Mul, Add[, Relu])
  * with one pass over the tensor (the DAC reads each vector twice, the second time from cache),
  * doing the same float32 operations in the same order (no FMA contraction: build with
  * -ffp-contract=off), so the outputs are the same. x/y are viewed as R vectors (one per value of
- * to_int / unit_out); AdcOutput's channel c is axis 1 (layout=0, Conv) or the last axis
+ * s); AdcOutput's channel c is axis 1 (layout=0, Conv) or the last axis
  * (layout=1, Gemm/MatMul).
  *
  * The onnxruntime C API is used through its function table (OrtApi, API version 13; the table is
@@ -93,7 +94,7 @@ typedef OrtStatus *(*AttrInt64Fn)(const void *, const char *, int64_t *);
 typedef struct {
   const Fn *api;
   float limit, levels, tiny;
-  int64_t layout, relu, threads, codes;
+  int64_t layout, relu, threads, codes, gained;
 } Kernel;
 
 typedef struct {
@@ -282,20 +283,20 @@ static void dac_compute(void *kernel, void *ctx) {
 /* ---- AdcOutput ---- */
 
 typedef struct {
-  const float *y, *unit_out, *bias, *bank, *per_unit;
+  const float *y, *range, *bias, *bank, *residual;
   float *out;
   size_t channels, inner; /* y is [rows, channels, inner] */
   size_t bank_len, start;
-  float limit;
-  int layout, relu;
+  float limit, w_max_step, scale;
+  int layout, relu, gained;
 } AdcArgs;
 
 /* one contiguous run of n elements starting at flat index f, all of row r */
 static void adc_run(const AdcArgs *a, size_t f, size_t n, size_t r, const float *bias_vec,
                     float bias_one) {
-  const float lim = a->limit, neg = -a->limit, u = a->unit_out[r];
-  const float in_scale = a->per_unit ? a->per_unit[r] : 1.0f;
-  const int scaled = a->per_unit != NULL, relu = a->relu;
+  const float unit = a->range[r] * a->w_max_step; /* the onnxruntime nodes' Mul, Reciprocal, Mul */
+  const float lim = a->limit, neg = -a->limit, u = unit * a->scale, in_scale = 1.0f / unit;
+  const int scaled = !a->gained, relu = a->relu;
   size_t done = 0;
   while (done < n) {
     size_t len = n - done;
@@ -308,6 +309,7 @@ static void adc_run(const AdcArgs *a, size_t f, size_t n, size_t r, const float 
     const float *y = a->y + f + done;
     float *out = a->out + f + done;
     const float *bv = bias_vec ? bias_vec + done : NULL;
+    const float *res = a->residual ? a->residual + f + done : NULL;
     for (size_t i = 0; i < len; i++) {
       float v = y[i];
       if (scaled) v = v * in_scale;
@@ -316,6 +318,7 @@ static void adc_run(const AdcArgs *a, size_t f, size_t n, size_t r, const float 
       v = v > lim ? lim : v;
       float o = rintf(v) * u;
       o = o + (bv ? bv[i] : bias_one);
+      if (res) o = o + res[i];
       out[i] = relu && o < 0.0f ? 0.0f : o; /* a NaN stays NaN, as in onnxruntime's Relu */
     }
     done += len;
@@ -336,14 +339,15 @@ static void adc_range(const void *p, size_t lo, size_t hi) {
 
 static void adc_compute(void *kernel, void *ctx) {
   const Kernel *kr = (const Kernel *)kernel;
-  Tensor y, unit, bias, bank, start, per_unit;
-  if (!get_input(kr->api, ctx, 0, &y) || !get_input(kr->api, ctx, 1, &unit) ||
-      !get_input(kr->api, ctx, 2, &bias) || !get_input(kr->api, ctx, 3, &bank) ||
-      !get_input(kr->api, ctx, 4, &start) || !get_input(kr->api, ctx, 5, &per_unit))
+  Tensor y, range, w_max_step, scale, bias, bank, start, residual;
+  if (!get_input(kr->api, ctx, 0, &y) || !get_input(kr->api, ctx, 1, &range) ||
+      !get_input(kr->api, ctx, 2, &w_max_step) || !get_input(kr->api, ctx, 3, &scale) ||
+      !get_input(kr->api, ctx, 4, &bias) || !get_input(kr->api, ctx, 5, &bank) ||
+      !get_input(kr->api, ctx, 6, &start) || !get_input(kr->api, ctx, 7, &residual))
     return;
   float *out = get_output(kr->api, ctx, 0, y.dims, y.ndims);
-  if (out == NULL || y.value == NULL || unit.value == NULL) return;
-  size_t rows = unit.count, channels = 1;
+  if (out == NULL || y.value == NULL || range.value == NULL) return;
+  size_t rows = range.count, channels = 1;
   if (kr->layout == 1 && y.ndims >= 1)
     channels = (size_t)y.dims[y.ndims - 1];
   else if (kr->layout == 0 && y.ndims >= 2)
@@ -351,25 +355,29 @@ static void adc_compute(void *kernel, void *ctx) {
   int bad = rows == 0 || channels == 0 || y.count % (rows * channels) != 0 ||
             (kr->layout == 1 && y.count / rows != channels) ||
             (bias.value && bias.count != channels) ||
-            (per_unit.value && per_unit.count != rows) || (bank.value && bank.count == 0) ||
+            w_max_step.count != 1 || scale.count != 1 || (bank.value && bank.count == 0) ||
+            (residual.value && residual.count != y.count) ||
             (bank.value && (start.value == NULL || start.count != 1));
   if (bad) {
     for (size_t i = 0; i < y.count; i++) out[i] = NAN; /* shapes the rewrite never writes */
     return;
   }
   AdcArgs a = {y.data,
-               unit.data,
+               range.data,
                bias.value ? bias.data : NULL,
                bank.value ? bank.data : NULL,
-               per_unit.value ? per_unit.data : NULL,
+               residual.value ? residual.data : NULL,
                out,
                channels,
                y.count / (rows * channels),
                bank.count,
                bank.value ? (size_t)(*(const int64_t *)start.data) : 0,
                kr->limit,
+               *(const float *)w_max_step.data,
+               *(const float *)scale.data,
                (int)kr->layout,
-               (int)kr->relu};
+               (int)kr->relu,
+               (int)kr->gained};
   if (a.layout == 1)
     parallel(adc_range, &a, rows, channels, kr->threads);
   else
@@ -386,6 +394,7 @@ static void *create_kernel(const CustomOp *op, const Fn *api, const void *info) 
   k->limit = INFINITY;
   k->levels = 1.0f;
   k->codes = 1;
+  k->gained = 1;
   float v_float;
   int64_t v;
   OrtStatus *s;
@@ -397,9 +406,9 @@ static void *create_kernel(const CustomOp *op, const Fn *api, const void *info) 
     else
       CALL(api, ReleaseStatus, ReleaseFn, s);
   }
-  int64_t *fields[] = {&k->layout, &k->relu, &k->threads, &k->codes};
-  const char *names[] = {"layout", "relu", "threads", "codes"};
-  for (int i = 0; i < 4; i++) {
+  int64_t *fields[] = {&k->layout, &k->relu, &k->threads, &k->codes, &k->gained};
+  const char *names[] = {"layout", "relu", "threads", "codes", "gained"};
+  for (int i = 0; i < 5; i++) {
     if (!(s = CALL(api, KernelInfoGetAttribute_int64, AttrInt64Fn, info, names[i], &v)))
       *fields[i] = v;
     else
@@ -416,23 +425,24 @@ static int dac_input_type(const CustomOp *op, size_t i) { (void)op; (void)i; ret
 static size_t dac_inputs(const CustomOp *op) { (void)op; return 1; }
 static int adc_input_type(const CustomOp *op, size_t i) {
   (void)op;
-  return i == 4 ? TYPE_INT64 : TYPE_FLOAT;
+  return i == 6 ? TYPE_INT64 : TYPE_FLOAT;
 }
-static size_t adc_inputs(const CustomOp *op) { (void)op; return 6; }
+static size_t adc_inputs(const CustomOp *op) { (void)op; return 8; }
 static int output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t one_output(const CustomOp *op) { (void)op; return 1; }
 static size_t two_outputs(const CustomOp *op) { (void)op; return 2; }
-static int two_required(const CustomOp *op, size_t i) { (void)op; return i < 2 ? REQUIRED : OPTIONAL; }
+static int dac_input_kind(const CustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
+static int adc_input_kind(const CustomOp *op, size_t i) { (void)op; return i < 4 ? REQUIRED : OPTIONAL; }
 static int required(const CustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
 static int default_memory(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 
 static const CustomOp DAC_OP = {LE_API_VERSION, create_kernel, dac_name, cpu_provider,
                                 dac_input_type, dac_inputs, output_type, two_outputs,
-                                dac_compute, destroy_kernel, two_required, required,
+                                dac_compute, destroy_kernel, dac_input_kind, required,
                                 default_memory};
 static const CustomOp ADC_OP = {LE_API_VERSION, create_kernel, adc_name, cpu_provider,
                                 adc_input_type, adc_inputs, output_type, one_output,
-                                adc_compute, destroy_kernel, two_required, required,
+                                adc_compute, destroy_kernel, adc_input_kind, required,
                                 default_memory};
 
 typedef OrtStatus *(*CreateDomainFn)(const char *, void **);

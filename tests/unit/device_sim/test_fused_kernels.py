@@ -94,15 +94,38 @@ def test_fused_draws_equal_the_onnxruntime_nodes(library, spec, build, shape) ->
     assert not np.array_equal(fused[0], fused[1]) or ("pcm" not in spec and "noise" not in spec)
 
 
-def test_a_relu_after_a_layer_is_done_by_its_adc_node(library) -> None:
-    spec = "dac:bits=8+adc:bits=8"
-    parsed = parse_noise_spec(spec)
+def test_relus_and_the_residual_add_are_done_by_the_adc_nodes(library) -> None:
+    parsed = parse_noise_spec("dac:bits=8+adc:bits=8")
     io = add_io_quantization(Simulator(_conv_block()).prepared, parsed.dac, parsed.adc, fused=True)
-    relus = [n for n in io.model.graph.node if n.op_type == "Relu"]
-    adc = [n for n in io.model.graph.node if n.op_type == "AdcOutput"]
-    fused_relu = [n for n in adc if any(a.name == "relu" and a.i == 1 for a in n.attribute)]
-    assert len(fused_relu) == 1 and fused_relu[0].output == ["r1"]
-    assert len(relus) == 1  # the one after the residual Add stays
+    nodes = list(io.model.graph.node)
+    assert not [n for n in nodes if n.op_type in ("Relu", "Add")]
+    adc = {n.output[0]: n for n in nodes if n.op_type == "AdcOutput"}
+    assert set(adc) == {"r1", "r2", "y"}
+    assert [a.i for a in adc["r1"].attribute if a.name == "relu"] == [1]
+    assert adc["r2"].input[7] == "x"  # the block input, added after the bias, before the Relu
+    # the node stands where the Add stood: after everything its inputs need
+    order = [n.output[0] for n in nodes]
+    assert order.index("r2") > order.index(adc["r2"].input[0])
+
+
+def test_a_broadcasting_add_is_left_to_onnxruntime(library) -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "shift"], ["y"]),  # (4, 1, 1): broadcasts
+    ]
+    model = make_model(
+        nodes,
+        {"w": rand(4, 4, 3, 3, seed=1), "b": rand(4, seed=2), "shift": rand(4, 1, 1)},
+        ["N", 4, 4, 4],
+    )
+    parsed = parse_noise_spec("dac:bits=8+adc:bits=8")
+    io = add_io_quantization(Simulator(model).prepared, parsed.dac, parsed.adc, fused=True)
+    assert [n.op_type for n in io.model.graph.node if n.op_type == "Add"] == ["Add"]
+    x = rand(10, 4, 4, 4, seed=3)
+    spec = "dac:bits=8+adc:bits=8,noise=0.05"
+    assert np.array_equal(
+        _predictions(model, x, spec, fused=True), _predictions(model, x, spec, fused=False)
+    )
 
 
 def test_draws_do_not_depend_on_threads_or_batch(library) -> None:
@@ -141,26 +164,22 @@ def test_adc_node_reads_the_bank_across_its_end_per_row_layout(library) -> None:
     bank = rand(11, seed=13)
     feeds = {
         "y": y,
-        "unit": np.abs(rand(15, seed=17)),  # one per row of the last axis
+        "s": np.abs(rand(5, 3, 1, seed=17)),  # one range per row of the last axis
+        "w_max_step": np.array(0.5, np.float32),
+        "scale": np.array(1.5, np.float32),
         "bias": rand(6, seed=14),
         "bank": bank,
         "start": np.array([9], np.int64),
-        "per_unit": np.full(15, 0.5, np.float32),
+        "residual": rand(5, 3, 6, seed=18),
     }
     node = helper.make_node(
-        "AdcOutput",
-        list(feeds),
-        ["out"],
-        domain=DOMAIN,
-        limit=3.0,
-        layout=1,
-        relu=1,
+        "AdcOutput", list(feeds), ["out"], domain=DOMAIN, limit=3.0, layout=1, relu=1, gained=0
     )
     (out,) = _run_ops(library, [node], feeds, ["out"])
     noise = bank[(9 + np.arange(y.size)) % 11].reshape(y.shape)
-    rows = feeds["unit"].reshape(5, 3, 1)
-    v = np.clip(y * np.float32(0.5) + noise, -3, 3)
-    want = np.maximum(np.rint(v) * rows + feeds["bias"], 0)
+    unit = feeds["s"] * np.float32(0.5)
+    v = np.clip(y * (np.float32(1) / unit) + noise, -3, 3)
+    want = np.maximum(np.rint(v) * (unit * np.float32(1.5)) + feeds["bias"] + feeds["residual"], 0)
     assert np.array_equal(out, want.astype(np.float32))
 
 
