@@ -80,9 +80,12 @@ def _cpu_model() -> str:
 
 def _build(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
     """Compile the library to ``target`` (atomically); the compiler's complaint on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
+        os.close(fd)
+    except OSError as exc:
+        return f"cannot write {target.parent}: {exc}"
     try:
         done = subprocess.run(
             [compiler, *flags, "-o", partial, str(SOURCE), "-lm"],

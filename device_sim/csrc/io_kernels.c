@@ -291,12 +291,28 @@ typedef struct {
   int layout, relu, gained;
 } AdcArgs;
 
+/* The elementwise ADC loop, with its five choices as literal constants so that each of the 32
+   variants compiles to its own branch-free vector loop. */
+#define ADC_LOOP(NOISE, SCALED, RES, BIAS_VEC, RELU)                          \
+  for (size_t i = 0; i < len; i++) {                                         \
+    float v = y[i];                                                          \
+    if (SCALED) v = v * in_scale;                                            \
+    if (NOISE) v = v + noise[i];                                             \
+    v = v < neg ? neg : v;                                                   \
+    v = v > lim ? lim : v;                                                   \
+    float o = rintf(v) * u;                                                  \
+    o = o + ((BIAS_VEC) ? bv[i] : bias_one);                                 \
+    if (RES) o = o + res[i];                                                 \
+    out[i] = (RELU) && o < 0.0f ? 0.0f : o; /* a NaN stays NaN, as in Relu */ \
+  }
+
 /* one contiguous run of n elements starting at flat index f, all of row r */
 static void adc_run(const AdcArgs *a, size_t f, size_t n, size_t r, const float *bias_vec,
                     float bias_one) {
   const float unit = a->range[r] * a->w_max_step; /* the onnxruntime nodes' Mul, Reciprocal, Mul */
   const float lim = a->limit, neg = -a->limit, u = unit * a->scale, in_scale = 1.0f / unit;
-  const int scaled = !a->gained, relu = a->relu;
+  const int mask = (a->bank != NULL) | (!a->gained) << 1 | (a->residual != NULL) << 2 |
+                   (bias_vec != NULL) << 3 | (a->relu != 0) << 4;
   size_t done = 0;
   while (done < n) {
     size_t len = n - done;
@@ -310,16 +326,39 @@ static void adc_run(const AdcArgs *a, size_t f, size_t n, size_t r, const float 
     float *out = a->out + f + done;
     const float *bv = bias_vec ? bias_vec + done : NULL;
     const float *res = a->residual ? a->residual + f + done : NULL;
-    for (size_t i = 0; i < len; i++) {
-      float v = y[i];
-      if (scaled) v = v * in_scale;
-      if (noise) v = v + noise[i];
-      v = v < neg ? neg : v;
-      v = v > lim ? lim : v;
-      float o = rintf(v) * u;
-      o = o + (bv ? bv[i] : bias_one);
-      if (res) o = o + res[i];
-      out[i] = relu && o < 0.0f ? 0.0f : o; /* a NaN stays NaN, as in onnxruntime's Relu */
+    switch (mask) {
+    case 0: ADC_LOOP(0, 0, 0, 0, 0); break;
+    case 1: ADC_LOOP(1, 0, 0, 0, 0); break;
+    case 2: ADC_LOOP(0, 1, 0, 0, 0); break;
+    case 3: ADC_LOOP(1, 1, 0, 0, 0); break;
+    case 4: ADC_LOOP(0, 0, 1, 0, 0); break;
+    case 5: ADC_LOOP(1, 0, 1, 0, 0); break;
+    case 6: ADC_LOOP(0, 1, 1, 0, 0); break;
+    case 7: ADC_LOOP(1, 1, 1, 0, 0); break;
+    case 8: ADC_LOOP(0, 0, 0, 1, 0); break;
+    case 9: ADC_LOOP(1, 0, 0, 1, 0); break;
+    case 10: ADC_LOOP(0, 1, 0, 1, 0); break;
+    case 11: ADC_LOOP(1, 1, 0, 1, 0); break;
+    case 12: ADC_LOOP(0, 0, 1, 1, 0); break;
+    case 13: ADC_LOOP(1, 0, 1, 1, 0); break;
+    case 14: ADC_LOOP(0, 1, 1, 1, 0); break;
+    case 15: ADC_LOOP(1, 1, 1, 1, 0); break;
+    case 16: ADC_LOOP(0, 0, 0, 0, 1); break;
+    case 17: ADC_LOOP(1, 0, 0, 0, 1); break;
+    case 18: ADC_LOOP(0, 1, 0, 0, 1); break;
+    case 19: ADC_LOOP(1, 1, 0, 0, 1); break;
+    case 20: ADC_LOOP(0, 0, 1, 0, 1); break;
+    case 21: ADC_LOOP(1, 0, 1, 0, 1); break;
+    case 22: ADC_LOOP(0, 1, 1, 0, 1); break;
+    case 23: ADC_LOOP(1, 1, 1, 0, 1); break;
+    case 24: ADC_LOOP(0, 0, 0, 1, 1); break;
+    case 25: ADC_LOOP(1, 0, 0, 1, 1); break;
+    case 26: ADC_LOOP(0, 1, 0, 1, 1); break;
+    case 27: ADC_LOOP(1, 1, 0, 1, 1); break;
+    case 28: ADC_LOOP(0, 0, 1, 1, 1); break;
+    case 29: ADC_LOOP(1, 0, 1, 1, 1); break;
+    case 30: ADC_LOOP(0, 1, 1, 1, 1); break;
+    case 31: ADC_LOOP(1, 1, 1, 1, 1); break;
     }
     done += len;
   }
