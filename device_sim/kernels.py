@@ -4,8 +4,9 @@
 :func:`device_sim.graph.add_io_quantization` otherwise writes as a chain of onnxruntime nodes,
 with the same float32 operations in the same order (the outputs are equal, which the tests
 check): ``DacCodes`` (scale and round the DAC input) and ``AdcOutput`` (ADC noise, clip, round,
-scale, bias, optionally Relu). onnxruntime ships no C headers, so the library declares the few
-entries of onnxruntime's C API (version 13, an append-only function table) that it calls.
+scale, bias, optionally a residual Add and a Relu). onnxruntime ships no C headers, so the library
+declares the few entries of onnxruntime's C API (asked for at version 17; an append-only function
+table) that it calls; its threads are the session's own (``KernelContext_ParallelFor``).
 
 The library is built with the system C compiler (``$CC``, else ``cc`` or ``gcc``) into
 ``$LATENTEDGE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/latentedge`` or ``~/.cache/latentedge``),
@@ -24,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +44,8 @@ _FLAGS = (
     "-fno-math-errno",
     "-fPIC",
     "-shared",
-    "-pthread",
-    "-Wl,-z,nodelete",
 )
-"""No FMA contraction, so a*b + c rounds twice, as the onnxruntime Mul and Add nodes do; never
-unloaded (onnxruntime closes the library with the last session using it, and its worker threads
-live on)."""
+"""No FMA contraction, so a*b + c rounds twice, as the onnxruntime Mul and Add nodes do."""
 _NATIVE = ("-march=native",)
 _BUILD_TIMEOUT_S = 120.0
 
@@ -178,9 +176,16 @@ def io_kernels_library() -> Path | None:
         what = [" ".join(flags), platform.machine(), _cpu_model()]
         key = hashlib.sha256(b"\0".join([source, *(w.encode() for w in what)])).hexdigest()[:16]
         target = cache_dir() / f"io_kernels-{key}.so"
-        if not target.exists() and (complaint := _build(compiler, flags, target)) is not None:
-            reasons.append(f"{compiler} {' '.join(flags)}: {complaint}")
-            continue
+        if not target.exists():
+            started = time.perf_counter()
+            if (complaint := _build(compiler, flags, target)) is not None:
+                reasons.append(f"{compiler} {' '.join(flags)}: {complaint}")
+                continue
+            logger.info(
+                "compiled the fused DAC/ADC kernels to %s in %.1f s",
+                target,
+                time.perf_counter() - started,
+            )
         if (failure := _self_test(target)) is None:
             return target
         reasons.append(f"{target}: {failure}")

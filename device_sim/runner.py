@@ -85,9 +85,6 @@ def _session_options(threads: int, kernels: Path | None = None) -> ort.SessionOp
         options.intra_op_num_threads = threads
     if kernels is not None:
         options.register_custom_ops_library(str(kernels))
-        # the fused kernels run their own threads: onnxruntime's idle workers must not spin on
-        # the cores they need (measured: a DAC/ADC layer 1.6x slower with spinning on 2 cores)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

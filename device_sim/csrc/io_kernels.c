@@ -16,20 +16,22 @@
  * s); AdcOutput's channel c is axis 1 (layout=0, Conv) or the last axis
  * (layout=1, Gemm/MatMul).
  *
- * The onnxruntime C API is used through its function table (OrtApi, API version 13; the table is
- * append-only, so newer runtimes keep these slots). Only the slots below are called.
+ * The onnxruntime C API is used through its function table (OrtApi, asked for at API version 17;
+ * the table is append-only, so newer runtimes keep these slots). Only the slots below are called.
+ * The kernels' threads are the session's own intra-op pool (KernelContext_ParallelFor).
  */
 #include <math.h>
-#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#define LE_API_VERSION 13u
+#define LE_OP_VERSION 13u  /* the OrtCustomOp layout below */
+#define LE_API_VERSION 17u /* the function table asked for: the slots below all exist in it */
 
 typedef struct OrtStatus OrtStatus;
+typedef OrtStatus *(*CreateStatusFn)(int, const char *);
 typedef const void *Fn; /* one slot of the OrtApi function table */
 
 enum {
@@ -50,6 +52,7 @@ enum {
   SLOT_KernelContext_GetOutput = 91,
   SLOT_ReleaseStatus = 93,
   SLOT_ReleaseTensorTypeAndShapeInfo = 99,
+  SLOT_KernelContext_ParallelFor = 274, /* API version 17 (onnxruntime 1.17) */
 };
 
 typedef struct {
@@ -130,89 +133,46 @@ static float *get_output(const Fn *api, void *ctx, size_t index, const int64_t *
   return (float *)data;
 }
 
-/* ---- work split over threads: a small pool, started once, whose workers sleep when idle ---- */
+/* ---- work split over onnxruntime's intra-op thread pool ---- */
 
 typedef void (*RangeFn)(const void *args, size_t lo, size_t hi);
+typedef void (*PartFn)(void *split, size_t part);
+typedef OrtStatus *(*ParallelForFn)(const void *, PartFn, size_t, size_t, void *);
 
-#define MAX_THREADS 64
-#define MIN_ITEMS_PER_THREAD 16384 /* elements: below this a thread costs more than it saves */
+#define MAX_PARTS 256
+#define MIN_ITEMS_PER_PART 16384 /* elements: below this a part costs more than it saves */
 
-static struct {
-  pthread_mutex_t lock; /* held by the one call using the pool */
-  pthread_mutex_t mu;
-  pthread_cond_t work, done;
-  size_t started, parts, pending;
-  unsigned long generation;
+typedef struct {
   RangeFn fn;
   const void *args;
-  size_t items;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL, 0};
+  size_t items, parts;
+} Split;
 
-static void forget_pool(void) { /* in a forked child: the workers stayed in the parent */
-  pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
-  pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
-  pool.lock = fresh;
-  pool.mu = fresh;
-  pool.work = fresh_cond;
-  pool.done = fresh_cond;
-  pool.started = pool.pending = 0;
+static void run_part(void *p, size_t part) {
+  const Split *s = (const Split *)p;
+  s->fn(s->args, s->items * part / s->parts, s->items * (part + 1) / s->parts);
 }
 
-static void *worker(void *arg) {
-  size_t part = (size_t)arg; /* 1 .. MAX_THREADS - 1; part 0 is the calling thread's */
-  unsigned long seen = 0;
-  pthread_mutex_lock(&pool.mu);
-  for (;;) {
-    while (pool.generation == seen) pthread_cond_wait(&pool.work, &pool.mu);
-    seen = pool.generation;
-    if (part >= pool.parts) continue;
-    RangeFn fn = pool.fn;
-    const void *args = pool.args;
-    size_t lo = pool.items * part / pool.parts, hi = pool.items * (part + 1) / pool.parts;
-    pthread_mutex_unlock(&pool.mu);
-    fn(args, lo, hi);
-    pthread_mutex_lock(&pool.mu);
-    if (--pool.pending == 0) pthread_cond_signal(&pool.done);
-  }
-  return NULL;
-}
-
-/* fn over [0, items) in up to `threads` contiguous parts (0: one per core); the calling thread
-   does part 0. Runs inline when the work is small or another call holds the pool. */
-static void parallel(RangeFn fn, const void *args, size_t items, size_t per_item, int64_t threads) {
+/* fn over [0, items) in up to `threads` contiguous parts (0: one per core), run by the session's
+   own thread pool (KernelContext_ParallelFor), so that no second set of threads competes with
+   onnxruntime's for the cores. */
+static void parallel(const Fn *api, void *ctx, RangeFn fn, const void *args, size_t items,
+                     size_t per_item, int64_t threads) {
   size_t t = threads > 0 ? (size_t)threads : (size_t)sysconf(_SC_NPROCESSORS_ONLN);
-  size_t by_size = items * per_item / MIN_ITEMS_PER_THREAD;
+  size_t by_size = items * per_item / MIN_ITEMS_PER_PART;
   if (t > by_size) t = by_size;
   if (t > items) t = items;
-  if (t > MAX_THREADS) t = MAX_THREADS;
-  if (t <= 1 || pthread_mutex_trylock(&pool.lock) != 0) {
+  if (t > MAX_PARTS) t = MAX_PARTS;
+  if (t <= 1) {
     fn(args, 0, items);
     return;
   }
-  pthread_mutex_lock(&pool.mu);
-  static int at_fork = 0;
-  if (!at_fork) at_fork = pthread_atfork(NULL, NULL, forget_pool) == 0;
-  while (pool.started + 1 < t) {
-    pthread_t id;
-    if (pthread_create(&id, NULL, worker, (void *)(pool.started + 1)) != 0) break;
-    pthread_detach(id);
-    pool.started++;
+  Split split = {fn, args, items, t};
+  OrtStatus *s = CALL(api, KernelContext_ParallelFor, ParallelForFn, ctx, run_part, t, 0, &split);
+  if (s != NULL) { /* no pool: do it all here (parts already done are rewritten alike) */
+    CALL(api, ReleaseStatus, ReleaseFn, s);
+    fn(args, 0, items);
   }
-  if (t > pool.started + 1) t = pool.started + 1;
-  pool.fn = fn;
-  pool.args = args;
-  pool.items = items;
-  pool.parts = t;
-  pool.pending = t - 1;
-  pool.generation++;
-  pthread_cond_broadcast(&pool.work);
-  pthread_mutex_unlock(&pool.mu);
-  fn(args, 0, items / t);
-  pthread_mutex_lock(&pool.mu);
-  while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.mu);
-  pthread_mutex_unlock(&pool.mu);
-  pthread_mutex_unlock(&pool.lock);
 }
 
 /* ---- DacCodes ---- */
@@ -277,7 +237,7 @@ static void dac_compute(void *kernel, void *ctx) {
   float *range = get_output(kr->api, ctx, 1, range_shape.dims, range_shape.ndims);
   if (out == NULL || range == NULL || rows == 0 || x.count == 0) return;
   DacArgs a = {x.data, out, range, x.count / rows, kr->levels, kr->tiny, (int)kr->codes};
-  parallel(dac_range, &a, rows, a.k, kr->threads);
+  parallel(kr->api, ctx, dac_range, &a, rows, a.k, kr->threads);
 }
 
 /* ---- AdcOutput ---- */
@@ -418,9 +378,9 @@ static void adc_compute(void *kernel, void *ctx) {
                (int)kr->relu,
                (int)kr->gained};
   if (a.layout == 1)
-    parallel(adc_range, &a, rows, channels, kr->threads);
+    parallel(kr->api, ctx, adc_range, &a, rows, channels, kr->threads);
   else
-    parallel(adc_range, &a, rows * channels, a.inner, kr->threads);
+    parallel(kr->api, ctx, adc_range, &a, rows * channels, a.inner, kr->threads);
 }
 
 /* ---- op definitions ---- */
@@ -475,11 +435,11 @@ static int adc_input_kind(const CustomOp *op, size_t i) { (void)op; return i < 4
 static int required(const CustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
 static int default_memory(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 
-static const CustomOp DAC_OP = {LE_API_VERSION, create_kernel, dac_name, cpu_provider,
+static const CustomOp DAC_OP = {LE_OP_VERSION, create_kernel, dac_name, cpu_provider,
                                 dac_input_type, dac_inputs, output_type, two_outputs,
                                 dac_compute, destroy_kernel, dac_input_kind, required,
                                 default_memory};
-static const CustomOp ADC_OP = {LE_API_VERSION, create_kernel, adc_name, cpu_provider,
+static const CustomOp ADC_OP = {LE_OP_VERSION, create_kernel, adc_name, cpu_provider,
                                 adc_input_type, adc_inputs, output_type, one_output,
                                 adc_compute, destroy_kernel, adc_input_kind, required,
                                 default_memory};
@@ -487,13 +447,16 @@ static const CustomOp ADC_OP = {LE_API_VERSION, create_kernel, adc_name, cpu_pro
 typedef OrtStatus *(*CreateDomainFn)(const char *, void **);
 typedef OrtStatus *(*DomainAddFn)(void *, const CustomOp *);
 typedef OrtStatus *(*AddDomainFn)(void *, void *);
-typedef OrtStatus *(*CreateStatusFn)(int, const char *);
 
 /* The entry point onnxruntime calls (SessionOptions.register_custom_ops_library). The domain
    lives as long as the process: sessions may outlive any one set of options. */
 OrtStatus *RegisterCustomOps(void *options, const ApiBase *base) {
   const Fn *api = base->GetApi(LE_API_VERSION);
-  if (api == NULL) return NULL; /* cannot happen with onnxruntime >= 1.13; nothing registered */
+  if (api == NULL) { /* onnxruntime < 1.17: say so through the oldest table */
+    const Fn *old = base->GetApi(1);
+    return old ? CALL(old, CreateStatus, CreateStatusFn, 1, "latentedge io_kernels need onnxruntime >= 1.17")
+               : NULL;
+  }
   void *domain = NULL;
   OrtStatus *s = CALL(api, CreateCustomOpDomain, CreateDomainFn, "ai.latentedge.device_sim", &domain);
   if (s) return s;
