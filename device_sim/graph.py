@@ -877,7 +877,7 @@ def add_io_quantization(
     by_name = {n.name: n for n in graph.node}
     noise_inputs: list[NoiseInput] = []
     gains: dict[str, float] = {}
-    ops = _FusedOps(threads, _known_shapes(prepared.model) if fused else {})
+    ops = _FusedOps(threads, _known_shapes(prepared.model))
     for layer, tensor in enumerate(prepared.analog):
         node = by_name[tensor.node]
         if tensor.weight_input != 1 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
@@ -890,6 +890,10 @@ def add_io_quantization(
         w = prepared.weights[tensor.graph_name]
         gain = adc_weight_gain(w, dac, adc)
         iterative = adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1
+        # the kernels view the input as vectors along its leading axes: not a batched MatMul weight
+        fusable = (
+            w.dtype == np.float32 and not iterative and (node.op_type != "MatMul" or w.ndim == 2)
+        )
         new_nodes, noise = _io_nodes(
             node,
             w,
@@ -897,7 +901,7 @@ def add_io_quantization(
             dac=dac,
             adc=adc,
             gained=gain != 1.0,
-            fused=ops if fused and w.dtype == np.float32 and not iterative else None,
+            fused=ops if fused and fusable else None,
             graph=graph,
             layer=layer,
         )
@@ -911,7 +915,66 @@ def add_io_quantization(
             slot.CopyFrom(numpy_helper.from_array(scale_weight(w, gain), tensor.graph_name))
     if fused and any(n.domain == KERNEL_DOMAIN for n in graph.node):
         model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
+        _declare_fused_shapes(graph, ops.shapes)
+    _declare_window_shapes(graph, noise_inputs, ops.shapes)
     return IoGraph(model, noise_inputs, gains)
+
+
+def _declare_window_shapes(
+    graph: onnx.GraphProto, noise: list[NoiseInput], shapes: dict[str, tuple[int | str, ...]]
+) -> None:
+    """Give the noise windows fed to plain nodes their layer's shape (any number of samples).
+
+    With the shapes known, onnxruntime optimises the nodes after the ADC as it does in the fused
+    graph (whose outputs are declared by :func:`_declare_fused_shapes`), so that the two compute
+    the same bits.
+    """
+    by_name = {v.name: v for v in graph.input}
+    for n in noise:
+        shape = shapes.get(n.layer_output)
+        if n.fused or not shape:
+            continue
+        declared = by_name[n.name].type.tensor_type
+        declared.ClearField("shape")
+        for i, dim in enumerate(shape):
+            entry = declared.shape.dim.add()
+            if i == 0:
+                entry.dim_param = "noise_samples"
+            elif isinstance(dim, int):
+                entry.dim_value = dim
+            else:
+                entry.dim_param = dim
+
+
+def _declare_fused_shapes(graph: onnx.GraphProto, shapes: dict[str, tuple[int | str, ...]]) -> None:
+    """Give the custom ops' outputs the shapes that shape inference cannot.
+
+    onnxruntime then optimises the nodes after them (fusing a Conv with a following Add, say) as
+    it does in the unfused graph, so both run the same kernels in the same order.
+    """
+    declared = {v.name for v in graph.value_info}
+
+    def declare(name: str, shape: tuple[int | str, ...] | None) -> None:
+        if shape is not None and name not in declared:
+            declared.add(name)
+            graph.value_info.append(
+                helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape))
+            )
+
+    for node in graph.node:
+        if node.domain != KERNEL_DOMAIN:
+            continue
+        if node.op_type == "DacCodes":
+            shape = shapes.get(node.input[0])
+            declare(node.output[0], shape)
+            per_sample = not any(a.name == "layout" and a.i == 1 for a in node.attribute)
+            if shape is not None and shape:
+                declare(
+                    node.output[1],
+                    (shape[0], *[1] * (len(shape) - 1)) if per_sample else (*shape[:-1], 1),
+                )
+        else:
+            declare(node.output[0], shapes.get(node.output[0]))
 
 
 def scale_weight(weight: np.ndarray, gain: float) -> np.ndarray:
@@ -1150,11 +1213,15 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str, ...]]:
 
 
 def _sole_relu(graph: onnx.GraphProto, value: str) -> onnx.NodeProto | None:
-    """The standard Relu that is the only reader of ``value`` (not a graph output), or None."""
+    """The standard Relu node that is the only reader of ``value`` (not a graph output), or None.
+
+    Only a Relu node: a fused ``AdcOutput`` that reads ``value`` as its residual also applies a
+    Relu, but after adding its own layer's output, which must not be dropped.
+    """
     if any(o.name == value for o in graph.output):
         return None
     readers = [n for n in graph.node if value in n.input or value in _subgraph_inputs(n)]
-    if len(readers) == 1 and _is_relu(readers[0]):
+    if len(readers) == 1 and readers[0].op_type == "Relu" and readers[0].domain in ("", "ai.onnx"):
         return readers[0]
     return None
 
@@ -1562,6 +1629,7 @@ def replicate(
     inputs = [i for i in graph.input if i.name == input_name]
     outputs: list[onnx.ValueInfoProto] = []
     initializers = [t for t in graph.initializer if t.name in shared]
+    value_info: list[onnx.ValueInfoProto] = []
     for k in range(copies):
 
         def rename(name: str, k: int = k) -> str:
@@ -1588,8 +1656,15 @@ def replicate(
                 renamed_tensor.CopyFrom(tensor)
                 renamed_tensor.name = rename(tensor.name)
                 initializers.append(renamed_tensor)
+        for info in graph.value_info:
+            renamed_info = onnx.ValueInfoProto()
+            renamed_info.CopyFrom(info)
+            renamed_info.name = rename(info.name)
+            value_info.append(renamed_info)
     out = helper.make_model(
-        helper.make_graph(nodes, graph.name or "replicated", inputs, outputs, initializers),
+        helper.make_graph(
+            nodes, graph.name or "replicated", inputs, outputs, initializers, value_info=value_info
+        ),
         opset_imports=list(model.opset_import),
     )
     out.ir_version = model.ir_version

@@ -327,12 +327,13 @@ static void adc_run(const AdcArgs *a, size_t f, size_t n, size_t r, const float 
 static void adc_range(const void *p, size_t lo, size_t hi) {
   const AdcArgs *a = (const AdcArgs *)p;
   if (a->layout == 1) { /* rows of `channels`, bias per element of a row */
-    for (size_t r = lo; r < hi; r++) adc_run(a, r * a->channels, a->channels, r, a->bias, 0.0f);
+    for (size_t r = lo; r < hi; r++) adc_run(a, r * a->channels, a->channels, r, a->bias, -0.0f);
     return;
   }
   for (size_t q = lo; q < hi; q++) { /* planes of `inner` elements: one (row, channel) each */
     size_t r = q / a->channels, c = q % a->channels;
-    adc_run(a, q * a->inner, a->inner, r, NULL, a->bias ? a->bias[c] : 0.0f);
+    /* no bias: add -0.0, which leaves every value as it is (+0.0 would turn -0.0 into +0.0) */
+    adc_run(a, q * a->inner, a->inner, r, NULL, a->bias ? a->bias[c] : -0.0f);
   }
 }
 

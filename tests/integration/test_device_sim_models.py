@@ -13,6 +13,8 @@ from onnx import numpy_helper
 
 from common.errors import NoiseInjectionError
 from device_sim import Simulator, parse_noise_spec
+from device_sim.graph import add_io_quantization
+from device_sim.kernels import DOMAIN
 from device_sim.runner import RunnerConfig
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -134,3 +136,33 @@ def test_backend_models_clean_output_equals_plain_onnxruntime() -> None:
     assert {"test_Conv2d_depthwise", "test_Conv2d_groups", "test_Linear_no_bias"} <= set(compared)
     if os.environ.get("DEVICE_SIM_VERBOSE"):
         print(len(compared), compared, folded)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "pcm:t=3600+dac:bits=8+adc:bits=8,noise=0.06",
+        "dac:bits=5+adc:bits=6,bound=2",
+        "adc:bits=7,bound=3,noise=0.1",
+        "dac:bits=4",
+    ],
+)
+@pytest.mark.parametrize("model", [MNIST12, RESNET8], ids=["mnist-12", "resnet8"])
+def test_fused_kernels_equal_the_plain_nodes_on_real_models(model: Path, spec: str) -> None:
+    # ResNet8's projection shortcuts add two analog layers' outputs before a Relu: each layer keeps
+    # its own ADC node (a fused Relu must not swallow the other branch)
+    parsed = parse_noise_spec(spec)
+    sim = Simulator(model)
+    io = add_io_quantization(sim.prepared, parsed.dac, parsed.adc, fused=True)
+    ops = [n.op_type for n in io.model.graph.node if n.domain == DOMAIN]
+    layers = len(sim.prepared.analog)
+    assert ops.count("AdcOutput") == (layers if parsed.adc else 0)
+    assert ops.count("DacCodes") == (layers if parsed.dac else 0)
+    shape = (6, 3, 32, 32) if model == RESNET8 else (6, 1, 28, 28)
+    x = np.random.default_rng(3).uniform(0, 255 if model == RESNET8 else 1, shape)
+    x = x.astype(np.float32)
+    runs = []
+    for fused in (True, False):
+        runner = Simulator(model, config=RunnerConfig(fused_io=fused))
+        runs.append(np.stack([o for _, o in runner.predictions(x, parsed, range(2), 5)]))
+    assert np.array_equal(runs[0], runs[1])

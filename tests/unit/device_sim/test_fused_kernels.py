@@ -36,8 +36,16 @@ def library() -> Path:
     return path
 
 
-def _predictions(model: onnx.ModelProto, x: np.ndarray, spec: str, *, fused: bool, **kw: int):
-    sim = Simulator(model, config=RunnerConfig(fused_io=fused, **kw))
+def _predictions(
+    model: onnx.ModelProto,
+    x: np.ndarray,
+    spec: str,
+    *,
+    fused: bool,
+    exclude: str | None = None,
+    **kw,
+):
+    sim = Simulator(model, analog_exclude=exclude, config=RunnerConfig(fused_io=fused, **kw))
     return np.stack([out for _, out in sim.predictions(x, parse_noise_spec(spec), range(3), 7)])
 
 
@@ -126,6 +134,56 @@ def test_a_broadcasting_add_is_left_to_onnxruntime(library) -> None:
     assert np.array_equal(
         _predictions(model, x, spec, fused=True), _predictions(model, x, spec, fused=False)
     )
+
+
+def test_two_analog_branches_into_one_relu_keep_both(library) -> None:
+    # a projection shortcut: Add(conv3x3(x), conv1x1(x)) -> Relu; the first layer's node takes the
+    # Add and the Relu, the second keeps its own node (it must not take that node for its Relu)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w2", "b2"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    inits = {
+        "w1": rand(3, 3, 3, 3, seed=1),
+        "b1": rand(3, seed=2),
+        "w2": rand(3, 3, 1, 1, seed=3),
+        "b2": rand(3, seed=4),
+    }
+    model = make_model(nodes, inits, ["N", 3, 6, 6])
+    assert _fused_ops(model, SPECS[0]).count("AdcOutput") == 2
+    x = rand(4, 3, 6, 6, seed=5)
+    for spec in SPECS:
+        assert np.array_equal(
+            _predictions(model, x, spec, fused=True), _predictions(model, x, spec, fused=False)
+        ), spec
+
+
+def test_signed_zeros_and_digital_layers_after_the_kernels_match(library) -> None:
+    # no bias: -0.0 stays -0.0 (1/y tells); a MatMul + Add after the DAC and a residual Add after
+    # a Conv are optimised by onnxruntime alike in both graphs (the kernels' outputs have shapes)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m"]),
+        helper.make_node("Reciprocal", ["m"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["m2"]),
+        helper.make_node("Add", ["m2", "b2"], ["y"]),
+    ]
+    inits = {"w1": rand(300, 8, seed=6), "w2": rand(8, 300, seed=7), "b2": rand(300, seed=8)}
+    model = make_model(nodes, inits, ["N", 300], opset=13)
+    x = rand(8, 300, seed=9)
+    x[0] = 0.0  # an all-zero sample: every product is ±0
+    for spec in ("adc:bits=4", "dac:bits=4", "dac:bits=8+adc:bits=4,noise=0.06"):
+        fused = _predictions(model, x, spec, fused=True, exclude="w2")
+        plain = _predictions(model, x, spec, fused=False, exclude="w2")
+        assert np.array_equal(fused, plain, equal_nan=True), spec
+        assert np.array_equal(np.signbit(fused), np.signbit(plain)), spec
+
+
+def test_a_batched_matmul_weight_keeps_the_plain_nodes(library) -> None:
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    model = make_model(nodes, {"w": rand(2, 6, 3, seed=10)}, ["N", 6])
+    assert _fused_ops(model, "dac:bits=5+adc:bits=6,bound=2") == []
 
 
 def test_draws_do_not_depend_on_threads_or_batch(library) -> None:
