@@ -1058,7 +1058,7 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
         if after is None:
             return post, noise
         y = after
-    post.append(_bias_node(node, weight, bias=bias, y=y, out=out, graph=graph, const=const))
+    post += _bias_nodes(node, weight, bias=bias, y=y, out=out, graph=graph, const=const)
     return post, noise
 
 
@@ -1369,9 +1369,10 @@ def _channel_bias(
 
     None: no bias, or a Gemm bias that varies along the batch (added by its own node then).
     """
-    if bias is None:
+    stored = next((t for t in graph.initializer if t.name == bias), None) if bias else None
+    if stored is None:
         return None
-    b = numpy_helper.to_array(next(t for t in graph.initializer if t.name == bias))
+    b = numpy_helper.to_array(stored)
     if node.op_type == "Conv":
         return b.reshape(-1)
     channels = weight.shape[0] if _attr(node, "transB", 0) else weight.shape[-1]
@@ -1381,7 +1382,7 @@ def _channel_bias(
     return None
 
 
-def _bias_node(
+def _bias_nodes(
     node: onnx.NodeProto,
     weight: np.ndarray,
     *,
@@ -1390,16 +1391,34 @@ def _bias_node(
     out: str,
     graph: onnx.GraphProto,
     const: Callable[[str, float | np.ndarray], str],
-) -> onnx.NodeProto:
-    """The digital bias after the ADC (an Identity without one), writing the layer's output."""
+) -> list[onnx.NodeProto]:
+    """The digital bias after the ADC (an Identity without one), writing the layer's output.
+
+    A bias computed by the graph (not an initializer) is shaped (Conv: one value per channel)
+    and scaled (Gemm's beta) by nodes.
+    """
     if bias is None:
-        return helper.make_node("Identity", [y], [out])
-    b = numpy_helper.to_array(next(t for t in graph.initializer if t.name == bias))
+        return [helper.make_node("Identity", [y], [out])]
+    stored = next((t for t in graph.initializer if t.name == bias), None)
+    if stored is None:
+        p = f"{node.name}/io/"
+        nodes: list[onnx.NodeProto] = []
+        if node.op_type == "Conv":
+            shape = np.array([-1] + [1] * (weight.ndim - 2), dtype=np.int64)
+            graph.initializer.append(numpy_helper.from_array(shape, p + "bias_shape"))
+            nodes.append(helper.make_node("Reshape", [bias, p + "bias_shape"], [p + "bias_c"]))
+            bias = p + "bias_c"
+        elif node.op_type == "Gemm" and float(_attr(node, "beta", 1.0)) != 1.0:
+            beta = const("beta", float(_attr(node, "beta", 1.0)))
+            nodes.append(helper.make_node("Mul", [bias, beta], [p + "bias_beta"]))
+            bias = p + "bias_beta"
+        return [*nodes, helper.make_node("Add", [y, bias], [out])]
+    b = numpy_helper.to_array(stored)
     if node.op_type == "Conv":
         b = b.reshape((-1,) + (1,) * (weight.ndim - 2))
     elif node.op_type == "Gemm":
         b = b * float(_attr(node, "beta", 1.0))
-    return helper.make_node("Add", [y, const("bias", b)], [out])
+    return [helper.make_node("Add", [y, const("bias", b)], [out])]
 
 
 def _bm_nodes(
@@ -1509,7 +1528,7 @@ def _bm_nodes(
         helper.make_node("Mul", [unit, scale_name], [p + "unit_out"]),
         helper.make_node("Mul", [code, p + "unit_out"], [p + "yd"]),
     ]
-    post.append(_bias_node(node, weight, bias=bias, y=p + "yd", out=out, graph=graph, const=const))
+    post += _bias_nodes(node, weight, bias=bias, y=p + "yd", out=out, graph=graph, const=const)
     return post, noise
 
 

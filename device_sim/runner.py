@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from common.errors import NoiseInjectionError
 from device_sim.graph import (
@@ -358,14 +358,20 @@ class Simulator:
                 )
         session = self._session(template.model.SerializeToString(), template.kernels)
         outputs = [name(k, self.prepared.output_name) for k in range(len(draws))]
-        dtype = self.prepared.input_dtype
+        # each noise input has its layer's dtype (float16 data may feed float32 layers)
+        declared = {i.name: i.type.tensor_type.elem_type for i in template.model.graph.input}
         shapes = [self._noise_shape(n, x) for n in noise_inputs]
         size = adc_noise_bank_size(max((math.prod(shape) for shape in shapes), default=1))
         windows = [
             (
                 n,
                 name(k, n.name),
-                self._noise_bank(seed, n.scale, dtype, size),
+                self._noise_bank(
+                    seed,
+                    n.scale,
+                    helper.tensor_dtype_to_np_dtype(declared[name(k, n.name)]),
+                    size,
+                ),
                 adc_noise_offset(seed, draw, n.stream, size),
                 shape,
             )

@@ -276,3 +276,48 @@ def test_without_a_compiler_the_plain_nodes_give_the_same_draws(no_compiler, cap
     io_kernels_library.cache_clear()
     plain = _predictions(model, x, spec, fused=False)
     assert np.array_equal(fallback, plain)
+
+
+def test_computed_biases_are_added_after_the_adc(library) -> None:
+    # a Gemm whose C and a Conv whose B are computed by the graph (not initializers)
+    nodes = [
+        helper.make_node("Relu", ["bc"], ["b_conv"]),
+        helper.make_node("Conv", ["x", "w1", "b_conv"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["c"], ["f"]),
+        helper.make_node("ReduceMax", ["f"], ["bias_rows"], axes=[1], keepdims=1),
+        helper.make_node("Gemm", ["f", "w2", "bias_rows"], ["y"], beta=0.5),
+    ]
+    inits = {"bc": rand(3, seed=1), "w1": rand(3, 3, 3, 3, seed=2), "w2": rand(48, 5, seed=3)}
+    model = make_model(nodes, inits, ["N", 3, 4, 4])
+    x = rand(6, 3, 4, 4, seed=4)
+    fine = "adc:bits=24,bound=64"  # no clipping (|y| / (s·max|W|) < 48) and a step of ~8e-6
+    clean = Simulator(model).clean_outputs(x)
+    np.testing.assert_allclose(
+        _predictions(model, x, fine, fused=True)[0], clean, rtol=1e-4, atol=1e-3
+    )
+    for spec in SPECS:
+        assert np.array_equal(
+            _predictions(model, x, spec, fused=True), _predictions(model, x, spec, fused=False)
+        ), spec
+
+
+def test_float16_data_feeding_float32_layers_gets_float32_noise(library) -> None:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+            helper.make_node("Gemm", ["xf", "w", "b"], ["y"], transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            onnx.numpy_helper.from_array(rand(7, 10, seed=5), "w"),
+            onnx.numpy_helper.from_array(rand(7, seed=6), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = rand(5, 10, seed=7).astype(np.float16)
+    for fused in (True, False):
+        out = _predictions(model, x, "dac:bits=8+adc:bits=8,noise=0.06", fused=fused)
+        assert out.dtype == np.float32 and np.isfinite(out).all()
