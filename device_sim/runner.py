@@ -294,12 +294,34 @@ class Simulator:
         return self._banks[key]
 
     def _noise_shape(self, noise: NoiseInput, x: np.ndarray) -> tuple[int, ...]:
+        """The layer's output shape per sample (probed with one sample, and two when there are).
+
+        Raises:
+            NoiseInjectionError: the layer's output does not have the samples on its first axis
+                (a sequence-first layout): its output noise could not be drawn per sample.
+        """
         if noise.layer_output not in self._noise_shapes:
+            if not self._batch_checked:
+                self._probe_batching(x)
             probe = with_outputs(self.prepared.model, [noise.layer_output])
             session = self._session(probe.SerializeToString())
-            sample = np.ascontiguousarray(x[:1], dtype=self.prepared.input_dtype)
-            (value,) = session.run([noise.layer_output], {self.prepared.input_name: sample})
-            self._noise_shapes[noise.layer_output] = tuple(value.shape[1:])
+            shapes = []
+            for count in (1, 2)[: min(2, len(x)) if self._batch_size > 1 else 1]:
+                sample = np.ascontiguousarray(x[:count], dtype=self.prepared.input_dtype)
+                (value,) = session.run([noise.layer_output], {self.prepared.input_name: sample})
+                shapes.append(value.shape)
+            if any(
+                shape[:1] != (count,) or shape[1:] != shapes[0][1:]
+                for count, shape in enumerate(shapes, start=1)
+            ):
+                raise NoiseInjectionError(
+                    f"adc output noise: layer output {noise.layer_output!r} has shape "
+                    f"{_shape_text(shapes[0])} for 1 sample"
+                    + (f" and {_shape_text(shapes[1])} for 2" if len(shapes) > 1 else "")
+                    + "; output noise needs the samples on the first axis (leave out noise=, or "
+                    "exclude the layer with --analog-exclude)"
+                )
+            self._noise_shapes[noise.layer_output] = tuple(shapes[0][1:])
         return self._noise_shapes[noise.layer_output]
 
     def predictions(

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from common.errors import NoiseInjectionError
 from device_sim import RunnerConfig, Simulator, parse_noise_spec
 from device_sim.graph import add_io_quantization
 from device_sim.kernels import DOMAIN, io_kernels_library
@@ -321,3 +322,22 @@ def test_float16_data_feeding_float32_layers_gets_float32_noise(library) -> None
     for fused in (True, False):
         out = _predictions(model, x, "dac:bits=8+adc:bits=8,noise=0.06", fused=fused)
         assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_output_noise_on_a_sequence_first_layer_is_refused_naming_it() -> None:
+    # (T, N, K) @ W: the samples are on axis 1, so noise drawn per sample would broadcast wrongly
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["t", "w"], ["mm"]),
+        helper.make_node("Transpose", ["mm"], ["y"], perm=[1, 0, 2]),
+    ]
+    model = make_model(nodes, {"w": rand(6, 5)}, ["N", 3, 6])
+    x = rand(4, 3, 6, seed=2)
+    for fused in (True, False):
+        with pytest.raises(NoiseInjectionError, match=r"'mm' has shape \(3, 1, 5\) for 1 sample"):
+            _predictions(model, x, "adc:bits=7,bound=3,noise=0.1", fused=fused)
+    # without output noise the layer simulates (the DAC/ADC ranges are per row)
+    assert np.array_equal(
+        _predictions(model, x, "dac:bits=6+adc:bits=7", fused=True),
+        _predictions(model, x, "dac:bits=6+adc:bits=7", fused=False),
+    )
