@@ -135,6 +135,7 @@ _WIRE_VARINT = 0
 _WIRE_FIXED64 = 1
 _WIRE_LEN = 2
 _WIRE_FIXED32 = 5
+_U32_MASK = (1 << 32) - 1
 _U64_MASK = (1 << 64) - 1
 
 
@@ -303,6 +304,8 @@ def _fields(data: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int | t
         field, wire_type = key >> 3, key & 7
         if field == 0:
             raise CodecError("malformed message: field number 0")
+        if key > _U32_MASK:  # protobuf reads a key as 32 bits: field numbers end at 2^29 - 1
+            raise CodecError(f"malformed message: field key {key} is wider than 32 bits")
         value: int | tuple[int, int]
         if wire_type == _WIRE_VARINT:
             value, pos = _read_varint(data, pos, end)

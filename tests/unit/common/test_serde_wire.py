@@ -196,6 +196,19 @@ def test_the_zero_copy_parser_agrees_with_protobuf(
             assert _same(junk) is not None and expected is not None
 
 
+def test_a_field_key_wider_than_32_bits_is_refused_as_protobuf_refuses_it() -> None:
+    # found by the property test above: a 5-byte key varint with bit 32 set (field 2^29 + 11,
+    # wire type 1) and 8 bytes for it; protobuf reads keys as 32 bits and refuses it
+    junk = b"\xd9\x80\x80\x80\x10" + bytes(8)
+    with pytest.raises(DecodeError):
+        _oracle(junk)
+    with pytest.raises(CodecError, match="wider than 32 bits"):
+        latent_chunk_from_bytes(junk)
+    # the widest key protobuf takes, field 2^29 - 1, is skipped by both
+    widest = b"\xf8\xff\xff\xff\x0f\x00"  # varint key (2^29 - 1) << 3 | 0, value 0
+    _same(widest)
+
+
 def test_the_parser_merges_repeated_tensors_and_reads_unpacked_shapes_as_protobuf() -> None:
     first = uplink_pb2.LatentChunk(
         latents=tensor_pb2.Tensor(data=b"\x01\x02", dtype="uint8", shape=[2])
