@@ -811,6 +811,8 @@ class IoGraph:
     weight_gain: dict[str, float]
     """Graph name → the factor each analog weight is stored times (1 where absent): the
     rewritten layer reads W · gain, so a runner writing a drawn weight writes it times this."""
+    uses_kernels: bool = False
+    """It has nodes of :data:`device_sim.kernels.DOMAIN` (a session needs the library)."""
 
 
 def adc_weight_gain(weight: np.ndarray, dac: DacConfig | None, adc: AdcConfig | None) -> float:
@@ -878,6 +880,7 @@ def add_io_quantization(
     noise_inputs: list[NoiseInput] = []
     gains: dict[str, float] = {}
     ops = _FusedOps(threads, _known_shapes(prepared.model))
+    iterative = adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1
     for layer, tensor in enumerate(prepared.analog):
         node = by_name[tensor.node]
         if tensor.weight_input != 1 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
@@ -889,7 +892,6 @@ def add_io_quantization(
             raise NoiseInjectionError(f"dac/adc: Gemm {node.name!r} has alpha != 1")
         w = prepared.weights[tensor.graph_name]
         gain = adc_weight_gain(w, dac, adc)
-        iterative = adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1
         # the kernels view the input as vectors along its leading axes: not a batched MatMul weight
         fusable = (
             w.dtype == np.float32 and not iterative and (node.op_type != "MatMul" or w.ndim == 2)
@@ -900,6 +902,7 @@ def add_io_quantization(
             opset=opset,
             dac=dac,
             adc=adc,
+            iterative=iterative,
             gained=gain != 1.0,
             fused=ops if fused and fusable else None,
             graph=graph,
@@ -913,11 +916,12 @@ def add_io_quantization(
             gains[tensor.graph_name] = gain
             slot = next(t for t in graph.initializer if t.name == tensor.graph_name)
             slot.CopyFrom(numpy_helper.from_array(scale_weight(w, gain), tensor.graph_name))
-    if fused and any(n.domain == KERNEL_DOMAIN for n in graph.node):
+    uses_kernels = fused and any(n.domain == KERNEL_DOMAIN for n in graph.node)
+    if uses_kernels:
         model.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
         _declare_fused_shapes(graph, ops.shapes)
     _declare_window_shapes(graph, noise_inputs, ops.shapes)
-    return IoGraph(model, noise_inputs, gains)
+    return IoGraph(model, noise_inputs, gains, uses_kernels)
 
 
 def _declare_window_shapes(
@@ -968,7 +972,7 @@ def _declare_fused_shapes(graph: onnx.GraphProto, shapes: dict[str, tuple[int | 
             shape = shapes.get(node.input[0])
             declare(node.output[0], shape)
             per_sample = not any(a.name == "layout" and a.i == 1 for a in node.attribute)
-            if shape is not None and shape:
+            if shape:
                 declare(
                     node.output[1],
                     (shape[0], *[1] * (len(shape) - 1)) if per_sample else (*shape[:-1], 1),
@@ -989,6 +993,7 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
     opset: int,
     dac: DacConfig | None,
     adc: AdcConfig | None,
+    iterative: bool,
     gained: bool,
     fused: _FusedOps | None,
     graph: onnx.GraphProto,
@@ -996,7 +1001,8 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
 ) -> tuple[list[onnx.NodeProto], list[NoiseInput]]:
     """Insert the pre-layer nodes before ``node`` and return the post-layer ones.
 
-    ``gained``: the weight is stored times :func:`adc_weight_gain` (not 1). ``fused``: write the
+    ``iterative``: the ADC uses ``bm=iterative`` (:func:`_bm_nodes`). ``gained``: the weight is
+    stored times :func:`adc_weight_gain` (not 1). ``fused``: write the
     DAC's scale and round and the ADC's chain as the custom ops of :mod:`device_sim.kernels`.
     """
     p = f"{node.name}/io/"
@@ -1014,7 +1020,6 @@ def _io_nodes(  # one straight-line list of nodes, in formula order
 
     x, out = node.input[0], node.output[0]
     axes = list(range(1, weight.ndim)) if node.op_type == "Conv" else [-1]
-    iterative = adc is not None and adc.bm_passes(None if dac is None else dac.bits) > 1
     if dac is not None and fused is not None:  # one node: the range s and the codes
         levels = float(2 ** (dac.bits - 1) - 1)
         layout = 0 if node.op_type == "Conv" else 1
@@ -1212,23 +1217,32 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str, ...]]:
     return shapes
 
 
+def _sole_reader(graph: onnx.GraphProto, value: str) -> onnx.NodeProto | None:
+    """The one node reading ``value`` (subgraphs included) when it is not a graph output."""
+    if any(o.name == value for o in graph.output):
+        return None
+    readers = [n for n in graph.node if value in n.input or value in _subgraph_inputs(n)]
+    return readers[0] if len(readers) == 1 else None
+
+
+def _is_standard(node: onnx.NodeProto | None, op_type: str) -> bool:
+    """``node`` is the ONNX operator ``op_type`` (default domain)."""
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
 def _sole_relu(graph: onnx.GraphProto, value: str) -> onnx.NodeProto | None:
     """The standard Relu node that is the only reader of ``value`` (not a graph output), or None.
 
     Only a Relu node: a fused ``AdcOutput`` that reads ``value`` as its residual also applies a
     Relu, but after adding its own layer's output, which must not be dropped.
     """
-    if any(o.name == value for o in graph.output):
-        return None
-    readers = [n for n in graph.node if value in n.input or value in _subgraph_inputs(n)]
-    if len(readers) == 1 and readers[0].op_type == "Relu" and readers[0].domain in ("", "ai.onnx"):
-        return readers[0]
-    return None
+    reader = _sole_reader(graph, value)
+    return reader if _is_standard(reader, "Relu") else None
 
 
 def _is_relu(node: onnx.NodeProto) -> bool:
     """A standard Relu, or a fused ``AdcOutput`` that applies one (its output is ≥ 0)."""
-    if node.op_type == "Relu" and node.domain in ("", "ai.onnx"):
+    if _is_standard(node, "Relu"):
         return True
     return (
         node.op_type == "AdcOutput"
@@ -1298,13 +1312,8 @@ class _FusedOps:
 
         Only when its other input has ``value``'s shape (the node does not broadcast).
         """
-        if any(o.name == value for o in graph.output):
-            return None
-        readers = [n for n in graph.node if value in n.input or value in _subgraph_inputs(n)]
-        if len(readers) != 1:
-            return None
-        add = readers[0]
-        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+        add = _sole_reader(graph, value)
+        if add is None or not _is_standard(add, "Add") or len(add.input) != 2:
             return None
         other = [i for i in add.input if i != value]
         if len(other) != 1 or value not in self.shapes:
@@ -1369,14 +1378,12 @@ def _channel_bias(
 
     None: no bias, or a Gemm bias that varies along the batch (added by its own node then).
     """
-    stored = next((t for t in graph.initializer if t.name == bias), None) if bias else None
-    if stored is None:
+    b = _stored_bias(node, bias=bias, graph=graph)
+    if b is None:
         return None
-    b = numpy_helper.to_array(stored)
     if node.op_type == "Conv":
         return b.reshape(-1)
     channels = weight.shape[0] if _attr(node, "transB", 0) else weight.shape[-1]
-    b = b * float(_attr(node, "beta", 1.0))
     if b.size == channels and b.ndim <= 2 and (b.ndim < 2 or b.shape[0] == 1):
         return b.reshape(-1)
     return None
@@ -1399,8 +1406,8 @@ def _bias_nodes(
     """
     if bias is None:
         return [helper.make_node("Identity", [y], [out])]
-    stored = next((t for t in graph.initializer if t.name == bias), None)
-    if stored is None:
+    b = _stored_bias(node, bias=bias, graph=graph)
+    if b is None:
         p = f"{node.name}/io/"
         nodes: list[onnx.NodeProto] = []
         if node.op_type == "Conv":
@@ -1413,12 +1420,20 @@ def _bias_nodes(
             nodes.append(helper.make_node("Mul", [bias, beta], [p + "bias_beta"]))
             bias = p + "bias_beta"
         return [*nodes, helper.make_node("Add", [y, bias], [out])]
-    b = numpy_helper.to_array(stored)
     if node.op_type == "Conv":
         b = b.reshape((-1,) + (1,) * (weight.ndim - 2))
-    elif node.op_type == "Gemm":
-        b = b * float(_attr(node, "beta", 1.0))
     return [helper.make_node("Add", [y, const("bias", b)], [out])]
+
+
+def _stored_bias(
+    node: onnx.NodeProto, *, bias: str | None, graph: onnx.GraphProto
+) -> np.ndarray | None:
+    """The layer's bias initializer (times a Gemm's beta), or None when the graph computes it."""
+    stored = next((t for t in graph.initializer if t.name == bias), None) if bias else None
+    if stored is None:
+        return None
+    b = numpy_helper.to_array(stored)
+    return b * float(_attr(node, "beta", 1.0)) if node.op_type == "Gemm" else b
 
 
 def _bm_nodes(

@@ -92,13 +92,13 @@ def _build(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
             timeout=_BUILD_TIMEOUT_S,
             check=False,
         )
+        if done.returncode != 0:
+            return (done.stderr or done.stdout).strip()[-500:] or f"exit {done.returncode}"
+        os.replace(partial, target)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        Path(partial).unlink(missing_ok=True)
         return str(exc)
-    if done.returncode != 0:
-        Path(partial).unlink(missing_ok=True)
-        return (done.stderr or done.stdout).strip()[-500:] or f"exit {done.returncode}"
-    os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)  # gone after a successful replace
     return None
 
 

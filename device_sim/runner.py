@@ -42,7 +42,6 @@ from device_sim.graph import (
     scale_weight,
     with_outputs,
 )
-from device_sim.kernels import DOMAIN as KERNEL_DOMAIN
 from device_sim.kernels import io_kernels_library
 from device_sim.noise import NoiseSpec, parse_noise_spec, parse_sweep
 from device_sim.report import LayerResult, PerLayerReport, SimulationReport, SweepReport
@@ -270,7 +269,7 @@ class Simulator:
                     threads=self.config.threads,
                 )
                 base, noise, gain = io.model, io.noise_inputs, io.weight_gain
-                if not any(n.domain == KERNEL_DOMAIN for n in base.graph.node):
+                if not io.uses_kernels:
                     kernels = None
             per_copy = list(self.prepared.weights) + [n.name for n in noise]
             if spec.adc is not None:
